@@ -1,0 +1,165 @@
+"""The interface every distributed algorithm implements, and the trainer's only view of them.
+
+The trainer calls, once per optimizer step ``k`` (0-based, counted from the start of training)::
+
+    lr = schedule(algorithm.lr_schedule_step(k))     # SlowMo holds gamma_t fixed in an outer iteration
+    algorithm.before_forward(k)
+    loss = loss_fn(algorithm.train_model(batch))     # forward + backward on the (possibly wrapped) model
+    algorithm.after_backward(k)                       # gradient communication that DDP does not do
+    optimizer.step()
+    algorithm.after_optimizer_step(k)                 # parameter communication (averaging, gossip, SlowMo)
+    algorithm.comm.pop()                              # bytes / seconds of this step, for metrics
+
+Averaging and SlowMo see every base algorithm through push-sum's lens (Kempe et al., 2003; Assran
+et al., ICML 2019): worker i holds numerators ``num_i`` and a weight ``w_i`` and the exact average of
+the workers is ``sum_i num_i / sum_i w_i``. For algorithms without push-sum the numerators are the
+parameters and the weight is 1.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from slowmo_train.algorithms.comm import CommStats, floating_buffers
+from slowmo_train.dist import Topology
+
+
+class Algorithm:
+    """Base class with no-op hooks. Subclasses override the hooks they need."""
+
+    name = "base"
+    #: True when all ranks hold identical parameters after every step (AR-SGD); lets evaluation
+    #: skip averaging.
+    replicas_identical = False
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, topology: Topology):
+        self.model = model
+        self.optimizer = optimizer
+        self.topology = topology
+        self.comm = CommStats()
+
+    # --- the training step -------------------------------------------------------------------
+    @property
+    def train_model(self) -> nn.Module:
+        """The module the trainer runs forward/backward through (e.g. a DDP wrapper)."""
+        return self.model
+
+    def lr_schedule_step(self, step: int) -> int:
+        """The step at which the learning-rate schedule is evaluated for optimizer step ``step``."""
+        return step
+
+    def before_forward(self, step: int) -> None:
+        pass
+
+    def after_backward(self, step: int) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int, exact_average_follows: bool = False) -> None:
+        """Parameter communication after the optimizer step. ``exact_average_follows`` is set by
+        SlowMo when an exact average of all workers comes right after, so that a base algorithm may
+        skip communication whose result that average would overwrite anyway (Local SGD)."""
+
+    # --- the averaging view used by SlowMo and evaluation -----------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def flush(self) -> None:
+        """Complete all in-flight communication so that :meth:`mixing_state` holds all the mass."""
+
+    def mixing_state(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Numerators and push-sum weight (None means 1) of this worker."""
+        return [p.data for p in self.parameters()], None
+
+    def load_consensus(self, values: list[torch.Tensor]) -> None:
+        """Set every rank's parameters to ``values`` (identical on all ranks) and reset mixing state
+        (push-sum weight 1, nothing in flight)."""
+        with torch.no_grad():
+            for p, v in zip(self.parameters(), values):
+                p.data.copy_(v)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Extra scalars measured since the last call (e.g. ``consensus_distance``), for metrics."""
+        out, self.extra_metrics = getattr(self, "extra_metrics", {}), {}
+        return out
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        """Finish outstanding communication before the process group goes away."""
+        self.flush()
+
+    def describe(self) -> str:
+        return self.name
+
+
+def exact_average(algorithm: Algorithm, stats: CommStats | None = None, group=None) -> list[torch.Tensor]:
+    """The exact average of all workers' models, ``sum_i num_i / sum_i w_i``, via one all-reduce
+    over every rank (ranks of one node hold identical copies, so they do not bias it).
+
+    Collective. Returns new tensors shaped like the parameters; the algorithm's state is untouched
+    except for :meth:`Algorithm.flush`."""
+    algorithm.flush()
+    numerators, weight = algorithm.mixing_state()
+    ref = numerators[0]
+    w = weight.reshape(1).to(ref.dtype) if weight is not None else torch.ones(1, dtype=ref.dtype, device=ref.device)
+    flat = torch.cat([n.reshape(-1) for n in numerators] + [w])
+    world = dist.get_world_size(group)
+    if world > 1:
+        if stats is not None:
+            stats.add_allreduce(flat.numel() * flat.element_size(), world)
+            with stats.blocking():
+                dist.all_reduce(flat, group=group)
+        else:
+            dist.all_reduce(flat, group=group)
+    total_weight = flat[-1]
+    out, offset = [], 0
+    for n in numerators:
+        out.append((flat[offset : offset + n.numel()] / total_weight).view_as(n))
+        offset += n.numel()
+    return out
+
+
+def consensus_distance(local: list[torch.Tensor], average: list[torch.Tensor], group=None) -> float:
+    """Mean over ranks of ||x_i - x_avg|| (collective; one scalar all-reduce, not counted as payload)."""
+    sq = sum(float((a - b).double().pow(2).sum()) for a, b in zip(local, average))
+    value = torch.tensor([sq**0.5], dtype=torch.float64)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(value, group=group)
+    return float(value) / dist.get_world_size(group)
+
+
+@contextmanager
+def averaged_model(algorithm: Algorithm, model: nn.Module):
+    """Temporarily load the average of all ranks' current parameters and floating buffers (BatchNorm
+    statistics) into ``model``, e.g. for evaluation; restore the local values afterwards.
+
+    The average is of the de-biased parameters the ranks hold now; in-flight gossip is not waited
+    for, so evaluating does not change the training trajectory."""
+    if algorithm.replicas_identical or dist.get_world_size() == 1:
+        yield model
+        return
+    tensors = [p.data for p in model.parameters()] + floating_buffers(model)
+    saved = [t.clone() for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for t, s in zip(tensors, saved):
+                t.copy_(s)

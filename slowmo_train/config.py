@@ -1,0 +1,251 @@
+"""Typed configuration: one dataclass per component, registered in Hydra's ConfigStore.
+
+``configs/config.yaml`` puts the ``job_schema`` node first in its defaults list, so every YAML file
+and command-line override is type-checked against these dataclasses (unknown keys and wrong types
+are rejected by OmegaConf). :func:`validate` then checks values and ranges and raises
+:class:`ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; printed as one line, without a stack trace."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "cifar10"
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"
+    #: channel-width multiplier (1.0 = the standard ResNet-18; 0.25 suits CPU runs)
+    width: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    #: a torchvision CIFAR-10 folder (cifar-10-batches-py) or an ImageFolder root with train/ and test/
+    root: str = "data/cifar10"
+    download: bool = False
+    #: where decoded images are cached as uint8 tensors (default: ~/.cache/slowmo-train)
+    cache_dir: Optional[str] = None
+    #: use only the first N training images (after a fixed shuffle); null = all
+    train_subset: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    #: peak learning rate for a total batch of ``reference_batch`` (scaled linearly with the total batch)
+    lr: float = 0.1
+    reference_batch: int = 256
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    #: schedule: "step" (warm-up then divide at milestones), "inverse_sqrt" (transformers), "constant"
+    schedule: str = "step"
+    warmup_epochs: float = 5.0
+    #: epochs (out of ``milestone_epochs_of``) at which the lr is multiplied by ``decay``
+    milestones: list[float] = field(default_factory=lambda: [100.0, 150.0, 175.0])
+    milestone_epochs_of: float = 200.0
+    decay: float = 0.1
+
+
+@dataclass
+class AlgorithmConfig:
+    #: allreduce | local_sgd | sgp | osgp
+    name: str = "allreduce"
+    #: Local SGD: average parameters every ``period`` steps (H)
+    period: int = 12
+    #: SGP/OSGP: peers each worker sends to per step
+    peers_per_itr: int = 1
+    #: SGP/OSGP communication graph: exponential | nonregular_exponential
+    graph: str = "exponential"
+    #: OSGP: messages sent at step k are received at step k + synch_freq (staleness bound)
+    synch_freq: int = 1
+    #: processes per node for the hierarchy (null = LOCAL_WORLD_SIZE on multi-node runs, else 1)
+    nprocs_per_node: Optional[int] = None
+    #: gossip algorithms: log the consensus distance every N steps (0 = only at SlowMo outer steps)
+    consensus_every: int = 100
+
+
+@dataclass
+class SlowMoConfig:
+    enabled: bool = False
+    #: slow learning rate
+    alpha: float = 1.0
+    #: slow momentum, in [0, 1)
+    beta: float = 0.7
+    #: inner steps per outer iteration
+    tau: int = 12
+    #: base-optimizer buffers at the outer step: reset | keep | average
+    base_buffers: str = "reset"
+    #: coupled (the paper: u = beta u + d / gamma_t; x0 -= alpha gamma_t u) | decoupled (outer SGD on d)
+    lr_coupling: str = "coupled"
+    #: decoupled only: Nesterov outer momentum
+    nesterov: bool = False
+    #: keep x0 and u sharded across ranks (1/n each)
+    sharded: bool = False
+
+
+@dataclass
+class TrainConfig:
+    #: per-worker batch size
+    batch_size: int = 128
+    #: if set, the total batch over all workers; batch_size becomes total_batch / world size
+    total_batch: Optional[int] = None
+    epochs: float = 200.0
+    #: stop after this many optimizer steps (null = run all epochs)
+    max_steps: Optional[int] = None
+    log_every: int = 50
+    eval_every_epochs: float = 1.0
+    eval_batch_size: int = 1000
+    #: auto (bar on a terminal, plain lines otherwise) | bar | log | none
+    progress: str = "auto"
+
+
+@dataclass
+class LauncherConfig:
+    #: workers started on this machine when not run under torchrun
+    nproc_per_node: int = 1
+    #: auto (nccl with CUDA, else gloo) | gloo | nccl
+    backend: str = "auto"
+    #: intra-op threads per worker (null = cores / local workers)
+    threads_per_worker: Optional[int] = None
+    timeout_s: float = 1800.0
+
+
+@dataclass
+class JobConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    slowmo: SlowMoConfig = field(default_factory=SlowMoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    seed: int = 0
+    #: run directory (null = outputs/<date>/<time>_<name>)
+    output_dir: Optional[str] = None
+    name: str = "run"
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+
+
+TASK_NAMES = ("cifar10",)
+ALGORITHM_NAMES = ("allreduce", "local_sgd", "sgp", "osgp")
+GRAPH_NAMES = ("exponential", "nonregular_exponential")
+OPTIM_NAMES = ("sgd", "adam")
+SCHEDULE_NAMES = ("step", "inverse_sqrt", "constant")
+
+
+def to_job_config(cfg: DictConfig | dict) -> JobConfig:
+    """Turn a composed (or plain dict) config into a read-only JobConfig object."""
+    base = OmegaConf.structured(JobConfig)
+    merged = OmegaConf.merge(base, cfg)
+    job = OmegaConf.to_object(merged)
+    assert isinstance(job, JobConfig)
+    return job
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def _one_of(key: str, value: str, names) -> None:
+    _check(value in names, key, value, "choose one of " + ", ".join(names))
+
+
+def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = True) -> None:
+    """Check values and ranges. ``world_size`` (when known) checks divisibility constraints."""
+    _one_of("task", job.task.name, TASK_NAMES)
+    _check(job.model.width > 0, "model.width", job.model.width, "must be > 0")
+    o = job.optim
+    _one_of("optim.name", o.name, OPTIM_NAMES)
+    _one_of("optim.schedule", o.schedule, SCHEDULE_NAMES)
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(o.reference_batch >= 1, "optim.reference_batch", o.reference_batch, "must be an integer >= 1")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two values in [0, 1)")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    _check(0 < o.decay <= 1, "optim.decay", o.decay, "must be in (0, 1]")
+    _check(o.milestone_epochs_of > 0, "optim.milestone_epochs_of", o.milestone_epochs_of, "must be > 0")
+    _check(all(0 < m <= o.milestone_epochs_of for m in o.milestones), "optim.milestones", list(o.milestones),
+           f"epochs in (0, optim.milestone_epochs_of={o.milestone_epochs_of}]")
+    if o.nesterov and o.name == "sgd":
+        _check(o.momentum > 0, "optim.momentum", o.momentum, "Nesterov SGD needs momentum > 0 (or set optim.nesterov=false)")
+
+    a = job.algorithm
+    _one_of("algorithm", a.name, ALGORITHM_NAMES)
+    _one_of("algorithm.graph", a.graph, GRAPH_NAMES)
+    _check(a.period >= 1, "algorithm.period", a.period, "must be an integer >= 1")
+    _check(a.peers_per_itr >= 1, "algorithm.peers_per_itr", a.peers_per_itr, "must be an integer >= 1")
+    _check(a.synch_freq >= 1, "algorithm.synch_freq", a.synch_freq, "must be an integer >= 1")
+    _check(a.consensus_every >= 0, "algorithm.consensus_every", a.consensus_every, "must be >= 0")
+    _check(a.nprocs_per_node is None or a.nprocs_per_node >= 1, "algorithm.nprocs_per_node", a.nprocs_per_node,
+           "must be null (automatic) or an integer >= 1")
+
+    s = job.slowmo
+    _check(s.alpha > 0, "slowmo.alpha", s.alpha, "must be > 0")
+    _check(0 <= s.beta < 1, "slowmo.beta", s.beta, "must be in [0, 1)")
+    _check(s.tau >= 1, "slowmo.tau", s.tau, "must be an integer >= 1")
+    _one_of("slowmo.base_buffers", s.base_buffers, ("reset", "keep", "average"))
+    _one_of("slowmo.lr_coupling", s.lr_coupling, ("coupled", "decoupled"))
+    if s.enabled and a.name == "local_sgd":
+        _check(s.tau % a.period == 0, "slowmo.tau", s.tau,
+               f"must be a multiple of algorithm.period={a.period} when SlowMo wraps Local SGD")
+
+    t = job.train
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be an integer >= 1")
+    _check(t.epochs > 0, "train.epochs", t.epochs, "must be > 0")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "must be null or an integer >= 1")
+    _check(t.log_every >= 1, "train.log_every", t.log_every, "must be an integer >= 1")
+    _check(t.eval_every_epochs > 0, "train.eval_every_epochs", t.eval_every_epochs, "must be > 0")
+    _check(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be an integer >= 1")
+    _one_of("train.progress", t.progress, ("auto", "bar", "log", "none"))
+    if t.total_batch is not None:
+        _check(t.total_batch >= 1, "train.total_batch", t.total_batch, "must be null or an integer >= 1")
+        if world_size is not None:
+            _check(t.total_batch % world_size == 0, "train.total_batch", t.total_batch,
+                   f"must be divisible by the number of workers ({world_size})")
+
+    la = job.launcher
+    _check(la.nproc_per_node >= 1, "launcher.nproc_per_node", la.nproc_per_node, "must be an integer >= 1")
+    _one_of("launcher.backend", la.backend, ("auto", "gloo", "nccl"))
+    _check(la.threads_per_worker is None or la.threads_per_worker >= 1, "launcher.threads_per_worker",
+           la.threads_per_worker, "must be null or an integer >= 1")
+    if world_size is not None and a.nprocs_per_node is not None:
+        _check(world_size % a.nprocs_per_node == 0, "algorithm.nprocs_per_node", a.nprocs_per_node,
+               f"must divide the number of workers ({world_size})")
+
+    d = job.data
+    _check(d.train_subset is None or d.train_subset >= 1, "data.train_subset", d.train_subset, "must be null or >= 1")
+    if check_paths and not d.download:
+        _check(os.path.isdir(d.root), "data.root", d.root,
+               "directory does not exist; point data.root at a CIFAR-10 copy "
+               "(torchvision format or train/ and test/ ImageFolders), or set data.download=true when online")
+
+
+def per_worker_batch(train: TrainConfig, world_size: int) -> int:
+    return train.total_batch // world_size if train.total_batch is not None else train.batch_size
