@@ -3,11 +3,12 @@
     results = run_distributed(fn, world_size=3, args=(...,))   # fn(rank, world_size, *args)
 
 ``fn`` must be a module-level function (it is pickled); it runs after ``init_process_group`` and the
-process group is destroyed afterwards. Results must be picklable (move tensors to CPU).
+process group is destroyed afterwards. Results must be picklable by torch.save (move tensors to CPU).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -33,7 +34,11 @@ def _worker(rank, world_size, port, fn, args, queue, env):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         dist.barrier()
-        queue.put((rank, "ok", result))
+        # Serialise to bytes: tensors sent through a torch queue would be shared-memory handles
+        # that die with this process.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report to the parent instead of hanging it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -56,7 +61,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), env: dict | None = No
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break

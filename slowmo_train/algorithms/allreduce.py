@@ -7,9 +7,8 @@ backward pass; a communication hook counts the payload bytes and the time each b
 flight (overlapped with backward) without changing what is sent.
 """
 
-from __future__ import annotations
-
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -21,7 +20,7 @@ from slowmo_train.algorithms.comm import CommStats
 from slowmo_train.dist import Topology
 
 
-def _counting_allreduce_hook(stats: CommStats, bucket: dist.GradBucket) -> torch.futures.Future:
+def _counting_allreduce_hook(stats: CommStats, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average a gradient bucket like DDP's default hook, and count it."""
     tensor = bucket.buffer()
     group = dist.group.WORLD
@@ -38,6 +37,11 @@ def _counting_allreduce_hook(stats: CommStats, bucket: dist.GradBucket) -> torch
     return work.get_future().then(finish)
 
 
+# 1x1 convolutions get gradients whose strides differ from DDP's bucket views although the memory
+# layout is the same; the warning is harmless and would repeat every run.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+
 class AllReduce(Algorithm):
     """Exact gradient averaging every step (DDP). Replicas stay identical."""
 
@@ -45,11 +49,11 @@ class AllReduce(Algorithm):
     replicas_identical = True
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, topology: Topology,
-                 cfg=None, device: torch.device | None = None):
+                 cfg=None, device=None):
         super().__init__(model, optimizer, topology)
         device_ids = [device.index] if device is not None and device.type == "cuda" else None
         if dist.get_world_size() > 1:
-            self._ddp = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=True)
+            self._ddp = DistributedDataParallel(model, device_ids=device_ids)
             self._ddp.register_comm_hook(self.comm, _counting_allreduce_hook)
         else:
             self._ddp = model

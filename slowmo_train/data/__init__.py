@@ -1,0 +1,1 @@
+"""Datasets (decoded once into memory) and batching."""

@@ -1,0 +1,60 @@
+"""Base optimizers and learning-rate schedules.
+
+The peak learning rate scales linearly with the total batch (Goyal et al., 2017):
+``peak = optim.lr * total_batch / optim.reference_batch``. The ``step`` schedule is the paper's
+CIFAR-10 one: linear warm-up over the first 5 epochs, then the rate is divided by 10 at epochs 100,
+150 and 175 of 200; every epoch number is scaled by ``train.epochs / optim.milestone_epochs_of`` so a
+shorter run keeps the same shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from slowmo_train.config import OptimConfig
+
+
+def peak_lr(cfg: OptimConfig, total_batch: int) -> float:
+    return cfg.lr * total_batch / cfg.reference_batch
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optim.name={cfg.name!r} is unknown; choose one of sgd, adam")
+
+
+class LrSchedule:
+    """Multiplier of each parameter group's base lr as a function of the optimizer step."""
+
+    def __init__(self, cfg: OptimConfig, steps_per_epoch: int, epochs: float):
+        self.kind = cfg.schedule
+        scale = epochs / cfg.milestone_epochs_of
+        self.warmup_steps = max(0, round(cfg.warmup_epochs * scale * steps_per_epoch))
+        self.milestones = sorted(round(m * scale * steps_per_epoch) for m in cfg.milestones)
+        self.decay = cfg.decay
+
+    def factor(self, step: int) -> float:
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "inverse_sqrt":
+            warm = max(1, self.warmup_steps)
+            return min((step + 1) / warm, math.sqrt(warm / (step + 1)))
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return self.decay ** sum(step >= m for m in self.milestones)
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every group's lr for ``step``; returns the first group's lr."""
+        f = self.factor(step)
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * f
+        return optimizer.param_groups[0]["lr"]
