@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,14 +54,32 @@ def detect_layout(root: str | os.PathLike) -> str:
     )
 
 
-def _load_torchvision(root: Path, train: bool, download: bool) -> ImageTensors:
-    from torchvision.datasets import CIFAR10
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            blob = pickle.load(f, encoding="latin1")
+    except (OSError, pickle.UnpicklingError, EOFError) as err:
+        raise DatasetError(f"cannot read CIFAR-10 batch file {path}: {err}; re-download or replace it") from err
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in blob.items()}
 
-    if (root / "data_batch_1").exists():  # root points inside cifar-10-batches-py
-        root = root.parent
-    ds = CIFAR10(str(root), train=train, download=download)
-    images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-    return ImageTensors(images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes))
+
+def _load_torchvision(root: Path, train: bool, download: bool) -> ImageTensors:
+    """Read the python-pickle batches (data_batch_1..5, test_batch, batches.meta)."""
+    folder = root if (root / "data_batch_1").exists() else root / TORCHVISION_FOLDER
+    if download and not (folder / "data_batch_1").exists():
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(str(root), train=train, download=True)
+        folder = root / TORCHVISION_FOLDER
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    images, labels = [], []
+    for name in names:
+        blob = _unpickle(folder / name)
+        images.append(np.asarray(blob["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(blob["labels"])
+    meta = folder / "batches.meta"
+    classes = list(_unpickle(meta)["label_names"]) if meta.exists() else [str(i) for i in range(10)]
+    return ImageTensors(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64), classes)
 
 
 def _list_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
