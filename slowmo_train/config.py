@@ -212,6 +212,8 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _check(s.tau >= 1, "slowmo.tau", s.tau, "must be an integer >= 1")
     _one_of("slowmo.base_buffers", s.base_buffers, ("reset", "keep", "average"))
     _one_of("slowmo.lr_coupling", s.lr_coupling, ("coupled", "decoupled"))
+    _check(not (s.nesterov and s.lr_coupling == "coupled"), "slowmo.nesterov", s.nesterov,
+           "Nesterov outer momentum needs slowmo.lr_coupling=decoupled")
     if s.enabled and a.name == "local_sgd":
         _check(s.tau % a.period == 0, "slowmo.tau", s.tau,
                f"must be a multiple of algorithm.period={a.period} when SlowMo wraps Local SGD")

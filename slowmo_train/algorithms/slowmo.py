@@ -1,7 +1,316 @@
-"""Placeholder: being written."""
-from slowmo_train.algorithms.base import Algorithm
+"""SlowMo: slow momentum over any base algorithm (Wang, Tantia, Ballas, Rabbat, "SlowMo: Improving
+Communication-Efficient Distributed SGD with Slow Momentum", ICLR 2020, arXiv:1910.00643, Alg. 1).
+
+Every worker runs ``tau`` inner steps of the base algorithm (AR-SGD, Local SGD, SGP, OSGP) from the
+slow iterate ``x0``; then all workers average exactly and take one outer (slow) momentum step. With
+``d_t = x0_t - x_avg_t`` (the progress of the outer iteration, pointing backwards like a gradient)
+the two outer updates are, side by side:
+
+    coupled (the paper, Alg. 1)               decoupled (outer SGD with momentum, DiLoCo-style:
+                                              Douillard et al., arXiv:2311.08105, 2023)
+    u   <- beta u + d_t / gamma_t             u    <- beta u + d_t
+    x0  <- x0 - alpha gamma_t u               step  = d_t + beta u   (nesterov)   or   u
+                                              x0   <- x0 - alpha step
+
+``gamma_t`` is the base learning rate of the outer iteration, taken per optimizer parameter group.
+With a constant ``gamma`` the two coincide (decoupled without Nesterov): substituting
+``u_dec = gamma u_coupled`` turns the coupled recursion into the decoupled one. They differ when the
+schedule changes ``gamma``: the coupled momentum, measured in gradient units, is rescaled by the new
+``gamma`` while the decoupled momentum is in parameter units and is not.
+
+``gamma_t = 0`` (e.g. a warm-up that starts at zero) would divide by zero in the coupled update; it is
+handled as "no outer momentum step": ``u`` is left unchanged and ``x0 <- x_avg``. Every optimizer
+update is scaled by the lr, so the inner steps moved nothing and ``x_avg`` equals ``x0`` up to
+rounding; taking the average keeps the ranks consistent, and there is no progress to measure.
+
+Learning-rate schedule: the trainer evaluates the schedule at :meth:`SlowMo.lr_schedule_step`,
+``(k // tau) * tau``, i.e. once at the first inner step of every outer iteration, and holds that
+value for the ``tau`` inner steps. So ``gamma_t`` (read from ``optimizer.param_groups[g]["lr"]`` at
+the outer step) is exactly the learning rate every inner step of that outer iteration used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from slowmo_train.algorithms.base import Algorithm, consensus_distance, exact_average
+from slowmo_train.algorithms.comm import all_reduce_mean_, floating_buffers
+from slowmo_train.algorithms.local_sgd import LocalSGD
+from slowmo_train.config import SlowMoConfig
+
+BASE_BUFFER_MODES = ("reset", "keep", "average")
+LR_COUPLINGS = ("coupled", "decoupled")
+#: optimizer-state entries that count steps rather than hold a statistic (Adam keeps ``step`` as a
+#: float tensor); averaging must leave them alone.
+STEP_COUNTER_KEYS = frozenset({"step"})
+
+
+def validate_slowmo_config(cfg: SlowMoConfig, base: Algorithm) -> None:
+    """Raise ValueError naming the key for hyper-parameters outside their domain."""
+    alpha, beta, tau = cfg.alpha, cfg.beta, cfg.tau
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"slowmo.alpha must be > 0, got {alpha!r}")
+    if not (isinstance(beta, (int, float)) and 0 <= beta < 1):
+        raise ValueError(f"slowmo.beta must be in [0, 1), got {beta!r}")
+    if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
+        raise ValueError(f"slowmo.tau must be an integer >= 1, got {tau!r}")
+    if cfg.base_buffers not in BASE_BUFFER_MODES:
+        raise ValueError(f"slowmo.base_buffers must be one of {', '.join(BASE_BUFFER_MODES)}, got {cfg.base_buffers!r}")
+    if cfg.lr_coupling not in LR_COUPLINGS:
+        raise ValueError(f"slowmo.lr_coupling must be one of {', '.join(LR_COUPLINGS)}, got {cfg.lr_coupling!r}")
+    if cfg.nesterov and cfg.lr_coupling != "decoupled":
+        raise ValueError(f"slowmo.nesterov=True needs slowmo.lr_coupling='decoupled', got {cfg.lr_coupling!r}")
+    if isinstance(base, LocalSGD) and tau % base.period != 0:
+        raise ValueError(
+            f"slowmo.tau must be a multiple of algorithm.period={base.period} when SlowMo wraps Local SGD, got {tau}"
+        )
+
+
+@dataclass(frozen=True)
+class SlowGroup:
+    """The parameters of one optimizer param group, laid out as one flat vector of ``numel``
+    entries, of which this rank keeps ``[start, stop)`` (everything when unsharded)."""
+
+    indices: tuple[int, ...]      # positions in ``base.parameters()``
+    optimizer_group: int | None   # index into ``optimizer.param_groups``; None: frozen parameters
+    numel: int
+    start: int
+    stop: int
+    shard_size: int               # padded length every rank contributes to the all-gather
+
+
+def build_slow_groups(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                      rank: int, world_size: int, sharded: bool) -> list[SlowGroup]:
+    """Group the parameters by optimizer param group (each has its own ``gamma``) and assign shards:
+    rank ``r`` of ``n`` owns the contiguous range ``[r c, (r+1) c)`` with ``c = ceil(numel / n)``."""
+    group_of = {}  # by identity of the Parameter objects the optimizer holds (not their .data)
+    for g, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            group_of[id(p)] = g
+    members: dict[int | None, list[int]] = {}
+    for i, p in enumerate(params):
+        if p.requires_grad and id(p) not in group_of:
+            # A trained parameter the optimizer does not know would have no gamma; most likely the
+            # optimizer was built on other Parameter objects than the model's.
+            raise ValueError(f"parameter {i} of shape {tuple(p.shape)} requires grad but is in no optimizer "
+                             "param group; build the optimizer on the model's parameters before SlowMo")
+        members.setdefault(group_of.get(id(p)), []).append(i)
+    groups = []
+    for g, indices in members.items():
+        kinds = {(params[i].dtype, params[i].device) for i in indices}
+        if len(kinds) != 1:
+            raise ValueError(f"SlowMo needs the parameters of one optimizer param group to share dtype and device, "
+                             f"param group {g} has {sorted(map(str, kinds))}")
+        numel = sum(params[i].numel() for i in indices)
+        if sharded:
+            size = -(-numel // world_size)
+            start, stop = min(rank * size, numel), min((rank + 1) * size, numel)
+        else:
+            size, start, stop = numel, 0, numel
+        groups.append(SlowGroup(tuple(indices), g, numel, start, stop, size))
+    return groups
 
 
 class SlowMo(Algorithm):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("SlowMo is not implemented yet")
+    """Slow momentum around a base algorithm (Wang et al., ICLR 2020, Alg. 1), by composition.
+
+    Every ``tau`` steps: x_avg = exact average;  u <- beta u + (x0 - x_avg) / gamma;
+    x0 <- x0 - alpha gamma u  (coupled; see the module docstring for the decoupled form); all
+    workers restart from x0.
+
+    With ``sharded`` the slow state (``x0``, ``u``) is split across ranks: rank ``r`` keeps shard ``r``
+    of each param group's flat vector, updates it after the exact all-reduce, and the new ``x0`` is
+    all-gathered. Every rank does identical arithmetic on the same all-reduced values, so all ranks
+    hold bit-identical parameters after an outer step, sharded or not.
+
+    The exact average stays the base's full all-reduce when sharded, not a reduce-scatter: the
+    consensus distance reported at every outer step needs the whole average on every rank (and Gloo
+    has no reduce-scatter). Sharding thus cuts the slow state (x0, u) to 1/n per rank at the price
+    of one extra all-gather of x0 per outer step."""
+
+    name = "slowmo"
+
+    def __init__(self, base: Algorithm, cfg: SlowMoConfig):
+        validate_slowmo_config(cfg, base)
+        super().__init__(base.model, base.optimizer, base.topology)
+        self.base = base
+        self.comm = base.comm  # one CommStats object, so the trainer sees the outer step's bytes too
+        self.alpha, self.beta, self.tau = float(cfg.alpha), float(cfg.beta), int(cfg.tau)
+        self.base_buffers, self.lr_coupling = cfg.base_buffers, cfg.lr_coupling
+        self.nesterov, self.sharded = bool(cfg.nesterov), bool(cfg.sharded)
+        self.extra_metrics: dict[str, float] = {}
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        params = base.parameters()
+        self.groups = build_slow_groups(params, base.optimizer, self.rank, self.world_size, self.sharded)
+        params = [p.data for p in params]
+        # The trainer broadcasts the initial parameters before building the algorithm, so x0 is
+        # the same on every rank without communication.
+        self.x0 = [self._flat(params, g)[g.start:g.stop].clone() for g in self.groups]
+        self.u = [torch.zeros_like(x) for x in self.x0]
+
+    # --- delegation to the base algorithm -------------------------------------------------------
+    @property
+    def replicas_identical(self) -> bool:
+        return self.base.replicas_identical
+
+    @property
+    def train_model(self):
+        return self.base.train_model
+
+    def before_forward(self, step: int) -> None:
+        self.base.before_forward(step)
+
+    def after_backward(self, step: int) -> None:
+        self.base.after_backward(step)
+
+    def parameters(self):
+        return self.base.parameters()
+
+    def flush(self) -> None:
+        self.base.flush()
+
+    def mixing_state(self):
+        return self.base.mixing_state()
+
+    def load_consensus(self, values: list[torch.Tensor]) -> None:
+        self.base.load_consensus(values)
+
+    def close(self) -> None:
+        self.base.close()
+
+    def pop_metrics(self) -> dict[str, float]:
+        out = self.base.pop_metrics()
+        out.update(self.extra_metrics)
+        self.extra_metrics = {}
+        return out
+
+    def describe(self) -> str:
+        options = [f"alpha={self.alpha:g}", f"beta={self.beta:g}", f"tau={self.tau}", self.lr_coupling,
+                   f"buffers={self.base_buffers}"]
+        if self.nesterov:
+            options.append("nesterov")
+        if self.sharded:
+            options.append("sharded")
+        return f"slowmo({', '.join(options)}) over {self.base.describe()}"
+
+    # --- the training step -------------------------------------------------------------------
+    def lr_schedule_step(self, step: int) -> int:
+        """Hold the schedule's value for the ``tau`` inner steps of an outer iteration, so that the
+        outer step's ``gamma_t`` is the learning rate the inner steps used."""
+        return (step // self.tau) * self.tau
+
+    def after_optimizer_step(self, step: int, exact_average_follows: bool = False) -> None:
+        outer = (step + 1) % self.tau == 0
+        self.base.after_optimizer_step(step, exact_average_follows=outer)
+        if outer:
+            self.outer_step()
+
+    def outer_step(self) -> None:
+        """Alg. 1, lines 7-9 of the paper, plus the bookkeeping a real model needs (collective)."""
+        x_avg = exact_average(self.base, stats=self.comm)
+        numerators, weight = self.base.mixing_state()
+        local = [n / weight if weight is not None else n for n in numerators]
+        self.extra_metrics["consensus_distance"] = consensus_distance(local, x_avg)
+        self.base.load_consensus(self._slow_momentum_step(x_avg))
+        self._synchronize_buffers()
+
+    # --- the outer update --------------------------------------------------------------------
+    def _flat(self, tensors: list[torch.Tensor], group: SlowGroup) -> torch.Tensor:
+        return torch.cat([tensors[i].reshape(-1) for i in group.indices])
+
+    def _gamma(self, group: SlowGroup) -> float:
+        if group.optimizer_group is None:
+            return 0.0  # frozen (requires_grad=False): no lr, so take the average as is
+        return float(self.optimizer.param_groups[group.optimizer_group]["lr"])
+
+    def _slow_momentum_step(self, x_avg: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Update this rank's (shard of) x0 and u in place; return the full new x0 per parameter."""
+        new_params: list[torch.Tensor | None] = [None] * len(x_avg)
+        for group, x0, u in zip(self.groups, self.x0, self.u):
+            avg = self._flat(x_avg, group)[group.start:group.stop]
+            self._update(x0, u, avg, self._gamma(group))
+            # A copy when unsharded: the base loads these values and must not alias the slow state.
+            full = self._all_gather(x0, group) if self.sharded else x0.clone()
+            offset = 0
+            for i in group.indices:
+                n = x_avg[i].numel()
+                new_params[i] = full[offset:offset + n].view_as(x_avg[i])
+                offset += n
+        return new_params
+
+    def _update(self, x0: torch.Tensor, u: torch.Tensor, avg: torch.Tensor, gamma: float) -> None:
+        d = x0 - avg
+        if self.lr_coupling == "coupled":
+            if gamma == 0.0:
+                x0.copy_(avg)  # no lr to undo: keep u, restart from the average (module docstring)
+                return
+            u.mul_(self.beta).add_(d / gamma)
+            x0.sub_(u, alpha=self.alpha * gamma)
+        else:
+            u.mul_(self.beta).add_(d)
+            step = d.add(u, alpha=self.beta) if self.nesterov else u
+            x0.sub_(step, alpha=self.alpha)
+
+    def _all_gather(self, shard: torch.Tensor, group: SlowGroup) -> torch.Tensor:
+        """Concatenate every rank's shard of x0 (padded to equal length for the collective)."""
+        if self.world_size == 1:
+            return shard.clone()  # the base must not alias the slow state
+        padded = torch.zeros(group.shard_size, dtype=shard.dtype, device=shard.device)
+        padded[: shard.numel()].copy_(shard)
+        pieces = [torch.empty_like(padded) for _ in range(self.world_size)]
+        moved = (self.world_size - 1) * padded.numel() * padded.element_size()
+        self.comm.add_bytes(moved, moved)
+        with self.comm.blocking():
+            dist.all_gather(pieces, padded)
+        return torch.cat(pieces)[: group.numel]
+
+    def _synchronize_buffers(self) -> None:
+        """BatchNorm statistics are averaged exactly like the parameters; base-optimizer buffers
+        are reset, kept or averaged (``slowmo.base_buffers``)."""
+        tensors = floating_buffers(self.base.model)
+        if self.base_buffers == "average":
+            tensors += self._optimizer_statistics()
+        all_reduce_mean_(tensors, group=None, stats=self.comm)
+        if self.base_buffers == "reset":
+            # A fresh state: SGD restarts its momentum from zero, Adam also restarts its step count.
+            self.optimizer.state.clear()
+
+    def _optimizer_statistics(self) -> list[torch.Tensor]:
+        """Floating optimizer-state tensors in a rank-independent order (param groups, params,
+        sorted keys), without step counters."""
+        out = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state.get(p, {})
+                for key in sorted(state):
+                    value = state[key]
+                    if key not in STEP_COUNTER_KEYS and torch.is_tensor(value) and value.is_floating_point():
+                        out.append(value)
+        return out
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """x0 and u (this rank's shards when sharded: every rank must save its own) and the base's
+        state."""
+        return {
+            "x0": [x.clone() for x in self.x0],
+            "u": [u.clone() for u in self.u],
+            "layout": [(g.numel, g.start, g.stop) for g in self.groups],
+            "base": self.base.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        layout = [(g.numel, g.start, g.stop) for g in self.groups]
+        if [tuple(x) for x in state["layout"]] != layout:
+            raise ValueError(
+                f"the SlowMo checkpoint holds slow-state ranges {state['layout']} but this rank needs {layout}: "
+                "a sharded checkpoint resumes only with the same world size and rank (slowmo.sharded)"
+            )
+        with torch.no_grad():
+            for mine, saved in zip(self.x0 + self.u, list(state["x0"]) + list(state["u"])):
+                mine.copy_(saved)
+        self.base.load_state_dict(state["base"])

@@ -1,0 +1,307 @@
+"""A single-process reference simulator of every training algorithm, written from the definitions
+and independently of ``slowmo_train.algorithms`` (no torch.distributed): N workers are plain tensors.
+
+Algorithms simulated:
+  * AR-SGD: the gradient is averaged over all workers every step.
+  * Local SGD (Stich, ICLR 2019): local steps, exact parameter average every ``H`` steps.
+  * SGP / OSGP (Assran et al., ICML 2019), push-sum (Kempe et al., FOCS 2003) with the time-varying
+    exponential graphs: worker i sends at step k to (i + 2^((k p + j) mod L)) mod n, j = 0..p-1
+    (``nonregular_exponential`` adds ``+ i`` to the exponent); it keeps and sends 1/(p+1) of its
+    numerator and weight; SGP adds the messages of step k, OSGP those sent at step k - s.
+  * Node hierarchy: a node of P processes is one worker whose gradient is the mean of its processes'
+    gradients; BatchNorm-like statistics stay per process.
+  * SlowMo (Wang et al., ICLR 2020, Alg. 1) over each base, coupled (the paper) or decoupled (outer
+    SGD with optional Nesterov, Douillard et al., 2023), lr evaluated at (k // tau) * tau, gamma per
+    param group, base-optimizer buffers reset / kept / averaged.
+
+The model is y = W2 relu(W1 x + b1) with a running mean of the pre-activation (a stand-in for the
+BatchNorm statistics averaging must touch), trained by hand-written SGD with the semantics of
+``torch.optim.SGD`` (weight decay, heavy-ball or Nesterov momentum whose buffer starts as the first
+update), two parameter groups with different lrs and a learning-rate change mid-run. Everything is
+float64 so that comparisons can use tight tolerances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+DTYPE = torch.float64
+IN, HIDDEN, OUT, BATCH = 3, 4, 2, 5
+SHAPES = [(HIDDEN, IN), (HIDDEN,), (OUT, HIDDEN)]  # W1, b1, W2: the order of model.parameters()
+STAT_MOMENTUM = 0.1  # running_mean <- (1 - m) running_mean + m batch_mean, as in BatchNorm
+
+
+@dataclass(frozen=True)
+class ParamGroupSpec:
+    indices: tuple[int, ...]
+    lr: float
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+
+
+PARAM_GROUPS = (
+    ParamGroupSpec((0, 1), lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=False),
+    ParamGroupSpec((2,), lr=0.05, momentum=0.5, weight_decay=0.0, nesterov=True),
+)
+LR_DROP_STEP, LR_DROP_FACTOR = 5, 0.5
+
+
+def lr_factor(schedule_step: int) -> float:
+    """The schedule: full lr, then halved from step 5 on."""
+    return 1.0 if schedule_step < LR_DROP_STEP else LR_DROP_FACTOR
+
+
+def group_lrs(schedule_step: int) -> list[float]:
+    return [g.lr * lr_factor(schedule_step) for g in PARAM_GROUPS]
+
+
+def initial_parameters() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1234)
+    return [0.5 * torch.randn(shape, generator=gen, dtype=DTYPE) for shape in SHAPES]
+
+
+def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic data of process ``rank`` at optimizer step ``step``."""
+    gen = torch.Generator().manual_seed(10_000 + 1_000 * step + rank)
+    return torch.randn(BATCH, IN, generator=gen, dtype=DTYPE), torch.randn(BATCH, OUT, generator=gen, dtype=DTYPE)
+
+
+def loss_and_statistic(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+    """Mean squared error of y = W2 relu(W1 x + b1), and the batch mean of the pre-activation."""
+    w1, b1, w2 = params
+    h = x @ w1.T + b1
+    out = torch.relu(h) @ w2.T
+    return ((out - y) ** 2).mean(), h.detach().mean(0)
+
+
+# --- cases ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SlowMoSpec:
+    alpha: float = 0.7
+    beta: float = 0.6
+    tau: int = 4
+    coupling: str = "coupled"
+    nesterov: bool = False
+    sharded: bool = False  # no effect on the mathematics; the implementation must agree either way
+    base_buffers: str = "reset"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training configuration, shared by the simulator and the distributed test."""
+
+    name: str
+    algorithm: str                 # allreduce | local_sgd | sgp | osgp
+    period: int = 2                # Local SGD H
+    graph: str = "exponential"
+    peers: int = 1
+    synch_freq: int = 1            # OSGP staleness s
+    procs_per_node: int = 1
+    slowmo: SlowMoSpec | None = None
+    #: reference only: an exact average (params, statistics; optimizer state kept) every N steps
+    average_every: int = 0
+    #: evaluate the lr schedule at (k // lr_hold) * lr_hold (SlowMo holds it for tau steps)
+    lr_hold: int = 1
+    steps: int = 12
+
+    def schedule_step(self, k: int) -> int:
+        hold = self.slowmo.tau if self.slowmo is not None else self.lr_hold
+        return (k // hold) * hold
+
+
+@dataclass
+class Trajectory:
+    #: [steps, workers, numel]: de-biased parameters of every worker after every step
+    params: torch.Tensor
+    #: [steps, processes, HIDDEN]: every process's running statistic after every step
+    stats: torch.Tensor
+    #: {step: mean over workers of ||x_i - x_avg||} at SlowMo outer steps
+    consensus: dict[int, float] = field(default_factory=dict)
+
+
+# --- the simulator -------------------------------------------------------------------------------
+@dataclass
+class Worker:
+    params: list[torch.Tensor]
+    momentum: list[torch.Tensor | None]
+    numerator: list[torch.Tensor]
+    weight: float = 1.0
+
+
+def sgd_step(worker: Worker, grads: list[torch.Tensor], lrs: list[float]) -> None:
+    """torch.optim.SGD with dampening 0: d = g + wd p; b = d (first) or mu b + d;
+    d = d + mu b (Nesterov) or b; p <- p - lr d."""
+    for spec, lr in zip(PARAM_GROUPS, lrs):
+        for i in spec.indices:
+            p = worker.params[i]
+            d = grads[i] + spec.weight_decay * p
+            if spec.momentum != 0:
+                buf = worker.momentum[i]
+                buf = d.clone() if buf is None else spec.momentum * buf + d
+                worker.momentum[i] = buf
+                d = d + spec.momentum * buf if spec.nesterov else buf
+            worker.params[i] = p - lr * d
+
+
+def out_peers(case: Case, n: int, i: int, k: int) -> list[int]:
+    offsets = 0
+    while (1 << offsets) < n:
+        offsets += 1
+    if offsets == 0:
+        return []
+    extra = i if case.graph == "nonregular_exponential" else 0
+    return [(i + 2 ** ((k * case.peers + j + extra) % offsets)) % n for j in range(case.peers)]
+
+
+class Simulator:
+    def __init__(self, case: Case, world_size: int):
+        assert world_size % case.procs_per_node == 0
+        self.case = case
+        self.procs = world_size
+        self.n = world_size // case.procs_per_node
+        init = initial_parameters()
+        self.workers = [Worker([p.clone() for p in init], [None] * len(init), [p.clone() for p in init])
+                        for _ in range(self.n)]
+        self.stats = [torch.zeros(HIDDEN, dtype=DTYPE) for _ in range(self.procs)]
+        self.in_flight: list[tuple[int, int, list[torch.Tensor], float]] = []  # (sent at, dst, num, w)
+        self.x0 = [p.clone() for p in init]
+        self.u = [torch.zeros_like(p) for p in init]
+        self.consensus: dict[int, float] = {}
+
+    # --- one step ----------------------------------------------------------------------------
+    def node_gradient(self, node: int, k: int) -> list[torch.Tensor]:
+        worker, ppn = self.workers[node], self.case.procs_per_node
+        total = None
+        for rank in range(node * ppn, (node + 1) * ppn):
+            params = [p.clone().requires_grad_(True) for p in worker.params]
+            loss, stat = loss_and_statistic(params, *batch(rank, k))
+            grads = torch.autograd.grad(loss, params)
+            self.stats[rank] = (1 - STAT_MOMENTUM) * self.stats[rank] + STAT_MOMENTUM * stat
+            total = list(grads) if total is None else [t + g for t, g in zip(total, grads)]
+        return [t / ppn for t in total]
+
+    def step(self, k: int) -> None:
+        case = self.case
+        lrs = group_lrs(case.schedule_step(k))
+        grads = [self.node_gradient(i, k) for i in range(self.n)]
+        if case.algorithm == "allreduce":
+            mean = [sum(g[j] for g in grads) / self.n for j in range(len(SHAPES))]
+            grads = [mean] * self.n
+        outer = case.slowmo is not None and (k + 1) % case.slowmo.tau == 0
+        gossip = case.algorithm in ("sgp", "osgp")
+        for worker, g in zip(self.workers, grads):
+            before = list(worker.params)
+            sgd_step(worker, g, lrs)
+            if gossip:  # push-sum: the numerator takes the optimizer's change of z
+                worker.numerator = [n + (a - b) for n, a, b in zip(worker.numerator, worker.params, before)]
+            else:  # weight 1: the numerator is the parameter
+                worker.numerator = list(worker.params)
+        if gossip:
+            self.gossip(k)
+        if case.algorithm == "local_sgd" and (k + 1) % case.period == 0 and not outer:
+            self.restart_all_from(self.exact_average())
+            self.average_stats()
+        if case.average_every and (k + 1) % case.average_every == 0:
+            self.restart_all_from(self.exact_average())
+            self.average_stats()
+        if outer:
+            self.slowmo_outer_step(k, lrs)
+
+    def gossip(self, k: int) -> None:
+        for i, worker in enumerate(self.workers):
+            peers = out_peers(self.case, self.n, i, k)
+            share = 1.0 / (len(peers) + 1)
+            worker.numerator = [x * share for x in worker.numerator]
+            worker.weight *= share
+            for dst in peers:
+                self.in_flight.append((k, dst, list(worker.numerator), worker.weight))
+        delay = 0 if self.case.algorithm == "sgp" else self.case.synch_freq
+        self.deliver(lambda sent: sent == k - delay)
+        for worker in self.workers:
+            worker.params = [x / worker.weight for x in worker.numerator]
+
+    def deliver(self, due) -> None:
+        keep = []
+        for sent, dst, num, w in self.in_flight:
+            if due(sent):
+                target = self.workers[dst]
+                target.numerator = [a + b for a, b in zip(target.numerator, num)]
+                target.weight += w
+            else:
+                keep.append((sent, dst, num, w))
+        self.in_flight = keep
+
+    # --- averaging ---------------------------------------------------------------------------
+    def flush(self) -> None:
+        self.deliver(lambda sent: True)
+
+    def exact_average(self) -> list[torch.Tensor]:
+        self.flush()
+        total_weight = sum(w.weight for w in self.workers)
+        return [sum(w.numerator[j] for w in self.workers) / total_weight for j in range(len(SHAPES))]
+
+    def restart_all_from(self, values: list[torch.Tensor]) -> None:
+        for worker in self.workers:
+            worker.params = [v.clone() for v in values]
+            worker.numerator = [v.clone() for v in values]
+            worker.weight = 1.0
+        self.in_flight = []
+
+    def average_stats(self) -> None:
+        mean = sum(self.stats) / self.procs
+        self.stats = [mean.clone() for _ in range(self.procs)]
+
+    def slowmo_outer_step(self, k: int, lrs: list[float]) -> None:
+        spec = self.case.slowmo
+        avg = self.exact_average()
+        self.consensus[k] = sum(
+            float(sum(((x / w.weight - a) ** 2).sum() for x, a in zip(w.numerator, avg)) ** 0.5)
+            for w in self.workers) / self.n
+        for group, gamma in zip(PARAM_GROUPS, lrs):
+            for i in group.indices:
+                d = self.x0[i] - avg[i]
+                if spec.coupling == "coupled":
+                    if gamma == 0:
+                        self.x0[i] = avg[i].clone()
+                        continue
+                    self.u[i] = spec.beta * self.u[i] + d / gamma
+                    self.x0[i] = self.x0[i] - spec.alpha * gamma * self.u[i]
+                else:
+                    self.u[i] = spec.beta * self.u[i] + d
+                    step = d + spec.beta * self.u[i] if spec.nesterov else self.u[i]
+                    self.x0[i] = self.x0[i] - spec.alpha * step
+        self.restart_all_from(self.x0)
+        self.average_stats()
+        if spec.base_buffers == "reset":
+            for worker in self.workers:
+                worker.momentum = [None] * len(SHAPES)
+        elif spec.base_buffers == "average":
+            for j in range(len(SHAPES)):
+                bufs = [w.momentum[j] for w in self.workers]
+                if all(b is not None for b in bufs):
+                    mean = sum(bufs) / self.n
+                    for w in self.workers:
+                        w.momentum[j] = mean.clone()
+
+    # --- driver ------------------------------------------------------------------------------
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        params = torch.stack([torch.cat([p.reshape(-1) for p in w.params]) for w in self.workers])
+        return params, torch.stack(self.stats)
+
+
+def simulate(case: Case, world_size: int) -> Trajectory:
+    sim = Simulator(case, world_size)
+    params, stats = [], []
+    for k in range(case.steps):
+        sim.step(k)
+        p, s = sim.snapshot()
+        params.append(p)
+        stats.append(s)
+    return Trajectory(torch.stack(params), torch.stack(stats), dict(sim.consensus))
+
+
+def with_slowmo(case: Case, name: str, **slowmo) -> Case:
+    return replace(case, name=name, slowmo=SlowMoSpec(**slowmo))
