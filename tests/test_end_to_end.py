@@ -77,3 +77,25 @@ def test_builtin_launcher_spawns_workers(tmp_path, folder_cifar):
     run_dirs = list((tmp_path / "outputs").glob("*/*_run"))
     assert len(run_dirs) == 1, run_dirs
     _check_run_dir(run_dirs[0], 2)
+
+
+@pytest.mark.parametrize("algorithm", ["local_sgd", "sgp", "osgp"])
+def test_slowmo_over_base_algorithms_through_the_cli(algorithm, tmp_path, folder_cifar):
+    """The trainer drives every base algorithm under SlowMo; gossip logs its consensus distance."""
+    run_dir = tmp_path / "run"
+    _run([sys.executable, "-m", "slowmo_train", *SMALL, f"algorithm={algorithm}", "algorithm.period=2",
+          "algorithm.consensus_every=2", "slowmo.enabled=true", "slowmo.tau=2", "slowmo.sharded=true",
+          "launcher.nproc_per_node=2", f"data.root={folder_cifar}", f"output_dir={run_dir}"], cwd=tmp_path)
+    _check_run_dir(run_dir, 2)
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("consensus_distance" in e for e in events if e["event"] == "train")
+
+
+def test_every_experiment_runs_a_few_steps(tmp_path, folder_cifar):
+    from slowmo_train.cli import config_dir
+
+    for exp in sorted(p.stem for p in (Path(config_dir()) / "exp").glob("*.yaml")):
+        run_dir = tmp_path / exp
+        _run([sys.executable, "-m", "slowmo_train", f"+exp={exp}", *SMALL, f"data.root={folder_cifar}",
+              f"output_dir={run_dir}"], cwd=tmp_path)
+        assert (run_dir / "summary.json").exists()
