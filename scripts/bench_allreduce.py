@@ -55,10 +55,11 @@ def default_threads(nproc: int = NPROC) -> int:
     return max(1, (os.cpu_count() or 1) // nproc)
 
 
-def child_env() -> dict:
+def child_env(work: Path) -> dict:
     """This environment without a surrounding torchrun's variables, so each side starts its own
-    2-process job (slowmo-train would otherwise think it runs under torchrun)."""
-    env = dict(os.environ)
+    2-process job (slowmo-train would otherwise think it runs under torchrun); temporary files
+    (torch elastic's log folders, multiprocessing's) go to ``work``, which is removed at the end."""
+    env = dict(os.environ, TMPDIR=str(work))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                 "MASTER_PORT"):
         env.pop(key, None)
@@ -124,7 +125,7 @@ def run_slowmo(args, threads: int, work: Path, round_no: int) -> dict:
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + args.timeout
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=log_file, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(work), stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             while True:
@@ -246,7 +247,7 @@ def run_baseline(args, threads: int, work: Path, round_no: int) -> dict:
     log_path = work / f"baseline-{round_no}.log"
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--baseline-worker", str(cfg_path)],
-                                cwd=REPO, env=child_env(), stdout=log_file, stderr=subprocess.STDOUT,
+                                cwd=REPO, env=child_env(work), stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             code = proc.wait(timeout=args.timeout)
