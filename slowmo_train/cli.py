@@ -129,7 +129,7 @@ def run(cfg: DictConfig) -> None:
     try:
         job = to_job_config(cfg)
         env = sdist.read_env()
-        world = env.world_size if sdist.under_launcher() else job.launcher.nproc_per_node
+        world = env.world_size if env.under_launcher else job.launcher.nproc_per_node
         validate(job, world_size=world)
         DATA_CHECKS[job.task.name](job.data)
     except (ConfigError, DatasetError) as err:
@@ -139,7 +139,7 @@ def run(cfg: DictConfig) -> None:
     job_dict = OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
     hydra_dir = _hydra_run_dir()
     run_dir = str(hydra_dir) if hydra_dir else None
-    if sdist.under_launcher() or job.launcher.nproc_per_node == 1:
+    if env.under_launcher or job.launcher.nproc_per_node == 1:
         worker_main(job_dict, run_dir)
     else:
         if run_dir is None:  # decide it here so the workers and the failure message agree

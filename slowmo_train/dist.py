@@ -19,9 +19,6 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-TORCHRUN_MARKER = "TORCHELASTIC_RUN_ID"
-
-
 @dataclass(frozen=True)
 class DistEnv:
     """What torchrun told this process (or a single-process default)."""
@@ -49,11 +46,6 @@ def read_env() -> DistEnv:
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
         under_launcher=True,
     )
-
-
-def under_launcher() -> bool:
-    """True when this process was started by torchrun / torch.distributed.run."""
-    return TORCHRUN_MARKER in os.environ or ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
 
 
 def pick_backend(requested: str = "auto") -> str:

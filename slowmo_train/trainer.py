@@ -127,7 +127,8 @@ class Trainer:
                 algo.after_optimizer_step(k)
                 self.step += 1
                 interval_steps += 1
-                loss_meter.add(loss.item())
+                loss_value = loss.item()
+                loss_meter.add(loss_value)
                 for key, value in algo.comm.pop().items():
                     comm_meters.setdefault(key, MeanMeter()).add(value)
                 extra = algo.pop_metrics()
@@ -154,7 +155,7 @@ class Trainer:
                 elif extra:
                     self.metrics.write("train", self.step, **extra)
                 else:
-                    progress.update(self.step, f"loss {loss.item():.3f} lr {lr:.3g}")
+                    progress.update(self.step, f"loss {loss_value:.3f} lr {lr:.3g}")
 
                 if self.step % plan.eval_every_steps == 0 or done:
                     eval_start = time.perf_counter()
