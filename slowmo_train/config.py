@@ -31,20 +31,56 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
+    #: the task's architecture: resnet18 (cifar10), resnet50 (imagenet),
+    #: transformer_small | transformer_base | transformer_big (wmt16)
     arch: str = "resnet18"
-    #: channel-width multiplier (1.0 = the standard ResNet-18; 0.25 suits CPU runs)
+    #: channel-width multiplier of ResNets (1.0 = the standard width; 0.25 suits CPU runs)
     width: float = 1.0
+    #: ResNets: channels-last memory format (faster convolutions on GPUs with tensor cores)
+    channels_last: bool = False
+    #: transformers: override the preset's dropout (null = the preset's)
+    dropout: Optional[float] = None
 
 
 @dataclass
 class DataConfig:
     #: a torchvision CIFAR-10 folder (cifar-10-batches-py) or an ImageFolder root with train/ and test/
     root: str = "data/cifar10"
-    download: bool = False
+    #: auto (use data.root if it holds the dataset, else fetch it there) | true (fetch if missing) |
+    #: false (never fetch). ImageNet is never downloaded.
+    download: str = "auto"
     #: where decoded images are cached as uint8 tensors (default: ~/.cache/slowmo-train)
     cache_dir: Optional[str] = None
     #: use only the first N training images (after a fixed shuffle); null = all
     train_subset: Optional[int] = None
+    #: streaming tasks (imagenet): DataLoader worker processes per training process
+    workers: int = 4
+    #: translation: tokens (source + target, padding included) per worker and step
+    max_tokens: int = 4096
+    #: translation: size of the joint sentencepiece vocabulary learned on the training text
+    vocab_size: int = 8000
+    #: translation: longer sentence pairs (in subword tokens) are dropped from training
+    max_positions: int = 256
+    #: translation: source and target language suffixes of the text files (train.en, train.de, ...)
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings that are not about cadence (that is train.eval_every_epochs)."""
+
+    #: translation: beam size, length penalty and maximum output length a * source length + b
+    beam: int = 4
+    lenpen: float = 0.6
+    max_len_a: float = 1.2
+    max_len_b: int = 10
+    #: translation: split scored with BLEU (valid | test) and how often (0 = only at the end;
+    #: N = also every N-th evaluation)
+    bleu_split: str = "test"
+    bleu_every_evals: int = 0
+    #: translation: translate at most this many sentences for BLEU (null = the whole split)
+    bleu_max_sentences: Optional[int] = None
 
 
 @dataclass
@@ -53,6 +89,9 @@ class OptimConfig:
     #: peak learning rate for a total batch of ``reference_batch`` (scaled linearly with the total batch)
     lr: float = 0.1
     reference_batch: int = 256
+    #: scale the lr linearly with the total batch (Goyal et al., 2017); false keeps optim.lr as is
+    #: (Adam on transformers)
+    scale_lr: bool = True
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
@@ -61,6 +100,8 @@ class OptimConfig:
     #: schedule: "step" (warm-up then divide at milestones), "inverse_sqrt" (transformers), "constant"
     schedule: str = "step"
     warmup_epochs: float = 5.0
+    #: warm-up length in optimizer steps; overrides warmup_epochs when set (inverse_sqrt: 4000)
+    warmup_steps: Optional[int] = None
     #: epochs (out of ``milestone_epochs_of``) at which the lr is multiplied by ``decay``
     milestones: list[float] = field(default_factory=lambda: [100.0, 150.0, 175.0])
     milestone_epochs_of: float = 200.0
@@ -118,6 +159,8 @@ class TrainConfig:
     eval_batch_size: int = 1000
     #: auto (bar on a terminal, plain lines otherwise) | bar | log | none
     progress: str = "auto"
+    #: fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
+    precision: str = "fp32"
 
 
 @dataclass
@@ -136,6 +179,7 @@ class JobConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     slowmo: SlowMoConfig = field(default_factory=SlowMoConfig)
@@ -151,7 +195,8 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
 
 
-TASK_NAMES = ("cifar10",)
+TASK_NAMES = ("cifar10", "imagenet", "wmt16")
+DOWNLOAD_MODES = ("auto", "true", "false")
 ALGORITHM_NAMES = ("allreduce", "local_sgd", "sgp", "osgp")
 GRAPH_NAMES = ("exponential", "nonregular_exponential")
 OPTIM_NAMES = ("sgd", "adam")
@@ -180,6 +225,8 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     """Check values and ranges. ``world_size`` (when known) checks divisibility constraints."""
     _one_of("task", job.task.name, TASK_NAMES)
     _check(job.model.width > 0, "model.width", job.model.width, "must be > 0")
+    _check(job.model.dropout is None or 0 <= job.model.dropout < 1, "model.dropout", job.model.dropout,
+           "must be null (the preset's) or in [0, 1)")
     o = job.optim
     _one_of("optim.name", o.name, OPTIM_NAMES)
     _one_of("optim.schedule", o.schedule, SCHEDULE_NAMES)
@@ -189,6 +236,8 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two values in [0, 1)")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    _check(o.warmup_steps is None or o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps,
+           "must be null or an integer >= 0")
     _check(0 < o.decay <= 1, "optim.decay", o.decay, "must be in (0, 1]")
     _check(o.milestone_epochs_of > 0, "optim.milestone_epochs_of", o.milestone_epochs_of, "must be > 0")
     _check(all(0 < m <= o.milestone_epochs_of for m in o.milestones), "optim.milestones", list(o.milestones),
@@ -226,6 +275,7 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _check(t.eval_every_epochs > 0, "train.eval_every_epochs", t.eval_every_epochs, "must be > 0")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be an integer >= 1")
     _one_of("train.progress", t.progress, ("auto", "bar", "log", "none"))
+    _one_of("train.precision", t.precision, ("fp32", "bf16", "fp16"))
     if t.total_batch is not None:
         _check(t.total_batch >= 1, "train.total_batch", t.total_batch, "must be null or an integer >= 1")
         if world_size is not None:
@@ -243,10 +293,30 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
 
     d = job.data
     _check(d.train_subset is None or d.train_subset >= 1, "data.train_subset", d.train_subset, "must be null or >= 1")
-    if check_paths and not d.download:
+    _one_of("data.download", download_mode(d), DOWNLOAD_MODES)
+    _check(d.workers >= 0, "data.workers", d.workers, "must be an integer >= 0 (0 = load in the training process)")
+    _check(d.max_tokens >= 1, "data.max_tokens", d.max_tokens, "must be an integer >= 1")
+    _check(d.vocab_size >= 16, "data.vocab_size", d.vocab_size, "must be an integer >= 16")
+    _check(d.max_positions >= 2, "data.max_positions", d.max_positions, "must be an integer >= 2")
+
+    e = job.eval
+    _check(e.beam >= 1, "eval.beam", e.beam, "must be an integer >= 1")
+    _check(e.lenpen >= 0, "eval.lenpen", e.lenpen, "must be >= 0")
+    _check(e.max_len_a >= 0 and e.max_len_b >= 0, "eval.max_len_a/max_len_b", (e.max_len_a, e.max_len_b),
+           "must be >= 0")
+    _one_of("eval.bleu_split", e.bleu_split, ("valid", "test"))
+    _check(e.bleu_every_evals >= 0, "eval.bleu_every_evals", e.bleu_every_evals, "must be an integer >= 0")
+    _check(e.bleu_max_sentences is None or e.bleu_max_sentences >= 1, "eval.bleu_max_sentences",
+           e.bleu_max_sentences, "must be null or an integer >= 1")
+    if check_paths and download_mode(d) == "false":
         _check(os.path.isdir(d.root), "data.root", d.root,
-               "directory does not exist; point data.root at a CIFAR-10 copy "
-               "(torchvision format or train/ and test/ ImageFolders), or set data.download=true when online")
+               "directory does not exist; point data.root at a copy of the dataset, "
+               "or set data.download=auto to fetch it when online")
+
+
+def download_mode(data: DataConfig) -> str:
+    """data.download normalised: YAML/CLI booleans arrive as "True"/"False" in the string field."""
+    return str(data.download).strip().lower()
 
 
 def per_worker_batch(train: TrainConfig, world_size: int) -> int:

@@ -18,6 +18,8 @@ from slowmo_train.config import OptimConfig
 
 
 def peak_lr(cfg: OptimConfig, total_batch: int) -> float:
+    if not cfg.scale_lr:
+        return cfg.lr
     return cfg.lr * total_batch / cfg.reference_batch
 
 
@@ -37,7 +39,10 @@ class LrSchedule:
     def __init__(self, cfg: OptimConfig, steps_per_epoch: int, epochs: float):
         self.kind = cfg.schedule
         scale = epochs / cfg.milestone_epochs_of
-        self.warmup_steps = max(0, round(cfg.warmup_epochs * scale * steps_per_epoch))
+        if cfg.warmup_steps is not None:
+            self.warmup_steps = cfg.warmup_steps
+        else:
+            self.warmup_steps = max(0, round(cfg.warmup_epochs * scale * steps_per_epoch))
         self.milestones = sorted(round(m * scale * steps_per_epoch) for m in cfg.milestones)
         self.decay = cfg.decay
 
@@ -45,6 +50,8 @@ class LrSchedule:
         if self.kind == "constant":
             return 1.0
         if self.kind == "inverse_sqrt":
+            # Vaswani et al. (2017) / fairseq's inverse_sqrt: linear warm-up to the peak, then
+            # peak * sqrt(warmup / step).
             warm = max(1, self.warmup_steps)
             return min((step + 1) / warm, math.sqrt(warm / (step + 1)))
         if step < self.warmup_steps:

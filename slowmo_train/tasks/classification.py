@@ -1,0 +1,38 @@
+"""Loss and evaluation shared by the image-classification tasks (CIFAR-10, ImageNet)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def classification_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of an ``(inputs, labels)`` batch; the unit count is the number of samples."""
+    inputs, labels = batch
+    return nn.functional.cross_entropy(model(inputs), labels), labels.shape[0]
+
+
+def evaluate_classifier(model: nn.Module, batches, topk: tuple[int, ...] = (1,)) -> dict[str, float]:
+    """Top-k accuracies (%, keys ``top1``, ``top5``, ...) and mean cross-entropy over every rank's
+    share of a split (collective). Sums stay on the device until the one all-reduce at the end."""
+    was_training = model.training
+    model.eval()
+    totals = None  # loss sum, count, correct@k...
+    with torch.no_grad():
+        for x, y in batches:
+            logits = model(x).float()
+            k = min(max(topk), logits.shape[1])
+            hits = logits.topk(k, dim=1).indices == y[:, None]
+            batch = torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum"),
+                                 torch.tensor(float(y.numel()), device=logits.device),
+                                 *[hits[:, : min(t, k)].any(1).sum().float() for t in topk]]).double()
+            totals = batch if totals is None else totals + batch
+    totals = torch.zeros(2 + len(topk), dtype=torch.float64) if totals is None else totals.cpu()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    loss, count, *correct = totals.tolist()
+    out = {f"top{t}": 100.0 * c / max(count, 1) for t, c in zip(topk, correct)}
+    out["loss"] = loss / max(count, 1)
+    return out
