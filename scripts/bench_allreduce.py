@@ -1,6 +1,6 @@
 """Throughput of slowmo-train's AR-SGD against a minimal hand-written DDP loop, in one run.
 
-    /work/venv/bin/python scripts/bench_allreduce.py                      # defaults below
+    python scripts/bench_allreduce.py                                      # defaults below
     python scripts/bench_allreduce.py --data-root /path/to/cifar10 --rounds 5 --min-ratio 0.95
 
 Both sides train the same CIFAR-10 ResNet-18 (``slowmo_train.models.cifar_resnet18``, same width)

@@ -55,6 +55,9 @@ class DataConfig:
     train_subset: Optional[int] = None
     #: streaming tasks (imagenet): DataLoader worker processes per training process
     workers: int = 4
+    #: image tasks with a streaming pipeline (imagenet): training crop side in pixels; validation
+    #: resizes the shorter side to image_size * 256 / 224 and center-crops image_size (small = CPU smoke)
+    image_size: int = 224
     #: translation: tokens (source + target, padding included) per worker and step
     max_tokens: int = 4096
     #: translation: size of the joint sentencepiece vocabulary learned on the training text
@@ -95,6 +98,9 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
+    #: no weight decay on normalisation-layer weights/biases (BatchNorm gamma, beta) nor on any
+    #: layer's bias; Goyal et al. (2017, Sec. 5.1) exempt the BN coefficients on ImageNet
+    no_decay_bn_bias: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
     #: schedule: "step" (warm-up then divide at milestones), "inverse_sqrt" (transformers), "constant"
@@ -110,7 +116,7 @@ class OptimConfig:
 
 @dataclass
 class AlgorithmConfig:
-    #: allreduce | local_sgd | sgp | osgp
+    #: allreduce | local_sgd | sgp | osgp (synchronous) | asgd | nag_asgd | dana | dana_slim (asynchronous)
     name: str = "allreduce"
     #: Local SGD: average parameters every ``period`` steps (H)
     period: int = 12
@@ -124,6 +130,18 @@ class AlgorithmConfig:
     nprocs_per_node: Optional[int] = None
     #: gossip algorithms: log the consensus distance every N steps (0 = only at SlowMo outer steps)
     consensus_every: int = 100
+    #: asynchronous algorithms (asgd | nag_asgd | dana | dana_slim), see slowmo_train/asynchronous:
+    #: simulated (one process plays sim_workers workers with random compute times) | real (parameter
+    #: server rank(s) + worker ranks over torch.distributed point-to-point)
+    mode: str = "simulated"
+    #: simulated mode: number of asynchronous workers
+    sim_workers: int = 8
+    #: simulated mode: time per gradient ~ gamma(shape, scale) | exponential(scale) | uniform[0, 2 scale] | constant
+    compute_time_dist: str = "gamma"
+    compute_time_shape: float = 2.0
+    compute_time_scale: float = 1.0
+    #: real mode: parameter-server ranks (the first ``servers`` ranks; parameters sharded over them)
+    servers: int = 1
 
 
 @dataclass
@@ -161,6 +179,11 @@ class TrainConfig:
     progress: str = "auto"
     #: fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
     precision: str = "fp32"
+    #: non-finite loss or parameters: stop (one error line; the last checkpoint stays good) | skip
+    #: (drop that step's update on every rank; costs one small all-reduce per step)
+    nonfinite: str = "stop"
+    #: with nonfinite=skip: stop once this many steps were skipped
+    max_nonfinite_skips: int = 10
 
 
 @dataclass
@@ -172,6 +195,26 @@ class LauncherConfig:
     #: intra-op threads per worker (null = cores / local workers)
     threads_per_worker: Optional[int] = None
     timeout_s: float = 1800.0
+    #: restart all workers this many times after one dies (they resume from the newest checkpoint);
+    #: under torchrun use its --max-restarts instead
+    max_restarts: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written (slowmo_train/checkpoint.py). Any key may change on resume."""
+
+    #: every N optimizer steps (0 = off)
+    every_steps: int = 0
+    #: every N minutes of wall clock, decided by rank 0 (0 = off)
+    every_minutes: float = 30.0
+    #: complete checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)
+    keep: int = 2
+    #: write one when the run reaches its last step
+    at_end: bool = True
+    #: ranks agree every N steps (one 8-byte all-reduce) on stopping after SIGTERM/SIGINT and on
+    #: time-based checkpoints
+    poll_every: int = 1
 
 
 @dataclass
@@ -185,7 +228,11 @@ class JobConfig:
     slowmo: SlowMoConfig = field(default_factory=SlowMoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
+    #: none (start fresh) | auto (the newest complete checkpoint in output_dir, else fresh) | PATH
+    #: (a checkpoint directory, or a run directory: its newest complete checkpoint)
+    resume: str = "none"
     #: run directory (null = outputs/<date>/<time>_<name>)
     output_dir: Optional[str] = None
     name: str = "run"
@@ -197,7 +244,9 @@ def register_configs() -> None:
 
 TASK_NAMES = ("cifar10", "imagenet", "wmt16")
 DOWNLOAD_MODES = ("auto", "true", "false")
-ALGORITHM_NAMES = ("allreduce", "local_sgd", "sgp", "osgp")
+ALGORITHM_NAMES = ("allreduce", "local_sgd", "sgp", "osgp", "asgd", "nag_asgd", "dana", "dana_slim")
+#: the asynchronous ones (run by slowmo_train/asynchronous, not the synchronous Trainer)
+ASYNC_ALGORITHM_NAMES = ("asgd", "nag_asgd", "dana", "dana_slim")
 GRAPH_NAMES = ("exponential", "nonregular_exponential")
 OPTIM_NAMES = ("sgd", "adam")
 SCHEDULE_NAMES = ("step", "inverse_sqrt", "constant")
@@ -255,6 +304,9 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _check(a.nprocs_per_node is None or a.nprocs_per_node >= 1, "algorithm.nprocs_per_node", a.nprocs_per_node,
            "must be null (automatic) or an integer >= 1")
 
+    if a.name in ASYNC_ALGORITHM_NAMES:
+        _validate_async(job, world_size)
+
     s = job.slowmo
     _check(s.alpha > 0, "slowmo.alpha", s.alpha, "must be > 0")
     _check(0 <= s.beta < 1, "slowmo.beta", s.beta, "must be in [0, 1)")
@@ -276,6 +328,8 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be an integer >= 1")
     _one_of("train.progress", t.progress, ("auto", "bar", "log", "none"))
     _one_of("train.precision", t.precision, ("fp32", "bf16", "fp16"))
+    _one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
+    _check(t.max_nonfinite_skips >= 1, "train.max_nonfinite_skips", t.max_nonfinite_skips, "must be an integer >= 1")
     if t.total_batch is not None:
         _check(t.total_batch >= 1, "train.total_batch", t.total_batch, "must be null or an integer >= 1")
         if world_size is not None:
@@ -287,6 +341,16 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _one_of("launcher.backend", la.backend, ("auto", "gloo", "nccl"))
     _check(la.threads_per_worker is None or la.threads_per_worker >= 1, "launcher.threads_per_worker",
            la.threads_per_worker, "must be null or an integer >= 1")
+    _check(la.timeout_s > 0, "launcher.timeout_s", la.timeout_s, "must be > 0 seconds")
+    _check(la.max_restarts >= 0, "launcher.max_restarts", la.max_restarts, "must be an integer >= 0")
+    c = job.checkpoint
+    _check(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "must be an integer >= 0 (0 = off)")
+    _check(c.every_minutes >= 0, "checkpoint.every_minutes", c.every_minutes, "must be >= 0 (0 = off)")
+    _check(c.keep >= 1, "checkpoint.keep", c.keep, "must be an integer >= 1")
+    _check(c.poll_every >= 1, "checkpoint.poll_every", c.poll_every, "must be an integer >= 1")
+    _check(job.resume != "", "resume", job.resume, "use none, auto or the path of a checkpoint or run directory")
+    _check(job.resume != "auto" or job.output_dir is not None, "resume", job.resume,
+           "needs output_dir=DIR (the run directory to continue in)")
     if world_size is not None and a.nprocs_per_node is not None:
         _check(world_size % a.nprocs_per_node == 0, "algorithm.nprocs_per_node", a.nprocs_per_node,
                f"must divide the number of workers ({world_size})")
@@ -295,6 +359,7 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _check(d.train_subset is None or d.train_subset >= 1, "data.train_subset", d.train_subset, "must be null or >= 1")
     _one_of("data.download", download_mode(d), DOWNLOAD_MODES)
     _check(d.workers >= 0, "data.workers", d.workers, "must be an integer >= 0 (0 = load in the training process)")
+    _check(d.image_size >= 8, "data.image_size", d.image_size, "must be an integer >= 8 (224 for ImageNet)")
     _check(d.max_tokens >= 1, "data.max_tokens", d.max_tokens, "must be an integer >= 1")
     _check(d.vocab_size >= 16, "data.vocab_size", d.vocab_size, "must be an integer >= 16")
     _check(d.max_positions >= 2, "data.max_positions", d.max_positions, "must be an integer >= 2")
@@ -312,6 +377,31 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
         _check(os.path.isdir(d.root), "data.root", d.root,
                "directory does not exist; point data.root at a copy of the dataset, "
                "or set data.download=auto to fetch it when online")
+
+
+def _validate_async(job: JobConfig, world_size: int | None) -> None:
+    a = job.algorithm
+    _check(not job.slowmo.enabled, "slowmo.enabled", job.slowmo.enabled,
+           f"SlowMo wraps synchronous base algorithms; algorithm={a.name} is asynchronous, set slowmo.enabled=false")
+    _one_of("algorithm.mode", a.mode, ("simulated", "real"))
+    _one_of("algorithm.compute_time_dist", a.compute_time_dist, ("gamma", "exponential", "uniform", "constant"))
+    _check(a.sim_workers >= 1, "algorithm.sim_workers", a.sim_workers, "must be an integer >= 1")
+    _check(a.compute_time_shape > 0, "algorithm.compute_time_shape", a.compute_time_shape, "must be > 0")
+    _check(a.compute_time_scale > 0, "algorithm.compute_time_scale", a.compute_time_scale, "must be > 0")
+    _check(a.servers >= 1, "algorithm.servers", a.servers, "must be an integer >= 1")
+    _check(job.optim.name == "sgd", "optim.name", job.optim.name,
+           f"algorithm={a.name} applies its own momentum rule; use optim=sgd_nesterov (optim.name=sgd)")
+    _check(job.train.precision == "fp32", "train.precision", job.train.precision,
+           f"algorithm={a.name} runs in fp32 only; set train.precision=fp32")
+    _check(job.train.total_batch is None, "train.total_batch", job.train.total_batch,
+           f"algorithm={a.name} has no total batch per step; set train.batch_size (per worker) and train.total_batch=null")
+    if world_size is not None and a.mode == "simulated":
+        _check(world_size == 1, "launcher.nproc_per_node", world_size,
+               "algorithm.mode=simulated runs all workers in one process; set launcher.nproc_per_node=1 "
+               "(algorithm.sim_workers sets the number of simulated workers)")
+    if world_size is not None and a.mode == "real":
+        _check(world_size > a.servers, "launcher.nproc_per_node", world_size,
+               f"algorithm.mode=real needs the algorithm.servers={a.servers} server rank(s) plus at least one worker")
 
 
 def download_mode(data: DataConfig) -> str:

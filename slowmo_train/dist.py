@@ -68,7 +68,16 @@ def init_process_group(env: DistEnv, backend: str, timeout_s: float = 1800.0) ->
     if dist.is_initialized():
         return
     timeout = datetime.timedelta(seconds=timeout_s)
-    if env.under_launcher:
+    if env.under_launcher and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # The elastic agent's store outlives a restart (torchrun --max-restarts, launcher.max_restarts):
+        # without a per-attempt prefix, restarted workers can read the dead workers' Gloo addresses.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                                    is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"slowmo-train/attempt{attempt}", agent_store)
+        dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size,
+                                timeout=timeout)
+    elif env.under_launcher:
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

@@ -30,16 +30,47 @@ class MeanMeter:
         return self.total / max(1, self.count)
 
 
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Drop the records of ``path`` with ``step > last_step`` (and a torn last line) in place,
+    atomically; returns how many records were dropped. A resumed run calls it with the step of its
+    checkpoint, so the records it writes again do not appear twice."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1  # a line cut short by a crash
+            continue
+        if isinstance(record, dict) and record.get("step", 0) > last_step:
+            dropped += 1
+        else:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+    return dropped
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: Path, rank: int, tensorboard: bool = True):
+    """``resume_step``: continue a run from its checkpoint at that step: records after it are
+    dropped from the JSONL file, and TensorBoard discards its events after it (``purge_step``)."""
+
+    def __init__(self, run_dir: Path, rank: int, tensorboard: bool = True, resume_step: int | None = None):
         self.rank = rank
         name = "metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl"
+        if resume_step is not None:
+            dropped = truncate_jsonl(run_dir / name, resume_step)
+            if dropped and rank == 0:
+                log.info("resuming at step %d: dropped %d metric records written after it", resume_step, dropped)
         self._file = open(run_dir / name, "a", buffering=1)
         self._tb = None
         if rank == 0 and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
     def write(self, event: str, step: int, **values) -> None:
         record = {"event": event, "step": step, "time": round(time.time(), 3), **values}

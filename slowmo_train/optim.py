@@ -23,8 +23,27 @@ def peak_lr(cfg: OptimConfig, total_batch: int) -> float:
     return cfg.lr * total_batch / cfg.reference_batch
 
 
+#: layers whose affine weights are scale/shift coefficients rather than features
+_NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def _param_groups(cfg: OptimConfig, model: nn.Module) -> list:
+    """All trainable parameters in one group, or (``optim.no_decay_bn_bias``) two: decayed weights
+    and undecayed normalisation coefficients and biases (Goyal et al., 2017, Sec. 5.1). Model order
+    is kept, so every rank builds identical groups."""
+    if not cfg.no_decay_bn_bias:
+        return [p for p in model.parameters() if p.requires_grad]
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:  # a tied parameter joins one group only
+                seen.add(id(p))
+                (no_decay if isinstance(module, _NORM_LAYERS) or name == "bias" else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = _param_groups(cfg, model)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                weight_decay=cfg.weight_decay)

@@ -1,7 +1,15 @@
 """The training loop. It calls the algorithm's hooks (see algorithms/base.py) and never branches on
-an algorithm's name.
+an algorithm's name or a task's.
 
     config -> task (model, data) -> optimizer -> algorithm wraps model and optimizer -> loop -> metrics
+                                                                                          -> checkpoints
+
+Reliability (slowmo_train/checkpoint.py, slowmo_train/faults.py): the trainer resumes from a
+checkpoint (``resume=auto|PATH``, and always after a launcher restart), saves every
+``checkpoint.every_steps`` steps / ``checkpoint.every_minutes`` minutes / at the end / when SIGTERM or
+SIGINT arrives (the ranks agree on the step through one 8-byte all-reduce every
+``checkpoint.poll_every`` steps), handles non-finite values (``train.nonfinite``), and turns a
+communication failure or timeout into one line naming the operation, the step and the rank.
 """
 
 from __future__ import annotations
@@ -9,18 +17,25 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from slowmo_train.algorithms import build_algorithm
 from slowmo_train.algorithms.base import Algorithm, averaged_model
+from slowmo_train.checkpoint import (FORMAT, CheckpointError, Checkpointer, capture_rng, check_compatible,
+                                     check_model_shapes, load_rank_state, resolve_resume, restore_rng, write_atomic)
 from slowmo_train.config import JobConfig, per_worker_batch
-from slowmo_train.dist import DistEnv, build_topology, resolve_procs_per_node
+from slowmo_train.dist import DistEnv, broadcast_object, build_topology, resolve_procs_per_node
+from slowmo_train.faults import (FaultInjector, NonFiniteError, StopSignals, all_finite, is_comm_failure,
+                                 peer_error, restart_attempt)
 from slowmo_train.metrics import MeanMeter, MetricsWriter, Progress
 from slowmo_train.optim import LrSchedule, build_optimizer, peak_lr
 from slowmo_train.precision import Precision
@@ -74,6 +89,10 @@ def keep_artifacts(artifacts: dict[str, str], run_dir: Path) -> None:
 class Trainer:
     def __init__(self, job: JobConfig, env: DistEnv, device: torch.device, run_dir: Path):
         self.job, self.env, self.device, self.run_dir = job, env, device, run_dir
+        # first, so that a Ctrl-C while the data loads still ends in an orderly stop
+        self.stop = StopSignals.install()
+        self.faults = FaultInjector(env.rank)
+        log.info("rank %d: process %d, launch attempt %d", env.rank, os.getpid(), restart_attempt())
         seed_everything(job.seed)
         self.topology = build_topology(resolve_procs_per_node(job.algorithm.nprocs_per_node, env))
         worker = WorkerInfo(env.rank, env.world_size, env.local_rank, device)
@@ -90,11 +109,23 @@ class Trainer:
         self.precision = Precision(job.train.precision, device)
         self.algorithm: Algorithm = build_algorithm(job.algorithm, job.slowmo, self.task.model, self.optimizer,
                                                     self.topology, device)
-        self.metrics = MetricsWriter(run_dir, env.rank)
+        self.config_dict = OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
+        self.checkpointer = Checkpointer(run_dir, job.checkpoint.keep, env.rank, env.world_size, self.faults)
         self.step = 0
         self.evals_done = 0
         self.best: float | None = None
         self.best_step: int | None = None
+        self.nonfinite_skips = 0
+        # the loss since the last log line is part of the state, so a resumed run logs the same means
+        self.loss_sum = torch.zeros((), device=device)
+        self.loss_steps = 0
+        self.lr = float("nan")
+        self.operation = "start-up"
+        self.stopped_by: str | None = None
+        self.resumed_from = self._resume()
+        self.start_step = self.step
+        self.finite_at = self.step  # the last step at which every rank was checked finite
+        self.metrics = MetricsWriter(run_dir, env.rank, resume_step=self.step if self.resumed_from else None)
         self._log_plan()
 
     def _log_plan(self) -> None:
@@ -108,6 +139,121 @@ class Trainer:
             p.steps_per_epoch, p.total_steps, self.precision.mode, torch.get_num_threads(),
         )
 
+    # --- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's complete state after ``self.step`` steps (see slowmo_train/checkpoint.py)."""
+        return {
+            "format": FORMAT, "step": self.step, "rank": self.env.rank, "world_size": self.env.world_size,
+            "model": self.task.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "algorithm": self.algorithm.state_dict(),
+            "precision": self.precision.state_dict(),
+            "rng": capture_rng(),
+            "trainer": {"evals_done": self.evals_done, "best": self.best, "best_step": self.best_step,
+                        "nonfinite_skips": self.nonfinite_skips, "loss_sum": self.loss_sum.detach().cpu(),
+                        "loss_steps": self.loss_steps},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.task.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        # after the model: push-sum sets the parameters from its numerators and weight
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.precision.load_state_dict(state["precision"])
+        restore_rng(state["rng"])
+        t = state["trainer"]
+        self.step = int(state["step"])
+        self.evals_done, self.best, self.best_step = int(t["evals_done"]), t["best"], t["best_step"]
+        self.nonfinite_skips = int(t["nonfinite_skips"])
+        self.loss_sum = t["loss_sum"].to(self.device)
+        self.loss_steps = int(t["loss_steps"])
+
+    def _resume(self) -> Path | None:
+        """Pick the checkpoint (rank 0 decides, every rank loads its own file) and load it. Any rank's
+        problem stops every rank with the same one-line CheckpointError."""
+        self.operation = "resume"
+        choice = None
+        if self.env.rank == 0:
+            resume = self.job.resume
+            # a launcher restart (a worker died) continues from the newest checkpoint of this run
+            if restart_attempt() > 0:
+                log.warning("restart %d of this job: resuming from the newest complete checkpoint", restart_attempt())
+                resume = "auto"
+            try:
+                ckpt, warnings = resolve_resume(resume, self.run_dir)
+                if ckpt is None and resume == "auto" and self.job.resume not in ("none", "auto"):
+                    ckpt, warnings = resolve_resume(self.job.resume, self.run_dir)
+                for warning in warnings:
+                    log.warning(warning)
+                choice = ("ok", str(ckpt) if ckpt else None)
+            except CheckpointError as err:
+                choice = ("error", str(err))
+        status, value = broadcast_object(choice)
+        if status == "error":
+            raise CheckpointError(value)
+        if value is None:
+            return None
+        ckpt = Path(value)
+        error = None
+        try:
+            manifest, state = load_rank_state(ckpt, self.env.rank, self.device)
+            check_compatible(manifest, self.config_dict, self.env.world_size, ckpt)
+            check_model_shapes(state["model"], self.task.model, ckpt / manifest["files"][str(self.env.rank)]["file"])
+            self.load_state_dict(state)
+        except CheckpointError as err:
+            error = str(err)
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            error = f"{ckpt}: rank {self.env.rank} cannot restore its state: {' '.join(str(err).split())[:300]}"
+        errors = [e for e in _gather(error) if e]
+        if errors:
+            raise CheckpointError(errors[0])
+        self.checkpointer.last_path = ckpt
+        log.info("resumed from %s at step %d (epoch %d, batch %d of it)", ckpt, self.step,
+                 self.step // self.plan.steps_per_epoch, self.step % self.plan.steps_per_epoch)
+        return ckpt
+
+    def save_checkpoint(self) -> Path:
+        """Collective: check that every rank's state is finite, then write the checkpoint."""
+        self.operation = "checkpoint save"
+        bad = self._nonfinite_ranks()
+        if bad:
+            self._raise_nonfinite(bad)
+        self.finite_at = self.step
+        meta = {"epoch": self.step // self.plan.steps_per_epoch, "algorithm": self.algorithm.describe()}
+        return self.checkpointer.save(self.step, self.state_dict(), self.config_dict, meta)
+
+    # --- agreement between ranks ---------------------------------------------------------------------
+    def _poll(self) -> tuple[str | None, bool]:
+        """(the stop signal some rank received, or None; time for a time-based checkpoint): one
+        all-reduce of two values every ``checkpoint.poll_every`` steps, so all ranks act at the same step."""
+        self.operation = "stop-signal poll"
+        minutes = self.job.checkpoint.every_minutes
+        due = self.env.rank == 0 and minutes > 0 and \
+            time.monotonic() - self.checkpointer.last_saved_at >= minutes * 60
+        flags = torch.tensor([float(self.stop.signum or 0), float(due)])
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum = int(flags[0])
+        return (signal.Signals(signum).name if signum else None), bool(flags[1])
+
+    def _nonfinite_ranks(self) -> list[int]:
+        """Ranks whose accumulated loss or parameters hold inf/NaN (collective)."""
+        local = not all_finite([self.loss_sum, *self.algorithm.parameters()])
+        flags = torch.zeros(self.env.world_size)
+        flags[self.env.rank] = float(local)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flags)
+        return [r for r, f in enumerate(flags.tolist()) if f > 0]
+
+    def _raise_nonfinite(self, ranks: list[int]) -> None:
+        last = self.checkpointer.last_path
+        since = f"steps {self.finite_at + 1}-{self.step}" if self.step > self.finite_at + 1 else f"step {self.step}"
+        raise NonFiniteError(
+            f"non-finite loss or parameters on rank {', '.join(map(str, ranks))} in {since} "
+            f"(train.nonfinite={self.job.train.nonfinite}); the last good checkpoint is {last or 'none'}: "
+            "lower optim.lr, check the data, or set train.nonfinite=skip")
+
+    # --- one step ------------------------------------------------------------------------------------
     def evaluate(self, final: bool = False) -> dict[str, float]:
         with averaged_model(self.algorithm, self.task.model) as model:
             return self.task.evaluate(model, final)
@@ -119,22 +265,61 @@ class Trainer:
             t /= dist.get_world_size()
         return t.tolist()
 
-    def train_step(self, batch, k: int) -> tuple[torch.Tensor, int]:
-        """One optimizer step through the algorithm's hooks; returns the (device) loss and units."""
+    def train_step(self, batch, k: int) -> tuple[torch.Tensor, int, bool]:
+        """One optimizer step through the algorithm's hooks; returns the (device) loss, the units and
+        whether the update was applied (False: skipped for non-finite values, train.nonfinite=skip)."""
         algo = self.algorithm
+        skip_mode = self.job.train.nonfinite == "skip"
         lr = self.schedule.apply(self.optimizer, algo.lr_schedule_step(k))
+        # a skipped step must not leave its BatchNorm statistics behind either
+        buffers = [b.clone() for b in self.task.model.buffers()] if skip_mode else None
         algo.before_forward(k)
         with self.precision.autocast():
             loss, units = self.task.loss(algo.train_model, batch)
+        loss = self.faults.corrupt_loss(k + 1, loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.backward(loss)
         algo.after_backward(k)
-        self.precision.step(self.optimizer)
+        applied = True
+        if skip_mode:
+            applied = self._agree_finite_step(loss, buffers)
+        if applied:
+            self.precision.step(self.optimizer)
+        # communication runs even after a skipped update, so every rank's collectives stay aligned
         algo.after_optimizer_step(k)
         self.lr = lr
-        return loss.detach(), units
+        return loss.detach(), units, applied
+
+    def _agree_finite_step(self, loss: torch.Tensor, buffers: list[torch.Tensor]) -> bool:
+        """train.nonfinite=skip: one all-reduce of a flag per rank after the backward pass; if any
+        rank saw a non-finite loss (or gradient, without a gradient scaler, which handles its own
+        overflows), every rank drops this step's update."""
+        tensors = [loss] if self.precision.scaler is not None else [loss] + [p.grad for p in self.algorithm.parameters()]
+        flags = torch.zeros(self.env.world_size)
+        flags[self.env.rank] = float(not all_finite(tensors))
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flags)
+        bad = [r for r, f in enumerate(flags.tolist()) if f > 0]
+        if not bad:
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in zip(self.task.model.buffers(), buffers):
+                b.copy_(saved)
+        self.nonfinite_skips += 1
+        limit = self.job.train.max_nonfinite_skips
+        log.warning("step %d: non-finite loss/gradients on rank %s: update skipped on every rank (%d of at most %d)",
+                    self.step + 1, ", ".join(map(str, bad)), self.nonfinite_skips, limit)
+        if self.nonfinite_skips > limit:
+            last = self.checkpointer.last_path
+            raise NonFiniteError(
+                f"{self.nonfinite_skips} steps skipped for non-finite values (train.max_nonfinite_skips={limit}), "
+                f"the last at step {self.step + 1} on rank {', '.join(map(str, bad))}; the last good checkpoint "
+                f"is {last or 'none'}: lower optim.lr or check the data")
+        return False
 
     def _eval_and_log(self, progress: Progress, final: bool) -> dict:
+        self.operation = "evaluation"
         metric = self.task.metric
         result = self.evaluate(final)
         self.evals_done += 1
@@ -148,78 +333,140 @@ class Trainer:
                          f"{metric.split} {metric.name} {value:.2f} ({shown})")
         return record
 
+    # --- the loop ------------------------------------------------------------------------------------
     def run(self) -> dict:
-        job, plan, algo = self.job, self.plan, self.algorithm
-        algo.train_model.train()
-        progress = Progress(job.train.progress, plan.total_steps, self.env.rank)
-        unit = self.task.unit
-        loss_sum, units_sum, comm_meters = torch.zeros((), device=self.device), 0, {}
-        interval_start, interval_steps = time.perf_counter(), 0
+        progress = Progress(self.job.train.progress, self.plan.total_steps, self.env.rank)
         final: dict = {}
-        epoch = self.step // plan.steps_per_epoch
-        batches = self.task.train_batches(epoch, self.step % plan.steps_per_epoch)
+        ok = False
         try:
-            while self.step < plan.total_steps:
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    epoch += 1
-                    batches = self.task.train_batches(epoch, 0)
-                    continue
-                loss, units = self.train_step(batch, self.step)
-                self.step += 1
-                interval_steps += 1
-                # accumulated on the device: reading the loss every step would synchronise with it
-                loss_sum += loss.float()
-                units_sum += units
-                for key, value in algo.comm.pop().items():
-                    comm_meters.setdefault(key, MeanMeter()).add(value)
-                extra = algo.pop_metrics()
-
-                done = self.step == plan.total_steps
-                if self.step % job.train.log_every == 0 or done:
-                    elapsed = time.perf_counter() - interval_start
-                    mean_loss, total_units = self._reduce_mean([loss_sum.item() / interval_steps, units_sum])
-                    total_units *= dist.get_world_size()
-                    rate = total_units / max(elapsed, 1e-9)
-                    record = {
-                        "epoch": round(self.step / plan.steps_per_epoch, 4), "loss": mean_loss, "lr": self.lr,
-                        f"{unit}_per_s": rate,
-                        **{f"comm_{key}_per_step": m.mean() for key, m in comm_meters.items()},
-                        **extra,
-                    }
-                    if self.precision.skipped_steps:
-                        record["fp16_skipped_steps"] = self.precision.skipped_steps
-                    if not math.isfinite(mean_loss):
-                        raise FloatingPointError(
-                            f"training loss is {mean_loss} at step {self.step}: lower optim.lr or check the data"
-                        )
-                    self.metrics.write("train", self.step, **record)
-                    progress.update(self.step, f"loss {mean_loss:.3f} lr {self.lr:.3g} {rate:.0f} {unit}/s",
-                                    force_line=True)
-                    loss_sum, units_sum, comm_meters = torch.zeros((), device=self.device), 0, {}
-                    interval_start, interval_steps = time.perf_counter(), 0
-                elif extra:
-                    self.metrics.write("train", self.step, **extra)
-                else:
-                    progress.update(self.step, f"lr {self.lr:.3g}")
-
-                if self.step % plan.eval_every_steps == 0 or done:
-                    eval_start = time.perf_counter()
-                    final = self._eval_and_log(progress, final=done)
-                    interval_start += time.perf_counter() - eval_start  # evaluation is not training throughput
+            final = self._loop(progress)
+            ok = True
+        except Exception as err:
+            if is_comm_failure(err):
+                raise peer_error(err, self.operation, self.step + (self.operation == "training step"),
+                                 self.env.rank, self.job.launcher.timeout_s) from None
+            raise
         finally:
             progress.close()
-            algo.close()
+            if ok:  # after a failure, waiting for in-flight messages could hang
+                self.algorithm.close()
             self.metrics.close()
+            self.stop.restore()
         return self._write_summary(final)
+
+    def _loop(self, progress: Progress) -> dict:
+        job, plan, algo = self.job, self.plan, self.algorithm
+        ckpt = job.checkpoint
+        algo.train_model.train()
+        unit = self.task.unit
+        units_sum, comm_meters = 0, {}
+        interval_start = time.perf_counter()
+        final: dict = {}
+        if self.step >= plan.total_steps:
+            log.info("nothing to train: the run is at step %d of %d (raise train.max_steps or train.epochs)",
+                     self.step, plan.total_steps)
+            return final
+        self.stopped_by = self._poll()[0]
+        if self.stopped_by:  # a signal during start-up: stop before the first step
+            return final
+        epoch = self.step // plan.steps_per_epoch
+        batches = self.task.train_batches(epoch, self.step % plan.steps_per_epoch)
+        progress.update(self.step, "")
+        while self.step < plan.total_steps:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                epoch += 1
+                batches = self.task.train_batches(epoch, 0)
+                continue
+            self.faults.before_step(self.step + 1)
+            self.operation = "training step"
+            loss, units, applied = self.train_step(batch, self.step)
+            self.step += 1
+            if applied:
+                # accumulated on the device: reading the loss every step would synchronise with it
+                self.loss_sum += loss.float()
+                self.loss_steps += 1
+            units_sum += units
+            for key, value in algo.comm.pop().items():
+                comm_meters.setdefault(key, MeanMeter()).add(value)
+            extra = algo.pop_metrics()
+
+            done = self.step == plan.total_steps
+            if self.step % job.train.log_every == 0 or done:
+                self.operation = "logging"
+                bad = self._nonfinite_ranks()
+                if bad:
+                    self._raise_nonfinite(bad)
+                self.finite_at = self.step
+                elapsed = time.perf_counter() - interval_start
+                mean_loss, total_units = self._reduce_mean([self.loss_sum.item() / max(1, self.loss_steps), units_sum])
+                total_units *= dist.get_world_size()
+                rate = total_units / max(elapsed, 1e-9)
+                record = {
+                    "epoch": round(self.step / plan.steps_per_epoch, 4), "loss": mean_loss, "lr": self.lr,
+                    f"{unit}_per_s": rate,
+                    **{f"comm_{key}_per_step": m.mean() for key, m in comm_meters.items()},
+                    **extra,
+                }
+                if self.precision.skipped_steps:
+                    record["fp16_skipped_steps"] = self.precision.skipped_steps
+                if job.train.nonfinite == "skip":
+                    record["nonfinite_skips"] = self.nonfinite_skips
+                self.metrics.write("train", self.step, **record)
+                progress.update(self.step, f"loss {mean_loss:.3f} lr {self.lr:.3g} {rate:.0f} {unit}/s",
+                                force_line=True)
+                if self.step % job.train.log_every == 0:
+                    # a line only because train.max_steps ends the run here keeps the interval open,
+                    # so a run resumed past the cap logs the same means as one that never stopped
+                    self.loss_sum, self.loss_steps = torch.zeros((), device=self.device), 0
+                units_sum, comm_meters = 0, {}
+                interval_start = time.perf_counter()
+            elif extra:
+                self.metrics.write("train", self.step, **extra)
+            else:
+                progress.update(self.step, f"lr {self.lr:.3g}")
+
+            if self.step % plan.eval_every_steps == 0 or done:
+                eval_start = time.perf_counter()
+                final = self._eval_and_log(progress, final=done)
+                interval_start += time.perf_counter() - eval_start  # evaluation is not training throughput
+
+            stop, time_due = None, False
+            if not done and self.step % ckpt.poll_every == 0:
+                stop, time_due = self._poll()
+            periodic = ckpt.every_steps > 0 and self.step % ckpt.every_steps == 0
+            if periodic or time_due or stop or (done and ckpt.at_end):
+                save_start = time.perf_counter()
+                self.save_checkpoint()
+                interval_start += time.perf_counter() - save_start
+            if stop:
+                self.stopped_by = stop
+                log.info("stopped at step %d (%s); checkpoint %s", self.step, self.stopped_by,
+                            self.checkpointer.last_path)
+                break
+        if self.step == plan.total_steps:
+            self._save_final_model()
+        return final
+
+    def _save_final_model(self) -> None:
+        """RUN_DIR/model_final.pt: the average of the ranks' models (a state_dict, loadable with
+        weights_only=True), what slowmo-translate and other consumers read."""
+        self.operation = "final model average"
+        with averaged_model(self.algorithm, self.task.model) as model:
+            if self.env.rank == 0:
+                write_atomic(self.run_dir / "model_final.pt", lambda f: torch.save(model.state_dict(), f))
 
     def _write_summary(self, final: dict) -> dict:
         totals = self.algorithm.comm.totals
-        steps = max(1, self.step)
+        steps = max(1, self.step - self.start_step)  # the communication counters cover this process only
         summary = {"steps": self.step, "final_eval": final, "metric": self.task.metric.name,
                    "higher_is_better": self.task.metric.higher_is_better,
                    "best": self.best, "best_step": self.best_step,
+                   "stopped_by": self.stopped_by,
+                   "checkpoint": str(self.checkpointer.last_path) if self.checkpointer.last_path else None,
+                   "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                   "nonfinite_skips": self.nonfinite_skips,
                    "comm_bytes_sent_per_step": totals["bytes_sent"] / steps,
                    "comm_bytes_received_per_step": totals["bytes_received"] / steps,
                    "comm_blocking_s_per_step": totals["blocking_s"] / steps,
@@ -227,3 +474,11 @@ class Trainer:
         if self.env.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _gather(obj) -> list:
+    if dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -71,3 +71,53 @@ def single_process_group():
     torch.manual_seed(0)
     yield
     dist.destroy_process_group()
+
+
+def write_image_folder_imagenet(root: Path, per_class: int = 6, classes: int = 3, size: int = 48) -> Path:
+    """An ImageNet-shaped tree (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) of tiny JPEGs, some grayscale."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = np.clip(c * 80 + rng.integers(0, 60, size=(size, size + 8 * i % 17, 3)), 0, 255).astype(np.uint8)
+                img = Image.fromarray(pixels)
+                if i % 3 == 2:
+                    img = img.convert("L")  # ImageNet has grayscale JPEGs
+                img.save(d / f"{split}_{c}_{i}.JPEG", quality=90)
+    return root
+
+
+_EN = ["a", "man", "woman", "dog", "cat", "red", "blue", "ball", "runs", "sits", "on", "the", "street", "grass",
+       "plays", "with", "two", "children", "big", "small"]
+_DE = ["ein", "mann", "frau", "hund", "katze", "roter", "blauer", "ball", "rennt", "sitzt", "auf", "der", "strasse",
+       "wiese", "spielt", "mit", "zwei", "kinder", "grosser", "kleiner"]
+
+
+def write_parallel_text(root: Path, n_train: int = 300, n_valid: int = 40, n_test: int = 40) -> Path:
+    """Multi30k-shaped raw parallel text: train/valid/test .en and .de, one sentence a line, a
+    word-for-word toy language pair (so a model can learn something in a few steps)."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        en_lines, de_lines = [], []
+        for _ in range(n):
+            words = rng.integers(0, len(_EN), size=int(rng.integers(3, 9)))
+            en_lines.append(" ".join(_EN[w] for w in words).capitalize() + " .")
+            de_lines.append(" ".join(_DE[w] for w in words).capitalize() + " .")
+        (root / f"{split}.en").write_text("\n".join(en_lines) + "\n")
+        (root / f"{split}.de").write_text("\n".join(de_lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def imagenet_folder(tmp_path) -> Path:
+    return write_image_folder_imagenet(tmp_path / "imagenet")
+
+
+@pytest.fixture
+def parallel_text(tmp_path) -> Path:
+    return write_parallel_text(tmp_path / "multi30k")

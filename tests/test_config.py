@@ -88,9 +88,11 @@ def test_tau_must_be_a_multiple_of_the_local_sgd_period(tmp_path):
 
 
 def test_missing_data_directory(tmp_path):
-    job = to_job_config(compose_job(f"data.root={tmp_path / 'nowhere'}"))
+    job = to_job_config(compose_job(f"data.root={tmp_path / 'nowhere'}", "data.download=false"))
     with pytest.raises(ConfigError, match="data.root=.*does not exist"):
         validate(job, world_size=1)
+    # with data.download=auto (the default) a missing directory is where the dataset will be fetched
+    validate(to_job_config(compose_job(f"data.root={tmp_path / 'nowhere'}")), world_size=1)
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -102,7 +104,7 @@ def test_cli_user_errors_have_no_stack_trace(tmp_path):
     cases = [
         (["optim.lr=-1", f"data.root={tmp_path}"], "optim.lr=-1.0 is invalid: must be > 0"),
         (["algorithm=foo"], "algorithm"),  # Hydra lists the available options
-        ([f"data.root={tmp_path}"], "holds no CIFAR-10"),  # exists but empty
+        ([f"data.root={tmp_path}", "data.download=false"], "holds no CIFAR-10"),  # exists but empty
         (["optim.lr=abc"], "optim.lr"),
     ]
     for args, expected in cases:

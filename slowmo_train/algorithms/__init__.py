@@ -23,6 +23,20 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "osgp": OSGP,
 }
 
+#: algorithm name -> the loop that runs it: "sync" (slowmo_train.trainer.Trainer, with an algorithm
+#: from ALGORITHMS) or "async" (slowmo_train.asynchronous.runner.AsyncRunner, with a master rule from
+#: slowmo_train.asynchronous.rules.RULES). cli.worker_main picks the loop from this table.
+RUNNERS: dict[str, str] = {
+    "allreduce": "sync",
+    "local_sgd": "sync",
+    "sgp": "sync",
+    "osgp": "sync",
+    "asgd": "async",
+    "nag_asgd": "async",
+    "dana": "async",
+    "dana_slim": "async",
+}
+
 
 def build_algorithm(
     algo_cfg: AlgorithmConfig,
@@ -46,4 +60,4 @@ def build_algorithm(
     return base
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "build_algorithm"]
+__all__ = ["ALGORITHMS", "RUNNERS", "Algorithm", "build_algorithm"]

@@ -20,14 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slowmo_train.data.download import extract_tar, fetch_file
+from slowmo_train.data.errors import DatasetError  # re-exported: callers import it from here too
+
 log = logging.getLogger(__name__)
 
 TORCHVISION_FOLDER = "cifar-10-batches-py"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 
 
-class DatasetError(RuntimeError):
-    """The data at data.root cannot be used; the message says why and what to do."""
+#: the publisher's archive of the torchvision (python pickle) format; a mirror can be named with the
+#: environment variable SLOWMO_TRAIN_CIFAR10_URL (and its MD5 with SLOWMO_TRAIN_CIFAR10_MD5)
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 
 
 @dataclass
@@ -50,7 +55,7 @@ def detect_layout(root: str | os.PathLike) -> str:
     raise DatasetError(
         f"data.root={str(root)!r} holds no CIFAR-10: expected {TORCHVISION_FOLDER}/ (torchvision format) "
         "or train/<class>/ and test/<class>/ image folders. Point data.root at such a copy, "
-        "or set data.download=true to fetch it (needs internet)."
+        "or set data.download=auto to fetch it there (needs internet)."
     )
 
 
@@ -67,9 +72,7 @@ def _load_torchvision(root: Path, train: bool, download: bool) -> ImageTensors:
     """Read the python-pickle batches (data_batch_1..5, test_batch, batches.meta)."""
     folder = root if (root / "data_batch_1").exists() else root / TORCHVISION_FOLDER
     if download and not (folder / "data_batch_1").exists():
-        from torchvision.datasets import CIFAR10
-
-        CIFAR10(str(root), train=train, download=True)
+        download_cifar10(root)
         folder = root / TORCHVISION_FOLDER
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     images, labels = [], []
@@ -80,6 +83,17 @@ def _load_torchvision(root: Path, train: bool, download: bool) -> ImageTensors:
     meta = folder / "batches.meta"
     classes = list(_unpickle(meta)["label_names"]) if meta.exists() else [str(i) for i in range(10)]
     return ImageTensors(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64), classes)
+
+
+def download_cifar10(root: Path) -> None:
+    """Fetch the torchvision-format archive into ``root`` and unpack it (``cifar-10-batches-py/``)."""
+    url = os.environ.get("SLOWMO_TRAIN_CIFAR10_URL", CIFAR10_URL)
+    md5 = os.environ.get("SLOWMO_TRAIN_CIFAR10_MD5", CIFAR10_MD5 if url == CIFAR10_URL else None)
+    archive = fetch_file(url, root / "cifar-10-python.tar.gz", md5=md5, what="CIFAR-10")
+    extract_tar(archive, root)
+    archive.unlink()
+    if not (root / TORCHVISION_FOLDER / "data_batch_1").exists():
+        raise DatasetError(f"the archive from {url} holds no {TORCHVISION_FOLDER}/data_batch_1; check the mirror")
 
 
 def _list_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:

@@ -10,11 +10,16 @@ from typing import Callable
 from torch import nn
 
 from slowmo_train.config import ModelConfig
-from slowmo_train.models.resnet import cifar_resnet18
+from slowmo_train.models.resnet import cifar_resnet18, resnet18, resnet50
+from slowmo_train.models.transformer import transformer
 
 #: task -> architecture -> builder(model_cfg, **task facts such as num_classes)
 MODELS: dict[str, dict[str, Callable[..., nn.Module]]] = {
     "cifar10": {"resnet18": lambda cfg, num_classes: cifar_resnet18(num_classes=num_classes, width=cfg.width)},
+    "imagenet": {"resnet50": lambda cfg, num_classes: resnet50(num_classes=num_classes, width=cfg.width),
+                 "resnet18": lambda cfg, num_classes: resnet18(num_classes=num_classes, width=cfg.width)},
+    "wmt16": {arch: (lambda cfg, vocab_size, arch=arch: transformer(arch, vocab_size, cfg.width, cfg.dropout))
+              for arch in ("transformer_small", "transformer_base", "transformer_big")},
 }
 
 

@@ -7,6 +7,13 @@ translation batch of padded token tensors go through the same loop.
 
 A task is built by ``TASKS[name](TaskArgs(...))`` (see ``tasks/__init__.py``); each task module also
 exposes ``check_data(data_cfg)``, a cheap check run before any worker starts.
+
+A task whose batches count samples may also register ``train_size(data_cfg) -> int | None`` in
+``TRAIN_SIZES`` (tasks/__init__.py): the number of training examples in ``data.root`` (after
+``data.train_subset``), counted without decoding (file names, label lists), or None if the data is
+not there yet. The CLI then rejects a ``train.batch_size`` larger than one worker's share before any
+worker starts (``tasks/cifar10.py::cifar10_train_size`` is the example). Checkpoints and resume need
+nothing from a task beyond the determinism of ``train_batches(epoch, skip)`` stated below.
 """
 
 from __future__ import annotations

@@ -72,3 +72,33 @@ def check_cifar10_data(data_cfg: DataConfig) -> None:
     """Fail before any worker starts when data.root holds no CIFAR-10 (DatasetError says why)."""
     if download_mode(data_cfg) == "false":
         detect_layout(data_cfg.root)
+
+
+def cifar10_train_size(data_cfg: DataConfig) -> int | None:
+    """Training images a run will use (after data.train_subset), counted without decoding them, for
+    the batch-size check before workers start; None when data.root holds no copy yet (download)."""
+    import os
+    import pickle
+    from pathlib import Path
+
+    from slowmo_train.data.cifar10 import IMAGE_SUFFIXES, TORCHVISION_FOLDER, DatasetError
+
+    root = Path(data_cfg.root).expanduser()
+    try:
+        layout = detect_layout(root)
+    except DatasetError:
+        return None
+    if layout == "imagefolder":
+        n = sum(1 for cls in os.scandir(root / "train") if cls.is_dir()
+                for entry in os.scandir(cls.path) if entry.name.lower().endswith(IMAGE_SUFFIXES))
+    else:
+        folder = root if (root / "data_batch_1").exists() else root / TORCHVISION_FOLDER
+        n = 0
+        for i in range(1, 6):
+            try:
+                with open(folder / f"data_batch_{i}", "rb") as f:
+                    blob = pickle.load(f, encoding="latin1")
+                n += len(blob.get("labels", blob.get(b"labels", [])))
+            except (OSError, KeyError, pickle.UnpicklingError, EOFError):
+                return None  # unreadable: the loader reports it with its own message
+    return min(n, data_cfg.train_subset) if data_cfg.train_subset else n

@@ -1,0 +1,396 @@
+"""Speed on a slow link: every algorithm, with and without SlowMo, on the emulated cluster
+(scripts/emulated_cluster.sh: one network namespace per node, each node's link capped by tc tbf),
+measured against an analytic model built from the measured compute time, the link rate and the
+bytes each algorithm must send. The paper's claim under test is its Table 2 (Wang et al., "SlowMo",
+ICLR 2020): Local SGD + SlowMo is much faster per iteration than AR-SGD on a slow network and SlowMo
+adds almost nothing to its base algorithm.
+
+    sudo .venv/bin/python scripts/bench_speed.py --data-root ../shared/data/cifar10          # ~20 min
+    sudo .venv/bin/python scripts/bench_speed.py --data-root ../shared/data/cifar10 --quick  # ~3 min
+
+Per topology (2 nodes x 1 process, 4 x 1, 2 x 2 with the node hierarchy) it first runs a
+compute-only job: the same model, batch and threads on every node at the same time, with
+communication disabled (Local SGD whose period exceeds the run), so compute is measured under the
+same sharing of this machine's cores as the real runs. Then every configuration runs for a fixed
+number of steps and the table reports, per iteration: measured ms, the model's ms, compute ms,
+blocking and overlapped communication ms (from the trainer's ``comm_*_per_step`` figures), and bytes
+sent per worker against the algorithm's definition. Results: ``<out>/bench_speed.csv``, ``.md`` and
+``.png``.
+
+Analytic model (C = compute ms/step, R = payload rate of one node's link per direction, P = parameter
+bytes, B = BatchNorm buffer bytes, n = processes, ring(X, n) = 2(n-1)/n X per rank):
+    AR-SGD     max(C, C/3 + ring(P, n) / R_edge)   backward overlapped with the bucketed all-reduce;
+                                                   the forward (~C/3) cannot overlap
+    Local SGD  C + ring(P + B, n) / R_edge / H
+    SGP        C + (P + 4) / R                     one model (+ push-sum weight) out and in per step
+    OSGP       max(C, (P + 4) / R)
+    + SlowMo   + (ring(P + 4, n) + ring(B, n)) / R_edge / tau   (Local SGD: replaces its own average)
+R is the tbf rate times 1448/1514 (TCP payload per Ethernet frame on a 1500-byte MTU, the bytes tbf
+counts). R_edge: a ring crosses each node's link once per direction, so a ring all-reduce moves
+ring(X, n) bytes over every node link, also with 2 processes per node (ranks in node order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "scripts" / "emulated_cluster.sh"
+#: TCP payload per 1514-byte Ethernet frame with a 1500-byte MTU and TCP timestamps
+PAYLOAD_EFFICIENCY = 1448 / 1514
+
+
+@dataclass(frozen=True)
+class Config:
+    algorithm: str
+    slowmo_tau: int | None = None  # None: SlowMo off
+    #: steps between the trainer's stop-signal polls (a tiny all-reduce). The benchmark polls once
+    #: per 48 steps; see POLL_EVERY_STEP for why the default of 1 is measured separately.
+    poll_every: int = 48
+
+    @property
+    def label(self) -> str:
+        name = {"allreduce": "AR-SGD", "local_sgd": "Local SGD", "sgp": "SGP", "osgp": "OSGP"}[self.algorithm]
+        name = name if self.slowmo_tau is None else f"{name} + SlowMo(tau={self.slowmo_tau})"
+        return name if self.poll_every == 48 else f"{name} [poll every {self.poll_every}]"
+
+    @property
+    def tag(self) -> str:
+        return f"{self.algorithm}_{self.slowmo_tau or 0}_poll{self.poll_every}"
+
+    def overrides(self, steps: int) -> list[str]:
+        out = [f"algorithm={self.algorithm}", f"checkpoint.poll_every={self.poll_every}"]
+        if self.algorithm == "local_sgd":
+            out.append("algorithm.period=12")
+        if self.slowmo_tau is not None:
+            out += ["slowmo.enabled=true", f"slowmo.tau={self.slowmo_tau}"]
+            if self.algorithm == "local_sgd":
+                out.append(f"algorithm.period={self.slowmo_tau}")
+        return out
+
+
+#: the compute-only job: Local SGD that never averages inside the run, so nothing crosses the link
+COMPUTE_ONLY = Config("local_sgd")
+
+BASES = ("allreduce", "local_sgd", "sgp", "osgp")
+#: every base algorithm with and without SlowMo (tau 12)
+PAIRS = [Config(a) for a in BASES] + [Config(a, 12) for a in BASES]
+#: gossip with the paper's longer outer period too
+TAU48 = [Config("sgp", 48), Config("osgp", 48)]
+#: OSGP with the trainer's default stop-signal poll every step: an all-reduce issued while a
+#: gossip message is in flight waits behind it on the same Gloo connection (head-of-line
+#: blocking), which removes OSGP's overlap
+POLL_EVERY_STEP = [Config("osgp", poll_every=1)]
+HEADLINE = [Config("allreduce"), Config("local_sgd", 12), Config("sgp"), Config("osgp")]
+HIERARCHY = [Config("allreduce"), Config("local_sgd", 12), Config("sgp", 12), Config("osgp", 12)]
+QUICK_CONFIGS = [Config("allreduce"), Config("local_sgd", 12), Config("sgp"), Config("osgp"), Config("sgp", 12)]
+
+
+@dataclass
+class Topology:
+    nodes: int
+    nproc: int
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.nproc
+
+    @property
+    def label(self) -> str:
+        return f"{self.nodes}x{self.nproc}"
+
+
+@dataclass
+class Measured:
+    ms_per_step: float
+    blocking_ms: float
+    overlapped_ms: float
+    bytes_sent: float
+    extra: dict = field(default_factory=dict)
+
+
+def rate_bits(rate: str) -> float:
+    m = re.fullmatch(r"([0-9.]+)([kmg]?)bit", rate)
+    if not m:
+        raise ValueError(f"rate {rate!r} must look like 60mbit")
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
+
+
+def ring(nbytes: float, n: int) -> float:
+    return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
+
+
+def expected_bytes(cfg: Config, topo: Topology, p: float, b: float) -> float:
+    """Bytes rank 0 (a node leader) sends per step by each algorithm's definition (module docstring;
+    the payload convention of slowmo_train/algorithms/comm.py)."""
+    n, ppn = topo.world, topo.nproc
+    hier = ppn > 1 and topo.nodes > 1
+    intra = ring(p, ppn) if hier else 0.0  # gradient all-reduce inside the node
+    if cfg.algorithm == "allreduce":
+        base = ring(p, n)
+    elif cfg.algorithm == "local_sgd":
+        period = cfg.slowmo_tau or 12
+        base = intra + (0.0 if cfg.slowmo_tau else ring(p + b, n) / period)
+    else:  # push-sum: one message (numerators + weight) to one peer; the leader mirrors it to the node
+        base = intra + (p + 4) + ((p + 4) if hier else 0.0)
+    outer = (ring(p + 4, n) + ring(b, n)) / cfg.slowmo_tau if cfg.slowmo_tau else 0.0
+    return base + outer
+
+
+def model_ms(cfg: Config, topo: Topology, compute_ms: float, rate: float, p: float, b: float) -> float:
+    """The analytic time per step (module docstring). ``rate`` in payload bytes per second."""
+    n = topo.world
+    to_ms = 1000.0 / rate
+    outer = (ring(p + 4, n) + ring(b, n)) * to_ms / cfg.slowmo_tau if cfg.slowmo_tau else 0.0
+    if cfg.algorithm == "allreduce":
+        return max(compute_ms, compute_ms / 3 + ring(p, n) * to_ms) + outer
+    if cfg.algorithm == "local_sgd":
+        if cfg.slowmo_tau:
+            return compute_ms + outer
+        return compute_ms + ring(p + b, n) * to_ms / 12
+    gossip = (p + 4) * to_ms
+    if cfg.algorithm == "sgp":
+        return compute_ms + gossip + outer
+    return max(compute_ms, gossip) + outer
+
+
+def read_run(run_dir: Path, skip_steps: int, units_per_step: int) -> Measured:
+    """Time per step over the logged intervals after ``skip_steps`` (warm-up), from rank 0's
+    metrics.jsonl; communication figures weighted by interval length."""
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in events if e["event"] == "train" and "samples_per_s" in e]
+    total_s = steps = blocking = overlapped = sent = 0.0
+    prev = 0
+    for e in train:
+        n = e["step"] - prev
+        prev = e["step"]
+        if e["step"] <= skip_steps:
+            continue
+        total_s += n * units_per_step / e["samples_per_s"]
+        steps += n
+        blocking += n * e.get("comm_blocking_s_per_step", 0.0)
+        overlapped += n * e.get("comm_overlapped_s_per_step", 0.0)
+        sent += n * e.get("comm_bytes_sent_per_step", 0.0)
+    if steps == 0:
+        raise RuntimeError(f"{run_dir}: no logged steps after the warm-up of {skip_steps}")
+    return Measured(1000 * total_s / steps, 1000 * blocking / steps, 1000 * overlapped / steps, sent / steps)
+
+
+def model_sizes(run_dir: Path) -> tuple[float, float]:
+    """Parameter and floating-buffer bytes of the benchmark's model (built from the run's config)."""
+    sys.path.insert(0, str(ROOT))
+    from omegaconf import OmegaConf
+
+    from slowmo_train.config import ModelConfig
+    from slowmo_train.models import build_model
+
+    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                                    OmegaConf.load(run_dir / "config.yaml").model))
+    model = build_model(model_cfg, "cifar10", num_classes=10)
+    p = sum(t.numel() * t.element_size() for t in model.parameters())
+    b = sum(t.numel() * t.element_size() for t in model.buffers() if t.is_floating_point())
+    return float(p), float(b)
+
+
+def small_test_root(data_root: Path, work: Path, per_class: int = 50) -> Path:
+    """A data root whose train/ is the real training set (a symlink: the decoded-image cache is
+    keyed by the resolved path, so it is reused) and whose test/ holds ``per_class`` images per
+    class: the benchmark times training, and evaluating 10,000 images would add ~20 s to every run."""
+    train, test = data_root / "train", data_root / "test"
+    if not (train.is_dir() and test.is_dir()):
+        raise SystemExit(f"bench_speed: error: --data-root={data_root} must be a CIFAR-10 ImageFolder tree "
+                         "with train/ and test/ (e.g. ../shared/data/cifar10)")
+    root = work / "data"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "test").mkdir(parents=True)
+    (root / "train").symlink_to(train.resolve(), target_is_directory=True)
+    for cls in sorted(d for d in test.iterdir() if d.is_dir()):
+        (root / "test" / cls.name).mkdir()
+        for image in sorted(cls.iterdir())[:per_class]:
+            (root / "test" / cls.name / image.name).symlink_to(image.resolve())
+    return root
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.work = Path(args.work)
+        self.rows: list[dict] = []
+
+    def run(self, topo: Topology, cfg: Config, rate: str, tag: str) -> Measured:
+        a = self.args
+        run_dir = self.work / f"{topo.label}_{rate}_{tag}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        steps = a.warmup + a.steps
+        overrides = [
+            "task=cifar10", "model.arch=resnet18", f"model.width={a.width}", f"train.batch_size={a.batch}",
+            f"train.max_steps={steps}", f"train.log_every={a.log_every}", "train.eval_every_epochs=1000",
+            "train.progress=log", "launcher.threads_per_worker=1", f"data.root={a.data_root}",
+            "checkpoint.every_minutes=0", "checkpoint.at_end=false",
+            f"output_dir={run_dir}", *cfg.overrides(steps),
+        ]
+        if cfg == COMPUTE_ONLY:
+            overrides.append(f"algorithm.period={10 * steps}")
+        cmd = ["bash", str(CLUSTER), "--nodes", str(topo.nodes), "--nproc", str(topo.nproc), "--rate", rate,
+               "--prefix", "smtb", "--subnet", "10.77.2", "--port", "29541", "--python", sys.executable,
+               "--", *overrides]
+        start = time.time()
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if result.returncode != 0:
+            tail = (result.stdout + result.stderr)[-3000:]
+            raise RuntimeError(f"{topo.label} {cfg.label} at {rate} failed:\n{tail}")
+        measured = read_run(run_dir, a.warmup, a.batch * topo.world)
+        print(f"  {topo.label} {rate:>8} {cfg.label:<28} {measured.ms_per_step:8.1f} ms/step "
+              f"(blocking {measured.blocking_ms:.1f}, overlapped {measured.overlapped_ms:.1f}, "
+              f"{measured.bytes_sent / 1e6:.3f} MB sent) [{time.time() - start:.0f} s]", flush=True)
+        return measured
+
+    def topology(self, topo: Topology, plan: list[tuple[str, list[Config]]]) -> None:
+        compute = self.run(topo, COMPUTE_ONLY, "none", "compute")
+        p, b = model_sizes(self.work / f"{topo.label}_none_compute")
+        for rate, configs in plan:
+            payload = rate_bits(rate) / 8 * PAYLOAD_EFFICIENCY
+            for cfg in configs:
+                m = self.run(topo, cfg, rate, cfg.tag)
+                model = model_ms(cfg, topo, compute.ms_per_step, payload, p, b)
+                want = expected_bytes(cfg, topo, p, b)
+                self.rows.append({
+                    "topology": topo.label, "rate": rate, "config": cfg.label,
+                    "ms_per_step": round(m.ms_per_step, 1), "model_ms": round(model, 1),
+                    "measured_over_model": round(m.ms_per_step / model, 3),
+                    "compute_ms": round(compute.ms_per_step, 1),
+                    "blocking_ms": round(m.blocking_ms, 1), "overlapped_ms": round(m.overlapped_ms, 1),
+                    "mb_sent_per_step": round(m.bytes_sent / 1e6, 4), "mb_expected": round(want / 1e6, 4),
+                    "bytes_error_pct": round(100 * (m.bytes_sent / want - 1), 2) if want else 0.0,
+                })
+            self.save()
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.rows:
+            return
+        with open(self.out / "bench_speed.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        (self.out / "bench_speed.md").write_text(markdown_table(self.rows) + "\n\n" + targets(self.rows) + "\n")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ["nodes x procs", "link", "algorithm", "ms/iter", "model ms", "meas/model", "compute ms",
+            "blocking ms", "overlapped ms", "MB sent/iter", "MB expected", "bytes err %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(v) for v in r.values()) + " |")
+    return "\n".join(lines)
+
+
+def _ms(rows, topo, rate, label):
+    for r in rows:
+        if (r["topology"], r["rate"], r["config"]) == (topo, rate, label):
+            return r["ms_per_step"]
+    return None
+
+
+def targets(rows: list[dict]) -> str:
+    """The issue's targets, checked on this run's numbers."""
+    out = []
+    for topo, rate in sorted({(r["topology"], r["rate"]) for r in rows}):
+        for base in ("AR-SGD", "Local SGD", "SGP", "OSGP"):
+            b, s = _ms(rows, topo, rate, base), _ms(rows, topo, rate, f"{base} + SlowMo(tau=12)")
+            if b and s:
+                out.append(f"- {topo} {rate}: {base} + SlowMo(tau=12) / {base} = {s / b:.3f} (target <= 1.03)")
+        ar, lsm = _ms(rows, topo, rate, "AR-SGD"), _ms(rows, topo, rate, "Local SGD + SlowMo(tau=12)")
+        if ar and lsm:
+            out.append(f"- {topo} {rate}: AR-SGD / (Local SGD + SlowMo) = {ar / lsm:.2f}x (target >= 2.5x when comm-bound)")
+        sgp, osgp = _ms(rows, topo, rate, "SGP"), _ms(rows, topo, rate, "OSGP")
+        if sgp and osgp:
+            out.append(f"- {topo} {rate}: SGP / OSGP = {sgp / osgp:.2f}x (target >= 1.3x when comm-bound)")
+    worst = max(rows, key=lambda r: abs(r["measured_over_model"] - 1))
+    out.append(f"- largest model deviation: {worst['topology']} {worst['rate']} {worst['config']}: "
+               f"measured/model = {worst['measured_over_model']} (target within 0.85-1.15)")
+    worst_b = max(rows, key=lambda r: abs(r["bytes_error_pct"]))
+    out.append(f"- largest bytes deviation: {worst_b['config']} ({worst_b['topology']}): {worst_b['bytes_error_pct']} % "
+               f"(target within 1 %)")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["topology"], r["rate"]) for r in rows}, key=lambda g: (g[0], rate_bits(g[1])))
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.6 * len(groups)), squeeze=False)
+    for ax, (topo, rate) in zip(axes[:, 0], groups):
+        sel = [r for r in rows if (r["topology"], r["rate"]) == (topo, rate)]
+        x = range(len(sel))
+        ax.bar([i - 0.2 for i in x], [r["ms_per_step"] for r in sel], width=0.4, label="measured")
+        ax.bar([i + 0.2 for i in x], [r["model_ms"] for r in sel], width=0.4, label="model", alpha=0.6)
+        ax.axhline(sel[0]["compute_ms"], color="k", lw=0.8, ls="--", label="compute only")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([r["config"].replace(" + SlowMo", "\n+SlowMo") for r in sel], fontsize=7)
+        ax.set_ylabel("ms / iteration")
+        ax.set_title(f"{topo} (nodes x processes), link {rate} per node", fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-root", required=True, help="CIFAR-10 (either layout)")
+    ap.add_argument("--out", default=str(ROOT / "docs"), help="where the CSV, Markdown table and PNG go")
+    ap.add_argument("--work", default="/tmp/slowmo-bench-speed", help="run directories (scratch)")
+    ap.add_argument("--width", type=float, default=0.25)
+    ap.add_argument("--batch", type=int, default=16, help="per process")
+    ap.add_argument("--warmup", type=int, default=12, help="steps excluded from the timing (also the log interval)")
+    ap.add_argument("--steps", type=int, default=48, help="timed steps (a multiple of 48 keeps every outer step amortised)")
+    ap.add_argument("--rates", default="60mbit,200mbit", help="comm-bound,balanced link rates (tc syntax, mbit)")
+    ap.add_argument("--quick", action="store_true", help="2x1 only, 5 configurations, one rate, short runs")
+    ap.add_argument("--topologies", default="2x1,4x1,2x2")
+    args = ap.parse_args()
+    if not Path(args.data_root).is_dir():
+        sys.exit(f"bench_speed: error: --data-root={args.data_root} is not a directory")
+    args.data_root = str(small_test_root(Path(args.data_root).resolve(), Path(args.work)))
+    args.log_every = args.warmup
+    if args.steps % args.log_every or args.steps % 48:
+        sys.exit(f"bench_speed: error: --steps={args.steps} must be a multiple of 48 and of --warmup={args.warmup}")
+    if os.geteuid() != 0:
+        sys.exit("bench_speed: error: the emulated cluster needs root (network namespaces)")
+    rates = args.rates.split(",")
+    bench = Bench(args)
+    start = time.time()
+    if args.quick:
+        bench.topology(Topology(2, 1), [(rates[0], QUICK_CONFIGS)])
+    else:
+        # the full matrix on 2 nodes at the comm-bound rate, every base +- SlowMo at the balanced
+        # one, and the headline configurations on 4 nodes and with the hierarchy: each run costs
+        # ~25 s of start-up on this shared machine, and the whole benchmark should stay ~20 min
+        plan = {"2x1": [(rates[0], PAIRS + TAU48 + POLL_EVERY_STEP), (rates[1], PAIRS)],
+                "4x1": [(rates[0], HEADLINE)], "2x2": [(rates[0], HIERARCHY)]}
+        for name in args.topologies.split(","):
+            nodes, nproc = map(int, name.split("x"))
+            bench.topology(Topology(nodes, nproc), plan.get(name, [(rates[0], PAIRS)]))
+    bench.save()
+    plot(bench.rows, bench.out / "bench_speed.png")
+    print(f"\n{markdown_table(bench.rows)}\n\n{targets(bench.rows)}\n")
+    print(f"bench_speed: {len(bench.rows)} configurations in {(time.time() - start) / 60:.1f} min; "
+          f"results in {bench.out}/bench_speed.csv, .md, .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""Asynchronous training with momentum: ASGD, NAG-ASGD, DANA-Zero and DANA-Slim (Hakimi et al.,
+"Taming Momentum in a Distributed Asynchronous Environment", arXiv 1907.11612), run either by a
+one-process simulator of N workers or by real parameter-server and worker processes.
+
+    rules.py      master update rules (pure tensor math)    simulator.py  reproducible event order
+    runner.py     AsyncRunner: the loops, metrics, evaluation   server.py   real mode over torch.distributed
+"""
+
+from slowmo_train.asynchronous.rules import RULES, AsyncRule, build_rule
+
+__all__ = ["RULES", "AsyncRule", "build_rule"]

@@ -1,0 +1,204 @@
+"""What can go wrong during a run, and how a worker notices it: stop signals, non-finite values,
+peers that time out, and injected faults for testing all of these.
+
+    stop = StopSignals.install()          # SIGTERM/SIGINT only set a flag; the trainer polls it
+    SLOWMO_TRAIN_FAULTS="kill@step=7,rank=1" slowmo-train ...      # inject a fault (tests, drills)
+
+Errors meant for the user (:class:`RunError` and its subclasses) carry a one-line message; the CLI
+prints it as is, without a traceback.
+
+Fault injection (``SLOWMO_TRAIN_FAULTS``, ``;``-separated ``KIND@step=N[,rank=R][,seconds=S][,attempt=A]``)
+exists to test and rehearse the recovery paths on a real run. A fault fires once, on rank ``R``
+(default 0), at optimizer step ``N`` (1-based: while step N runs), and only in launch attempt ``A``
+(default 0: the first; later attempts are restarts). Kinds:
+
+- ``kill``: SIGKILL this worker before the step (a dead node);
+- ``sigterm``: send SIGTERM to this worker (preemption reaching one rank);
+- ``hang``: sleep ``seconds`` before the step (a stuck peer);
+- ``nan``: make this rank's loss NaN at that step;
+- ``kill_in_save``: SIGKILL this worker after it wrote its checkpoint file of step N to a temporary
+  name, before the checkpoint is complete;
+- ``disk_full``: writing the checkpoint of step N fails with ENOSPC on this rank.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("slowmo_train")
+
+FAULTS_ENV = "SLOWMO_TRAIN_FAULTS"
+FAULT_KINDS = ("kill", "sigterm", "hang", "nan", "kill_in_save", "disk_full")
+
+
+class RunError(RuntimeError):
+    """A failure the user must act on; ``str()`` is one line naming what and where."""
+
+
+class NonFiniteError(RunError):
+    pass
+
+
+class PeerError(RunError):
+    """A collective or point-to-point operation failed or timed out: a peer hung or died."""
+
+
+def restart_attempt() -> int:
+    """How many times the launcher (torchrun --max-restarts, launcher.max_restarts) restarted us."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+# --- stop signals ---------------------------------------------------------------------------------
+class StopSignals:
+    """SIGTERM (what Slurm sends before it kills a job) and SIGINT (Ctrl-C) set a flag instead of
+    killing the process mid-collective. The trainer polls the flag every ``checkpoint.poll_every``
+    steps with one all-reduce, so all ranks stop after the same step, save, and exit 0."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @classmethod
+    def install(cls) -> "StopSignals":
+        stop = cls()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                stop._previous[sig] = signal.signal(sig, stop._handle)
+        return stop
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            log.info("received %s: stopping after the current step and saving a checkpoint",
+                     signal.Signals(signum).name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+# --- peers ------------------------------------------------------------------------------------------
+_COMM_HINTS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "gloo",
+               "nccl", "socket", "peer")
+
+
+def is_comm_failure(err: BaseException) -> bool:
+    if isinstance(err, RunError):
+        return False
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(h in text for h in _COMM_HINTS)
+
+
+def peer_error(err: BaseException, operation: str, step: int, rank: int, timeout_s: float) -> PeerError:
+    """One line naming the operation, the step and this rank for a failed/timed-out communication."""
+    # drop the C++ source locations ("[.../gloo/transport/tcp/pair.cc:545]") gloo puts in front
+    detail = re.sub(r"\[[^\]\s]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", " ".join(str(err).split()))
+    if len(detail) > 200:
+        detail = detail[:200] + "..."
+    timed_out = "timed out" in detail.lower() or "timeout" in detail.lower()
+    what = f"timed out after launcher.timeout_s={timeout_s:g}s" if timed_out else "failed"
+    return PeerError(f"rank {rank}: {operation} {what} at step {step}: a peer is hung or dead "
+                     f"(see logs/rank*.log in the run directory) [{detail}]")
+
+
+# --- non-finite values ------------------------------------------------------------------------------
+def all_finite(tensors) -> bool:
+    """True if every element of every tensor is finite (one device sync)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for t in tensors:
+        if t is not None and t.is_floating_point():
+            total = total + t.detach().double().sum().cpu()
+    return bool(torch.isfinite(total))
+
+
+# --- fault injection ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+    rank: int = 0
+    seconds: float = 60.0
+    attempt: int = 0
+
+
+def parse_faults(text: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        kind, _, rest = item.partition("@")
+        fields = dict(kv.split("=", 1) for kv in rest.split(",") if "=" in kv)
+        if kind not in FAULT_KINDS or "step" not in fields:
+            raise ValueError(f"{FAULTS_ENV}: cannot parse {item!r}; expected KIND@step=N[,rank=R][,seconds=S]"
+                             f"[,attempt=A] with KIND one of {', '.join(FAULT_KINDS)}")
+        faults.append(Fault(kind, int(fields["step"]), int(fields.get("rank", 0)),
+                            float(fields.get("seconds", 60.0)), int(fields.get("attempt", 0))))
+    return faults
+
+
+class FaultInjector:
+    """The faults of ``SLOWMO_TRAIN_FAULTS`` that concern this rank in this launch attempt."""
+
+    def __init__(self, rank: int, text: str | None = None):
+        text = os.environ.get(FAULTS_ENV, "") if text is None else text
+        attempt = restart_attempt()
+        self.faults = [f for f in parse_faults(text) if f.rank == rank and f.attempt == attempt]
+        if self.faults:
+            log.warning("fault injection armed on rank %d: %s", rank, self.faults)
+
+    def _take(self, kind: str, step: int) -> Fault | None:
+        for f in self.faults:
+            if f.kind == kind and f.step == step:
+                self.faults.remove(f)
+                return f
+        return None
+
+    def before_step(self, step: int) -> None:
+        """``step`` is the 1-based number of the step about to run."""
+        if not self.faults:
+            return
+        if self._take("kill", step):
+            log.warning("fault injection: SIGKILL at step %d", step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._take("sigterm", step):
+            os.kill(os.getpid(), signal.SIGTERM)
+        fault = self._take("hang", step)
+        if fault:
+            log.warning("fault injection: sleeping %gs at step %d", fault.seconds, step)
+            time.sleep(fault.seconds)
+
+    def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if self.faults and self._take("nan", step):
+            log.warning("fault injection: NaN loss at step %d", step)
+            return loss * float("nan")
+        return loss
+
+    def on_checkpoint_write(self, step: int) -> None:
+        """Called while the rank file of the checkpoint of ``step`` is being written."""
+        if self.faults and self._take("disk_full", step):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def after_checkpoint_write(self, step: int) -> None:
+        """Called after the rank file is written under its temporary name."""
+        if self.faults and self._take("kill_in_save", step):
+            log.warning("fault injection: SIGKILL while saving the checkpoint of step %d", step)
+            os.kill(os.getpid(), signal.SIGKILL)
