@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from slowmo_train.algorithms import build_algorithm  # noqa: E402
 from slowmo_train.checkpoint import Checkpointer, capture_rng, load_rank_state  # noqa: E402
-from slowmo_train.config import AlgorithmConfig, ModelConfig, OptimConfig, SlowMoConfig  # noqa: E402
+from slowmo_train.config import AlgorithmConfig, OptimConfig, SlowMoConfig  # noqa: E402
 from slowmo_train.dist import build_topology  # noqa: E402
 from slowmo_train.models import cifar_resnet18  # noqa: E402
 from slowmo_train.optim import build_optimizer  # noqa: E402

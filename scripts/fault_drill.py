@@ -109,7 +109,7 @@ def scenario(name: str, data_root: Path, work: Path) -> dict:
     args = base_args(data_root, run_dir)
     row: dict = {"fault": name}
     if name in ("kill", "kill_in_save", "hang"):
-        faults = {"kill": "kill@step=25,rank=1", "kill_in_save": f"kill_in_save@step=20,rank=1",
+        faults = {"kill": "kill@step=25,rank=1", "kill_in_save": "kill_in_save@step=20,rank=1",
                   "hang": "hang@step=25,rank=1,seconds=600"}[name]
         extra = ["launcher.max_restarts=1"] + (["launcher.timeout_s=20"] if name == "hang" else [])
         proc = launch(args + extra, log, faults)

@@ -177,8 +177,9 @@ def one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-#: errors a worker reports as one line (anything else is a bug and keeps its traceback)
-WORKER_USER_ERRORS = (RunError, ConfigError, DatasetError)
+#: errors a worker reports as one line (anything else is a bug and keeps its traceback); components
+#: reject bad values with ValueError naming the key (STYLE.md), e.g. a batch larger than the data
+WORKER_USER_ERRORS = (RunError, ConfigError, DatasetError, ValueError)
 
 
 def worker_main(job_dict: dict, run_dir: str | None) -> dict:
@@ -299,6 +300,9 @@ def launch_local(job_dict: dict, nproc: int, run_dir: str | None, max_restarts: 
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"slowmo-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts, monitor_interval=0.5,
         start_method="spawn", signals_to_handle="SIGHUP,SIGQUIT",
+        # the agent stops workers itself only after a failure (a restart or the end), when their peers
+        # are gone and nothing is left to save: a hung worker need not be waited for long
+        shutdown_timeout=5,
     )
     forward = _ForwardSignals()
     try:

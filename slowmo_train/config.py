@@ -161,6 +161,12 @@ class SlowMoConfig:
     nesterov: bool = False
     #: keep x0 and u sharded across ranks (1/n each)
     sharded: bool = False
+    #: wire dtype of the outer all-reduce: float32 (no cast) | bfloat16 | float16; x0, u stay full precision
+    outer_dtype: str = "float32"
+    #: split the parameters into F contiguous fragments synchronised in turn (tau % F == 0)
+    fragments: int = 1
+    #: apply the outer update D inner steps after starting its all-reduce (0: blocking, Alg. 1)
+    overlap_steps: int = 0
 
 
 @dataclass
@@ -318,6 +324,18 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     if s.enabled and a.name == "local_sgd":
         _check(s.tau % a.period == 0, "slowmo.tau", s.tau,
                f"must be a multiple of algorithm.period={a.period} when SlowMo wraps Local SGD")
+    _one_of("slowmo.outer_dtype", s.outer_dtype, ("float32", "bfloat16", "float16"))
+    _check(s.fragments >= 1 and s.tau % s.fragments == 0, "slowmo.fragments", s.fragments,
+           f"must be an integer >= 1 dividing slowmo.tau={s.tau}")
+    _check(0 <= s.overlap_steps < s.tau, "slowmo.overlap_steps", s.overlap_steps,
+           f"must be an integer in [0, slowmo.tau={s.tau})")
+    streamed = s.fragments > 1 or s.overlap_steps > 0
+    if s.enabled and streamed:
+        _check(a.name in ("allreduce", "local_sgd"), "algorithm", a.name,
+               "slowmo.fragments > 1 and slowmo.overlap_steps > 0 need algorithm=allreduce or local_sgd "
+               "(push-sum bases share one weight across all parameters; see slowmo_train/algorithms/slowmo.py)")
+    _check(not (s.sharded and (streamed or s.outer_dtype != "float32")), "slowmo.sharded", s.sharded,
+           "works only with slowmo.fragments=1, slowmo.overlap_steps=0 and slowmo.outer_dtype=float32")
 
     t = job.train
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be an integer >= 1")
@@ -395,6 +413,10 @@ def _validate_async(job: JobConfig, world_size: int | None) -> None:
            f"algorithm={a.name} runs in fp32 only; set train.precision=fp32")
     _check(job.train.total_batch is None, "train.total_batch", job.train.total_batch,
            f"algorithm={a.name} has no total batch per step; set train.batch_size (per worker) and train.total_batch=null")
+    _check(job.resume == "none", "resume", job.resume,
+           f"algorithm={a.name} cannot resume from a checkpoint (not implemented); set resume=none")
+    _check(job.launcher.max_restarts == 0, "launcher.max_restarts", job.launcher.max_restarts,
+           f"algorithm={a.name} cannot resume, so a restart would train from scratch; set launcher.max_restarts=0")
     if world_size is not None and a.mode == "simulated":
         _check(world_size == 1, "launcher.nproc_per_node", world_size,
                "algorithm.mode=simulated runs all workers in one process; set launcher.nproc_per_node=1 "

@@ -124,12 +124,13 @@ def peer_error(err: BaseException, operation: str, step: int, rank: int, timeout
 
 # --- non-finite values ------------------------------------------------------------------------------
 def all_finite(tensors) -> bool:
-    """True if every element of every tensor is finite (one device sync)."""
-    total = torch.zeros((), dtype=torch.float64)
+    """True if every element of every tensor is finite (a sum is inf/NaN if any element is; one
+    device sync per device)."""
+    sums: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         if t is not None and t.is_floating_point():
-            total = total + t.detach().double().sum().cpu()
-    return bool(torch.isfinite(total))
+            sums.setdefault(t.device, []).append(t.detach().double().sum())
+    return all(bool(torch.isfinite(torch.stack(s).sum())) for s in sums.values())
 
 
 # --- fault injection ----------------------------------------------------------------------------------

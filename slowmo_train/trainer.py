@@ -31,7 +31,8 @@ from omegaconf import OmegaConf
 from slowmo_train.algorithms import build_algorithm
 from slowmo_train.algorithms.base import Algorithm, averaged_model
 from slowmo_train.checkpoint import (FORMAT, CheckpointError, Checkpointer, capture_rng, check_compatible,
-                                     check_model_shapes, load_rank_state, resolve_resume, restore_rng, write_atomic)
+                                     check_model_shapes, load_rank_state, read_manifest, resolve_resume, restore_rng,
+                                     write_atomic)
 from slowmo_train.config import JobConfig, per_worker_batch
 from slowmo_train.dist import DistEnv, broadcast_object, build_topology, resolve_procs_per_node
 from slowmo_train.faults import (FaultInjector, NonFiniteError, StopSignals, all_finite, is_comm_failure,
@@ -194,6 +195,7 @@ class Trainer:
         if value is None:
             return None
         ckpt = Path(value)
+        self._replay_first_iteration(int(read_manifest(ckpt)["step"]))
         error = None
         try:
             manifest, state = load_rank_state(ckpt, self.env.rank, self.device)
@@ -211,6 +213,25 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d, batch %d of it)", ckpt, self.step,
                  self.step // self.plan.steps_per_epoch, self.step % self.plan.steps_per_epoch)
         return ckpt
+
+    def _replay_first_iteration(self, step: int) -> None:
+        """One throwaway forward/backward before the checkpoint is loaded (which then overwrites
+        every parameter, buffer, gradient-free optimizer state and RNG it touched). Whatever a run
+        builds lazily during its first iteration is thus in place, as in an uninterrupted run: DDP
+        re-orders its gradient buckets by gradient-ready order after one iteration, and with 3+
+        ranks the bucket layout decides the order in which the all-reduce sums, i.e. the last bits."""
+        self.operation = "resume (first-iteration replay)"
+        spe = self.plan.steps_per_epoch
+        batch = next(iter(self.task.train_batches(step // spe, step % spe)))
+        self.algorithm.train_model.train()
+        with self.precision.autocast():
+            loss, _ = self.task.loss(self.algorithm.train_model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.algorithm.after_backward(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.algorithm.comm.pop()
+        self.algorithm.comm.totals = {k: 0 * v for k, v in self.algorithm.comm.totals.items()}
 
     def save_checkpoint(self) -> Path:
         """Collective: check that every rank's state is finite, then write the checkpoint."""

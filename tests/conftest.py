@@ -121,3 +121,13 @@ def imagenet_folder(tmp_path) -> Path:
 @pytest.fixture
 def parallel_text(tmp_path) -> Path:
     return write_parallel_text(tmp_path / "multi30k")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """In-process tests use one intra-op thread: the multi-process tests' workers share the same few
+    cores, and oversubscribed thread pools make small ops hundreds of times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

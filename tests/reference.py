@@ -13,6 +13,13 @@ Algorithms simulated:
   * SlowMo (Wang et al., ICLR 2020, Alg. 1) over each base, coupled (the paper) or decoupled (outer
     SGD with optional Nesterov, Douillard et al., 2023), lr evaluated at (k // tau) * tau, gamma per
     param group, base-optimizer buffers reset / kept / averaged.
+  * Streamed SlowMo (Streaming DiLoCo, Douillard et al., 2025, arXiv:2501.18512): the flattened
+    parameters cut into F equal contiguous fragments, fragment f averaged after step k when
+    (k + 1 + f tau / F) % tau == 0; its outer update applied D steps later as
+    theta <- x0_new + (theta_now - theta_at_send); optionally the per-worker pseudo-gradient
+    x0 - x_i rounded to bfloat16/float16 (and, for two workers, their sum rounded once more, as a
+    16-bit all-reduce adds). Kept as flat vectors here, independently of the per-group layout of
+    the implementation.
 
 The model is y = W2 relu(W1 x + b1) with a running mean of the pre-activation (a stand-in for the
 BatchNorm statistics averaging must touch), trained by hand-written SGD with the semantics of
@@ -87,6 +94,13 @@ class SlowMoSpec:
     nesterov: bool = False
     sharded: bool = False  # no effect on the mathematics; the implementation must agree either way
     base_buffers: str = "reset"
+    fragments: int = 1
+    overlap: int = 0               # D: steps between an outer all-reduce and its update
+    outer_dtype: str = "float32"   # float32 (no cast) | bfloat16 | float16
+
+    @property
+    def streamed(self) -> bool:
+        return self.fragments > 1 or self.overlap > 0 or self.outer_dtype != "float32"
 
 
 @dataclass(frozen=True)
@@ -170,6 +184,7 @@ class Simulator:
         self.x0 = [p.clone() for p in init]
         self.u = [torch.zeros_like(p) for p in init]
         self.consensus: dict[int, float] = {}
+        self.pending: list[dict] = []  # streamed SlowMo: posted outer averages, applied D steps later
 
     # --- one step ----------------------------------------------------------------------------
     def node_gradient(self, node: int, k: int) -> list[torch.Tensor]:
@@ -190,7 +205,10 @@ class Simulator:
         if case.algorithm == "allreduce":
             mean = [sum(g[j] for g in grads) / self.n for j in range(len(SHAPES))]
             grads = [mean] * self.n
-        outer = case.slowmo is not None and (k + 1) % case.slowmo.tau == 0
+        streamed = case.slowmo is not None and case.slowmo.streamed
+        outer = case.slowmo is not None and not streamed and (k + 1) % case.slowmo.tau == 0
+        # a whole-model streamed send replaces Local SGD's own average at that step
+        whole_send = streamed and case.slowmo.fragments == 1 and (k + 1) % case.slowmo.tau == 0
         gossip = case.algorithm in ("sgp", "osgp")
         for worker, g in zip(self.workers, grads):
             before = list(worker.params)
@@ -201,7 +219,7 @@ class Simulator:
                 worker.numerator = list(worker.params)
         if gossip:
             self.gossip(k)
-        if case.algorithm == "local_sgd" and (k + 1) % case.period == 0 and not outer:
+        if case.algorithm == "local_sgd" and (k + 1) % case.period == 0 and not outer and not whole_send:
             self.restart_all_from(self.exact_average())
             self.average_stats()
         if case.average_every and (k + 1) % case.average_every == 0:
@@ -209,6 +227,8 @@ class Simulator:
             self.average_stats()
         if outer:
             self.slowmo_outer_step(k, lrs)
+        if streamed:
+            self.streamed_outer_step(k, lrs)
 
     def gossip(self, k: int) -> None:
         for i, worker in enumerate(self.workers):
@@ -274,6 +294,10 @@ class Simulator:
                     step = d + spec.beta * self.u[i] if spec.nesterov else self.u[i]
                     self.x0[i] = self.x0[i] - spec.alpha * step
         self.restart_all_from(self.x0)
+        self.synchronize_buffers()
+
+    def synchronize_buffers(self) -> None:
+        spec = self.case.slowmo
         self.average_stats()
         if spec.base_buffers == "reset":
             for worker in self.workers:
@@ -285,6 +309,55 @@ class Simulator:
                     mean = sum(bufs) / self.n
                     for w in self.workers:
                         w.momentum[j] = mean.clone()
+
+    def streamed_outer_step(self, k: int, lrs: list[float]) -> None:
+        spec = self.case.slowmo
+        tau, frags, delay = spec.tau, spec.fragments, spec.overlap
+        numel = sum(int(torch.Size(s).numel()) for s in SHAPES)
+        gossip = self.case.algorithm in ("sgp", "osgp")
+        for f in range(frags):
+            if (k + 1 + f * tau // frags) % tau != 0:
+                continue
+            lo, hi = f * numel // frags, (f + 1) * numel // frags
+            x0 = flat(self.x0)[lo:hi]
+            if gossip:
+                self.flush()
+            # push-sum: sum_i (w_i x0 - num_i) / sum_i w_i = x0 - x_avg (weights are 1 without push-sum)
+            thetas = [flat(w.numerator)[lo:hi] / w.weight for w in self.workers]
+            deltas = [to_wire(w.weight * x0 - flat(w.numerator)[lo:hi], spec.outer_dtype) for w in self.workers]
+            total = sum(deltas)
+            if self.n == 2:  # a 16-bit all-reduce of two values adds once in 16 bits
+                total = to_wire(total, spec.outer_dtype)
+            d = total / sum(w.weight for w in self.workers)
+            self.pending.append({"apply": k + delay, "lo": lo, "hi": hi, "d": d,
+                                 "thetas": thetas, "lrs": element_lrs(lrs)[lo:hi]})
+        for message in [m for m in self.pending if m["apply"] == k]:
+            self.pending.remove(message)
+            lo, hi, d, gamma = message["lo"], message["hi"], message["d"], message["lrs"]
+            x0, u = flat(self.x0), flat(self.u)
+            avg = x0[lo:hi] - d
+            self.consensus[k] = sum(float(((t - avg) ** 2).sum() ** 0.5) for t in message["thetas"]) / self.n
+            if spec.coupling == "coupled":
+                zero = gamma == 0
+                safe = torch.where(zero, torch.ones_like(gamma), gamma)
+                new_u = torch.where(zero, u[lo:hi], spec.beta * u[lo:hi] + d / safe)
+                new_x0 = torch.where(zero, avg, x0[lo:hi] - spec.alpha * gamma * new_u)
+            else:
+                new_u = spec.beta * u[lo:hi] + d
+                step = d + spec.beta * new_u if spec.nesterov else new_u
+                new_x0 = x0[lo:hi] - spec.alpha * step
+            x0[lo:hi], u[lo:hi] = new_x0, new_u
+            self.x0, self.u = unflat(x0), unflat(u)
+            if gossip:  # F = 1, D = 0 only: every worker restarts from x0 with weight 1
+                self.restart_all_from(self.x0)
+                continue
+            for worker, theta in zip(self.workers, message["thetas"]):
+                params = flat(worker.params)
+                params[lo:hi] = new_x0 + (params[lo:hi] - theta)
+                worker.params = unflat(params)
+                worker.numerator = [p.clone() for p in worker.params]
+        if (k + 1 - delay) % tau == 0 and k + 1 > delay:
+            self.synchronize_buffers()
 
     # --- driver ------------------------------------------------------------------------------
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,3 +378,29 @@ def simulate(case: Case, world_size: int) -> Trajectory:
 
 def with_slowmo(case: Case, name: str, **slowmo) -> Case:
     return replace(case, name=name, slowmo=SlowMoSpec(**slowmo))
+
+
+# --- streamed SlowMo ---------------------------------------------------------------------------------
+def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflat(vector: torch.Tensor) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for shape in SHAPES:
+        n = int(torch.Size(shape).numel())
+        out.append(vector[offset:offset + n].reshape(shape).clone())
+        offset += n
+    return out
+
+
+def element_lrs(lrs: list[float]) -> torch.Tensor:
+    """The lr of every element of the flattened parameter vector."""
+    per_param = {i: lr for group, lr in zip(PARAM_GROUPS, lrs) for i in group.indices}
+    return torch.cat([torch.full((int(torch.Size(s).numel()),), per_param[i], dtype=DTYPE)
+                      for i, s in enumerate(SHAPES)])
+
+
+def to_wire(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Round to the wire dtype and back (float32 means no cast)."""
+    return x if dtype == "float32" else x.to(getattr(torch, dtype)).to(DTYPE)

@@ -91,6 +91,15 @@ def test_bad_distribution_is_rejected():
 
 # --- the simulated runner on tiny CIFAR-format data -------------------------------------------------
 
+@pytest.fixture
+def one_thread():
+    # tiny convolutions on a shared, busy CPU are many times slower with several intra-op threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _job(root, cache, name: str, workers: int, out):
     from slowmo_train.config import JobConfig
 
@@ -119,7 +128,8 @@ def _run(job):
 
 
 @pytest.mark.parametrize("name", ["nag_asgd", "dana_slim"])
-def test_simulated_runner_with_one_worker_is_nesterov_sgd(torchvision_cifar, tmp_path, single_process_group, name):
+def test_simulated_runner_with_one_worker_is_nesterov_sgd(torchvision_cifar, tmp_path, single_process_group, one_thread,
+                                                          name):
     """Staleness 0 end to end: one simulated worker trains exactly as torch's Nesterov SGD on the task."""
     from slowmo_train.optim import peak_lr
     from slowmo_train.tasks import TASKS, TaskArgs, WorkerInfo
@@ -142,7 +152,7 @@ def test_simulated_runner_with_one_worker_is_nesterov_sgd(torchvision_cifar, tmp
     torch.testing.assert_close(ckpt["master"]["theta"], reference, rtol=1e-5, atol=1e-6)
 
 
-def test_simulated_runner_many_workers_records_staleness(torchvision_cifar, tmp_path, single_process_group):
+def test_simulated_runner_many_workers_records_staleness(torchvision_cifar, tmp_path, single_process_group, one_thread):
     job = _job(torchvision_cifar, tmp_path / "cache", "dana", 4, tmp_path / "run")
     summary, ckpt = _run(job)
     # constant times: round robin, so after the first round every update is 3 updates stale; the

@@ -207,3 +207,13 @@ def test_truncate_jsonl_drops_later_steps_and_torn_lines(tmp_path):
     path.write_text("\n".join(lines) + '\n{"event": "tra')
     assert truncate_jsonl(path, 4) == 3
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [2, 4]
+
+
+def test_fault_spec_parsing_and_finiteness_check():
+    from slowmo_train.faults import Fault, all_finite, parse_faults
+
+    assert parse_faults("kill@step=7,rank=1; hang@step=3,seconds=5") == [
+        Fault("kill", 7, 1), Fault("hang", 3, 0, 5.0)]
+    with pytest.raises(ValueError, match="SLOWMO_TRAIN_FAULTS: cannot parse 'explode@step=1'"):
+        parse_faults("explode@step=1")
+    assert all_finite([torch.ones(3), None]) and not all_finite([torch.tensor([1.0, float("inf")])])

@@ -140,7 +140,8 @@ def configs_for(case: Case) -> tuple[AlgorithmConfig, SlowMoConfig]:
     s = case.slowmo
     slowmo = SlowMoConfig(enabled=False) if s is None else SlowMoConfig(
         enabled=True, alpha=s.alpha, beta=s.beta, tau=s.tau, base_buffers=s.base_buffers,
-        lr_coupling=s.coupling, nesterov=s.nesterov, sharded=s.sharded)
+        lr_coupling=s.coupling, nesterov=s.nesterov, sharded=s.sharded, fragments=s.fragments,
+        overlap_steps=s.overlap, outer_dtype=s.outer_dtype)
     return algo, slowmo
 
 
@@ -166,8 +167,8 @@ def train_case(case: Case, topology, rank: int) -> dict:
         algorithm.after_optimizer_step(k)
         sent.append(algorithm.comm.pop()["bytes_sent"])
         metrics = algorithm.pop_metrics()
-        if case.slowmo is not None and (k + 1) % case.slowmo.tau == 0:
-            consensus[k] = metrics.get("consensus_distance")
+        if "consensus_distance" in metrics:  # SlowMo reports it whenever it applies an outer update
+            consensus[k] = metrics["consensus_distance"]
         params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone())
         stats.append(model.stat.running_mean.detach().clone())
     algorithm.close()

@@ -165,3 +165,16 @@ def all_results(tmp_path_factory):
 @pytest.mark.parametrize("name", [n for n in _cases() if n not in FAST])
 def test_exact_resume_every_algorithm(all_results, name):
     _check(all_results, name)
+
+
+@pytest.mark.slow
+def test_exact_resume_three_ranks(tmp_path):
+    """With 3+ ranks the order in which an all-reduce sums depends on DDP's bucket layout, which DDP
+    rebuilds after the first iteration; the resumed run replays that iteration, so it stays exact."""
+    from tests.conftest import write_torchvision_cifar
+
+    data = write_torchvision_cifar(tmp_path / "data", n_train=300)  # 100 per rank: 6 steps per epoch
+    names = ["allreduce", "slowmo_sgp"]
+    results = run_distributed(_resume_cases, 3, args=(str(tmp_path / "runs"), str(data), names), timeout=1200)
+    for name in names:
+        _check(results, name)

@@ -27,11 +27,57 @@ Learning-rate schedule: the trainer evaluates the schedule at :meth:`SlowMo.lr_s
 ``(k // tau) * tau``, i.e. once at the first inner step of every outer iteration, and holds that
 value for the ``tau`` inner steps. So ``gamma_t`` (read from ``optimizer.param_groups[g]["lr"]`` at
 the outer step) is exactly the learning rate every inner step of that outer iteration used.
+
+Streamed and overlapped outer steps (opt-in; Streaming DiLoCo, Douillard et al., 2025,
+arXiv:2501.18512). Three options change *how* the exact average travels:
+
+* ``outer_dtype`` (bfloat16 | float16): each rank sends its outer pseudo-gradient
+  ``Delta_i = w_i x0 - num_i`` (``x0 - x_i`` without push-sum) cast to the wire dtype, and
+  ``d = sum_i Delta_i / sum_i w_i`` replaces ``x0 - x_avg``. Sending the difference rather than the
+  parameters puts the 16-bit rounding on the (small) progress of the outer iteration, not on the
+  weights. What is lost: every Delta_i is rounded to 8 (bf16) or 11 (fp16) significant bits, and
+  the all-reduce adds in the wire dtype, so the sum is rounded again at each of the n - 1 additions
+  (order set by the collective; bit-identical on every rank, but not the exact sum of the cast
+  values for n > 2). fp16 also overflows above 65504 and flushes below 6e-8. x0 and u keep the
+  parameters' dtype; the push-sum weight travels in float64 (its own 8-byte all-reduce).
+  ``float32`` means "no cast" (the parameters' own dtype).
+* ``fragments = F``: the flattened parameters (layer order) are cut into F contiguous fragments of
+  equal size (outer_sync.fragment_bounds); fragment f is sent after inner step k when
+  ``(k + 1 + f tau / F) % tau == 0``, so each parameter is still averaged once every tau steps and
+  an outer step moves 1/F of the model. x0 and u are the same per-group vectors; a fragment's
+  update touches only its slices, with the gamma of each slice's param group at the send step.
+* ``overlap_steps = D``: the all-reduce is posted with ``async_op=True`` at the send step k and the
+  outer update is applied after step k + D, merged with the local progress made meanwhile by
+  Streaming DiLoCo's rule (arXiv:2501.18512, Sec. 2.2, without its mixing factor):
+
+      theta_f <- x0_f(new) + (theta_f(now) - theta_f(at send))
+
+  The wait is counted as blocking time, the time in flight before it as overlapped time.
+
+What equals Algorithm 1: with the defaults (float32, F = 1, D = 0) the original blocking code path
+runs unchanged (bit for bit). Any other setting takes the streamed path, which with F = 1, D = 0
+and float32 equals Alg. 1 up to rounding only (d is computed as the mean of ``x0 - x_i`` instead of
+``x0 - mean x_i``). With D >= 1 the result differs from Alg. 1 by design: the outer update uses
+the average of the models at step k and the D later local steps are re-applied on top of it
+(each rank its own), the gamma is the lr at the send step, and Local SGD does not average at a
+full-model send step (the outer all-reduce does, D steps later). Fragments with F > 1 differ too:
+fragment f's outer iteration spans steps that cross the lr-holding window. BatchNorm statistics
+and the base-optimizer buffers (``base_buffers``) are synchronised once per tau steps, when
+fragment 0 is applied.
+
+Restrictions (validated): ``fragments > 1`` and ``overlap_steps > 0`` need a base without push-sum
+(AR-SGD, Local SGD). Under push-sum one weight w_i is shared by all parameters, so a fragment cannot
+be reset to consensus with weight 1 while the rest keeps w_i, and re-applying local progress to a
+model whose mass is in flight in gossip messages would break mass conservation; both would need
+changes inside the gossip base. ``outer_dtype`` works over every base. ``sharded`` works only with
+the defaults of the three options.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +86,7 @@ import torch.distributed as dist
 from slowmo_train.algorithms.base import Algorithm, consensus_distance, exact_average
 from slowmo_train.algorithms.comm import all_reduce_mean_, floating_buffers
 from slowmo_train.algorithms.local_sgd import LocalSGD
+from slowmo_train.algorithms.outer_sync import WIRE_DTYPES, OuterMessage, build_fragments, fragment_due
 from slowmo_train.config import SlowMoConfig
 
 BASE_BUFFER_MODES = ("reset", "keep", "average")
@@ -68,6 +115,21 @@ def validate_slowmo_config(cfg: SlowMoConfig, base: Algorithm) -> None:
         raise ValueError(
             f"slowmo.tau must be a multiple of algorithm.period={base.period} when SlowMo wraps Local SGD, got {tau}"
         )
+    if cfg.outer_dtype not in WIRE_DTYPES:
+        raise ValueError(f"slowmo.outer_dtype must be one of {', '.join(WIRE_DTYPES)}, got {cfg.outer_dtype!r}")
+    frags, delay = cfg.fragments, cfg.overlap_steps
+    if isinstance(frags, bool) or not isinstance(frags, int) or frags < 1 or tau % frags != 0:
+        raise ValueError(f"slowmo.fragments must be an integer >= 1 dividing slowmo.tau={tau}, got {frags!r}")
+    if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay < tau:
+        raise ValueError(f"slowmo.overlap_steps must be an integer in [0, slowmo.tau={tau}), got {delay!r}")
+    streamed = frags > 1 or delay > 0
+    if streamed and base.mixing_state()[1] is not None:
+        raise ValueError(f"slowmo.fragments={frags} / slowmo.overlap_steps={delay} need a base without push-sum "
+                         f"(algorithm=allreduce or local_sgd), got {base.name}: its one weight is shared by all "
+                         "parameters; use slowmo.fragments=1 slowmo.overlap_steps=0")
+    if cfg.sharded and (streamed or cfg.outer_dtype != "float32"):
+        raise ValueError("slowmo.sharded=true works only with slowmo.fragments=1, slowmo.overlap_steps=0 and "
+                         "slowmo.outer_dtype=float32; set slowmo.sharded=false")
 
 
 @dataclass(frozen=True)
@@ -151,6 +213,12 @@ class SlowMo(Algorithm):
         # the same on every rank without communication.
         self.x0 = [self._flat(params, g)[g.start:g.stop].clone() for g in self.groups]
         self.u = [torch.zeros_like(x) for x in self.x0]
+        self.outer_dtype, self.fragments, self.delay = cfg.outer_dtype, int(cfg.fragments), int(cfg.overlap_steps)
+        self.wire_dtype = WIRE_DTYPES[cfg.outer_dtype]
+        #: False: the original blocking Alg. 1 code path (bit for bit); True: the streamed path
+        self.streamed = self.fragments > 1 or self.delay > 0 or self.wire_dtype is not None
+        self.pieces = build_fragments([p.numel() for p in params], [g.indices for g in self.groups], self.fragments)
+        self.pending: deque[OuterMessage] = deque()
 
     # --- delegation to the base algorithm -------------------------------------------------------
     @property
@@ -180,6 +248,8 @@ class SlowMo(Algorithm):
         self.base.load_consensus(values)
 
     def close(self) -> None:
+        for message in self.pending:
+            self._complete(message)
         self.base.close()
 
     def pop_metrics(self) -> dict[str, float]:
@@ -195,6 +265,9 @@ class SlowMo(Algorithm):
             options.append("nesterov")
         if self.sharded:
             options.append("sharded")
+        if self.streamed:
+            options += [f"outer_dtype={self.outer_dtype}", f"fragments={self.fragments}",
+                        f"overlap_steps={self.delay}"]
         return f"slowmo({', '.join(options)}) over {self.base.describe()}"
 
     # --- the training step -------------------------------------------------------------------
@@ -204,6 +277,9 @@ class SlowMo(Algorithm):
         return (step // self.tau) * self.tau
 
     def after_optimizer_step(self, step: int, exact_average_follows: bool = False) -> None:
+        if self.streamed:
+            self._streamed_step(step)
+            return
         outer = (step + 1) % self.tau == 0
         self.base.after_optimizer_step(step, exact_average_follows=outer)
         if outer:
@@ -217,6 +293,91 @@ class SlowMo(Algorithm):
         self.extra_metrics["consensus_distance"] = consensus_distance(local, x_avg)
         self.base.load_consensus(self._slow_momentum_step(x_avg))
         self._synchronize_buffers()
+
+    # --- the streamed / overlapped outer step (module docstring) ------------------------------
+    def _streamed_step(self, step: int) -> None:
+        sends = [f for f in range(self.fragments) if fragment_due(step, f, self.tau, self.fragments)]
+        # A whole-model send averages everything, so Local SGD's own average at this step is redundant.
+        self.base.after_optimizer_step(step, exact_average_follows=bool(sends) and self.fragments == 1)
+        for f in sends:
+            self._send(f, step)
+        while self.pending and self.pending[0].send_step + self.delay <= step:
+            self._merge(self.pending.popleft())
+        if (step + 1 - self.delay) % self.tau == 0 and step + 1 > self.delay:
+            self._synchronize_buffers()  # once per tau steps, when fragment 0 is applied
+
+    def _send(self, f: int, step: int) -> None:
+        """Post fragment f's outer all-reduce of ``w x0 - num`` (cast to the wire dtype)."""
+        self.base.flush()
+        numerators, weight = self.base.mixing_state()
+        pieces = self.pieces[f]
+        nums = torch.cat([numerators[p.param].reshape(-1)[p.start:p.stop] for p in pieces])
+        x0 = torch.cat([self.x0[p.group][p.offset:p.offset + p.stop - p.start] for p in pieces])
+        if weight is None:
+            theta = nums.clone()
+            delta = x0 - nums
+        else:
+            theta = nums / weight
+            delta = x0 * weight - nums
+        payload = delta.to(self.wire_dtype) if self.wire_dtype is not None else delta
+        total_weight = None if weight is None else weight.detach().reshape(1).to(torch.float64).clone()
+        message = OuterMessage(f, step, payload, total_weight, theta, [self._gamma(g) for g in self.groups])
+        if self.world_size > 1:
+            self.comm.add_allreduce(payload.numel() * payload.element_size(), self.world_size)
+            message.works.append(dist.all_reduce(payload, async_op=True))
+            if total_weight is not None:
+                self.comm.add_allreduce(8, self.world_size)
+                message.works.append(dist.all_reduce(total_weight, async_op=True))
+        message.posted_at = time.perf_counter()
+        self.pending.append(message)
+
+    def _complete(self, message: OuterMessage) -> None:
+        """Wait for a message's all-reduce: time in flight is overlapped, the wait blocking."""
+        if not message.works:
+            return
+        start = time.perf_counter()
+        if self.delay > 0:
+            self.comm.add_overlapped(start - message.posted_at)
+        with self.comm.blocking():
+            for work in message.works:
+                work.wait()
+        message.works = []
+
+    def _merge(self, message: OuterMessage) -> None:
+        """Apply one fragment's outer update and re-apply the local progress made since its send."""
+        self._complete(message)
+        pieces = self.pieces[message.fragment]
+        dtype = self.x0[pieces[0].group].dtype
+        total = message.payload.to(dtype)
+        divisor = float(self.world_size) if message.weight is None else message.weight.to(dtype)
+        d = total / divisor  # = x0 - x_avg of this fragment
+        x0_old = torch.cat([self.x0[p.group][p.offset:p.offset + p.stop - p.start] for p in pieces])
+        average = x0_old - d
+        self.extra_metrics["consensus_distance"] = consensus_distance([message.theta_send], [average])
+        params = [q.data for q in self.base.parameters()]
+        offset = 0
+        new_values = []
+        for p in pieces:
+            n = p.stop - p.start
+            x0 = self.x0[p.group][p.offset:p.offset + n]
+            u = self.u[p.group][p.offset:p.offset + n]
+            self._step(x0, u, d[offset:offset + n], message.gammas[p.group], average[offset:offset + n])
+            value = x0.clone()
+            if self.delay > 0:  # Streaming DiLoCo's merge: keep what the D later local steps added
+                now = params[p.param].reshape(-1)[p.start:p.stop]
+                value.add_(now - message.theta_send[offset:offset + n])
+            new_values.append(value)
+            offset += n
+        if self.base.mixing_state()[1] is not None:
+            # push-sum (F = 1, D = 0 only): the single fragment is the whole model
+            full = [None] * len(params)
+            for p, v in zip(pieces, new_values):
+                full[p.param] = v.view_as(params[p.param])
+            self.base.load_consensus(full)
+            return
+        with torch.no_grad():
+            for p, v in zip(pieces, new_values):
+                _write_slice(params[p.param], p.start, p.stop, v)
 
     # --- the outer update --------------------------------------------------------------------
     def _flat(self, tensors: list[torch.Tensor], group: SlowGroup) -> torch.Tensor:
@@ -243,7 +404,10 @@ class SlowMo(Algorithm):
         return new_params
 
     def _update(self, x0: torch.Tensor, u: torch.Tensor, avg: torch.Tensor, gamma: float) -> None:
-        d = x0 - avg
+        self._step(x0, u, x0 - avg, gamma, avg)
+
+    def _step(self, x0: torch.Tensor, u: torch.Tensor, d: torch.Tensor, gamma: float, avg: torch.Tensor) -> None:
+        """The outer update in place, given ``d = x0 - avg`` (``avg`` only for gamma = 0)."""
         if self.lr_coupling == "coupled":
             if gamma == 0.0:
                 x0.copy_(avg)  # no lr to undo: keep u, restart from the average (module docstring)
@@ -301,7 +465,15 @@ class SlowMo(Algorithm):
             "u": [u.clone() for u in self.u],
             "layout": [(g.numel, g.start, g.stop) for g in self.groups],
             "base": self.base.state_dict(),
+            # in-flight outer messages, waited for (not applied): a resumed run applies them at the
+            # same step as an uninterrupted one
+            "pending": [m.state() for m in self._completed_pending()],
         }
+
+    def _completed_pending(self) -> list[OuterMessage]:
+        for message in self.pending:
+            self._complete(message)
+        return list(self.pending)
 
     def load_state_dict(self, state: dict) -> None:
         layout = [(g.numel, g.start, g.stop) for g in self.groups]
@@ -314,3 +486,21 @@ class SlowMo(Algorithm):
             for mine, saved in zip(self.x0 + self.u, list(state["x0"]) + list(state["u"])):
                 mine.copy_(saved)
         self.base.load_state_dict(state["base"])
+        for message in self.pending:
+            self._complete(message)
+        device = self.x0[0].device if self.x0 else None
+        self.pending = deque(OuterMessage.from_state(m, device) for m in state.get("pending", []))
+        if any(m.fragment >= self.fragments for m in self.pending):
+            raise ValueError(f"the SlowMo checkpoint has outer messages of more fragments than slowmo.fragments="
+                             f"{self.fragments}: resume with the checkpoint's slowmo settings")
+
+
+def _write_slice(param: torch.Tensor, start: int, stop: int, value: torch.Tensor) -> None:
+    """param.reshape(-1)[start:stop] = value, also for non-contiguous (channels_last) tensors, where
+    reshape would copy."""
+    if param.is_contiguous():
+        param.view(-1)[start:stop].copy_(value)
+    else:
+        flat = param.reshape(-1).clone()
+        flat[start:stop].copy_(value)
+        param.copy_(flat.view_as(param))

@@ -1,5 +1,6 @@
 """Real asynchronous training: parameter-server rank(s) and worker ranks over torch.distributed
-point-to-point messages (gloo, or NCCL on GPUs with CPU-side buffers moved by the backend).
+point-to-point messages on the gloo backend (messages are CPU tensors; NCCL is rejected, since its
+point-to-point calls need GPU buffers and a receive from any source, which NCCL does not offer).
 
     slowmo-train algorithm=dana algorithm.mode=real algorithm.servers=1 launcher.nproc_per_node=3 \
         launcher.threads_per_worker=1 model.width=0.125 data.root=/path/to/cifar10
@@ -22,6 +23,10 @@ Every gradient a worker sends is applied by every server (also the few in flight
 STOP), so all shards see the same set of gradients; with several servers the order in which they
 arrive may differ between shards. The arrival order depends on timing, so a real run is not
 replayable and checkpoints (one per server, at every evaluation) are for inspection, not exact resume.
+
+Data: every rank builds the task with its global rank and the world size (the task's evaluation is a
+collective over all ranks), so worker w trains on the shard of rank ``servers + w`` and the servers'
+shards go unused: with S servers and W workers an "epoch" covers W / (W + S) of the training images.
 """
 
 from __future__ import annotations
@@ -79,6 +84,9 @@ def evaluate_together(runner: AsyncRunner, bounds, workers: int, shard: torch.Te
 def run_real(runner: AsyncRunner) -> dict:
     job = runner.job
     servers = job.algorithm.servers
+    if dist.get_backend() != "gloo":
+        raise ValueError(f"algorithm.mode=real runs on the gloo backend (a server receives from any worker); "
+                         f"got {dist.get_backend()}: set launcher.backend=gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     workers = world - servers
     if workers < 1:
@@ -167,7 +175,9 @@ def _serve(runner: AsyncRunner, s: int, servers: int, workers: int, bounds) -> d
             if len(ready) == workers:
                 for i in range(workers):
                     settle(i)
+                eval_start = time.perf_counter()
                 final = _eval_and_log(runner, bounds, workers, rule, updates, plan, metrics, progress, False, s)
+                stats.start += time.perf_counter() - eval_start  # evaluation is not training throughput
                 best = final[metric.name] if metric.better(final[metric.name], best) else best
                 ready.clear()
                 evals_started = False

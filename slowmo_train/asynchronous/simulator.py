@@ -3,8 +3,11 @@
     .venv/bin/python -m pytest -q tests/test_async_simulator.py
 
 The DANA paper (Hakimi et al., arXiv 1907.11612) studies many asynchronous workers by simulating them,
-drawing each worker's time per gradient from a gamma distribution; the distribution is configurable
-here (gamma, exponential, uniform, constant). Only the *order* of master updates matters for the
+drawing each worker's time per gradient from a gamma distribution (as issue 10 describes it; not
+checked against the paper's text); the distribution is configurable
+here (gamma, exponential, uniform, constant). The default gamma(shape 2, scale 1) is this project's
+choice (coefficient of variation 0.71): the shape and scale the paper used could not be confirmed
+(the paper was not reachable from this machine). Only the *order* of master updates matters for the
 trajectory: a worker's gradient depends on the parameters it read and its batch, so the simulator can
 compute the gradient at read time and hold it until its arrival event. Ties (equal finish times, e.g.
 constant times) are broken by the order in which the work was issued, so the order is a pure function
