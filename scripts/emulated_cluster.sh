@@ -111,6 +111,7 @@ cleanup_namespaces() {
         ip netns del "$ns" 2>/dev/null || true
     done
     rm -rf /etc/netns/"$PREFIX"-n[0-9]* 2>/dev/null || true
+    rmdir /etc/netns 2>/dev/null || true  # only if empty (other tools may keep files there)
     # veth ends left in the host namespace by a run interrupted half-way through setup
     for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E "^${PREFIX}(h|n)[0-9]+$|^${PREFIX}br$" || true); do
         ip link del "$link" 2>/dev/null || true

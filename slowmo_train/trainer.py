@@ -7,13 +7,14 @@ an algorithm's name or a task's.
 Reliability (slowmo_train/checkpoint.py, slowmo_train/faults.py): the trainer resumes from a
 checkpoint (``resume=auto|PATH``, and always after a launcher restart), saves every
 ``checkpoint.every_steps`` steps / ``checkpoint.every_minutes`` minutes / at the end / when SIGTERM or
-SIGINT arrives (the ranks agree on the step through one 8-byte all-reduce every
+SIGINT arrives (the ranks agree on the step through a pipelined 8-byte all-reduce every
 ``checkpoint.poll_every`` steps), handles non-finite values (``train.nonfinite``), and turns a
 communication failure or timeout into one line naming the operation, the step and the rank.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -76,6 +77,13 @@ def make_plan(job: JobConfig, task: Task, world_size: int) -> Plan:
     return Plan(task.steps_per_epoch, total, eval_every, total_batch, peak_lr(job.optim, total_batch))
 
 
+def control_group(timeout_s: float):
+    """A gloo process group over all ranks for small CPU-side control collectives (None at world size 1)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def keep_artifacts(artifacts: dict[str, str], run_dir: Path) -> None:
     """Copy the files a task needs to use its model later (e.g. the subword vocabulary) into
     ``run_dir/artifacts/`` so a run directory is self-contained."""
@@ -96,6 +104,10 @@ class Trainer:
         log.info("rank %d: process %d, launch attempt %d", env.rank, os.getpid(), restart_attempt())
         seed_everything(job.seed)
         self.topology = build_topology(resolve_procs_per_node(job.algorithm.nprocs_per_node, env))
+        # host-side control messages (stop polls, loss means, finiteness flags) are CPU tensors: a gloo
+        # group of their own works under NCCL too and never queues behind the algorithm's traffic
+        self.control_group = control_group(job.launcher.timeout_s)
+        self._pending_poll: tuple | None = None
         worker = WorkerInfo(env.rank, env.world_size, env.local_rank, device)
         args = TaskArgs(model=job.model, data=job.data, eval=job.eval,
                         batch_size=per_worker_batch(job.train, env.world_size),
@@ -244,18 +256,50 @@ class Trainer:
         return self.checkpointer.save(self.step, self.state_dict(), self.config_dict, meta)
 
     # --- agreement between ranks ---------------------------------------------------------------------
-    def _poll(self) -> tuple[str | None, bool]:
-        """(the stop signal some rank received, or None; time for a time-based checkpoint): one
-        all-reduce of two values every ``checkpoint.poll_every`` steps, so all ranks act at the same step."""
-        self.operation = "stop-signal poll"
+    def _local_flags(self) -> torch.Tensor:
         minutes = self.job.checkpoint.every_minutes
         due = self.env.rank == 0 and minutes > 0 and \
             time.monotonic() - self.checkpointer.last_saved_at >= minutes * 60
-        flags = torch.tensor([float(self.stop.signum or 0), float(due)])
-        if dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return torch.tensor([float(self.stop.signum or 0), float(due)])
+
+    @staticmethod
+    def _decode_flags(flags: torch.Tensor) -> tuple[str | None, bool]:
         signum = int(flags[0])
         return (signal.Signals(signum).name if signum else None), bool(flags[1])
+
+    def _poll(self) -> tuple[str | None, bool]:
+        """(the stop signal some rank received, or None; time for a time-based checkpoint), now:
+        one blocking all-reduce of two values, so all ranks act at the same step (used at start-up)."""
+        self.operation = "stop-signal poll"
+        flags = self._local_flags()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control_group)
+        return self._decode_flags(flags)
+
+    def _collect_poll(self) -> tuple[str | None, bool]:
+        """The result of the poll started ``checkpoint.poll_every`` steps ago (None, False if none).
+
+        Polls are pipelined: each one is a non-blocking all-reduce on a separate gloo group, started
+        after a step and read ``poll_every`` steps later, when it has long completed. Every rank
+        reads the same result at the same step, so they still agree where to stop, and the poll
+        never waits for a step's own communication: a blocking poll queued behind OSGP's in-flight
+        gossip and cancelled its overlap (measured: OSGP 27-32 % slower per step on a slow link).
+        The cost is that a signal is acted on up to 2 x poll_every steps after it arrives."""
+        if self._pending_poll is None:
+            return None, False
+        self.operation = "stop-signal poll"
+        work, flags = self._pending_poll
+        self._pending_poll = None
+        if work is not None:
+            work.wait()
+        return self._decode_flags(flags)
+
+    def _start_poll(self) -> None:
+        flags = self._local_flags()
+        work = None
+        if dist.get_world_size() > 1:
+            work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control_group, async_op=True)
+        self._pending_poll = (work, flags)
 
     def _nonfinite_ranks(self) -> list[int]:
         """Ranks whose accumulated loss or parameters hold inf/NaN (collective)."""
@@ -263,7 +307,7 @@ class Trainer:
         flags = torch.zeros(self.env.world_size)
         flags[self.env.rank] = float(local)
         if dist.get_world_size() > 1:
-            dist.all_reduce(flags)
+            dist.all_reduce(flags, group=self.control_group)
         return [r for r, f in enumerate(flags.tolist()) if f > 0]
 
     def _raise_nonfinite(self, ranks: list[int]) -> None:
@@ -282,7 +326,7 @@ class Trainer:
     def _reduce_mean(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
         if dist.get_world_size() > 1:
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self.control_group)
             t /= dist.get_world_size()
         return t.tolist()
 
@@ -454,8 +498,9 @@ class Trainer:
                 interval_start += time.perf_counter() - eval_start  # evaluation is not training throughput
 
             stop, time_due = None, False
-            if not done and self.step % ckpt.poll_every == 0:
-                stop, time_due = self._poll()
+            poll_step = not done and self.step % ckpt.poll_every == 0
+            if poll_step:
+                stop, time_due = self._collect_poll()
             periodic = ckpt.every_steps > 0 and self.step % ckpt.every_steps == 0
             if periodic or time_due or stop or (done and ckpt.at_end):
                 save_start = time.perf_counter()
@@ -466,6 +511,9 @@ class Trainer:
                 log.info("stopped at step %d (%s); checkpoint %s", self.step, self.stopped_by,
                             self.checkpointer.last_path)
                 break
+            if poll_step:
+                self._start_poll()  # after the save, so a time-based checkpoint is not asked for twice
+        self._collect_poll()  # no collective left in flight
         if self.step == plan.total_steps:
             self._save_final_model()
         return final

@@ -121,15 +121,16 @@ def test_kill_during_save_never_leaves_a_loadable_checkpoint(tmp_path, data):
 
 @pytest.mark.slow
 def test_sigterm_on_one_rank_stops_all_at_the_same_step_then_resume(tmp_path, data):
-    """SIGTERM reaching only rank 1 at step 3: both ranks save step 3 and exit 0; resume=auto
+    """SIGTERM reaching only rank 1 during step 3: the poll started after step 3 carries it and is
+    read after step 4 (polls are pipelined), so both ranks save step 4 and exit 0; resume=auto
     finishes the run."""
     run = tmp_path / "run"
     result = _launch(["train.max_steps=6"], run, data, faults="sigterm@step=3,rank=1")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = _error_lines(result)
-    assert len(lines) == 1 and lines[0].startswith("slowmo-train: stopped by SIGTERM at step 3; checkpoint: "), lines
-    assert lines[0].endswith("checkpoints/step_00000003; continue with resume=auto output_dir=" + str(run.resolve()))
-    assert _ckpt_steps(run) == [3]
+    assert len(lines) == 1 and lines[0].startswith("slowmo-train: stopped by SIGTERM at step 4; checkpoint: "), lines
+    assert lines[0].endswith("checkpoints/step_00000004; continue with resume=auto output_dir=" + str(run.resolve()))
+    assert _ckpt_steps(run) == [4]
     assert not (run / "model_final.pt").exists()
     again = _launch(["train.max_steps=6", "resume=auto"], run, data)
     assert again.returncode == 0, again.stderr[-3000:]

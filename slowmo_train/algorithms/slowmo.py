@@ -52,7 +52,10 @@ arXiv:2501.18512). Three options change *how* the exact average travels:
 
       theta_f <- x0_f(new) + (theta_f(now) - theta_f(at send))
 
-  The wait is counted as blocking time, the time in flight before it as overlapped time.
+  The wait is counted as blocking time, the time in flight before it as overlapped time. A
+  checkpoint waits for in-flight messages and saves their summed payloads (not applied), so a
+  resumed run applies them at the same step; messages still in flight when training ends (sent in
+  its last D steps) are waited for and dropped, as the run stops before their step.
 
 What equals Algorithm 1: with the defaults (float32, F = 1, D = 0) the original blocking code path
 runs unchanged (bit for bit). Any other setting takes the streamed path, which with F = 1, D = 0

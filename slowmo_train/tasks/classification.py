@@ -28,9 +28,11 @@ def evaluate_classifier(model: nn.Module, batches, topk: tuple[int, ...] = (1,))
                                  torch.tensor(float(y.numel()), device=logits.device),
                                  *[hits[:, : min(t, k)].any(1).sum().float() for t in topk]]).double()
             totals = batch if totals is None else totals + batch
-    totals = torch.zeros(2 + len(topk), dtype=torch.float64) if totals is None else totals.cpu()
+    if totals is None:
+        totals = torch.zeros(2 + len(topk), dtype=torch.float64, device=next(model.parameters()).device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(totals)
+        dist.all_reduce(totals)  # on the model's device: NCCL reduces CUDA tensors only
+    totals = totals.cpu()
     model.train(was_training)
     loss, count, *correct = totals.tolist()
     out = {f"top{t}": 100.0 * c / max(count, 1) for t, c in zip(topk, correct)}
