@@ -33,7 +33,7 @@ def test_image_folder_cache_is_reused_and_corrupt_cache_rebuilt(folder_cifar, tm
 
 
 def test_missing_or_empty_root_has_a_clear_error(tmp_path):
-    with pytest.raises(DatasetError, match="holds no CIFAR-10.*data.download=true"):
+    with pytest.raises(DatasetError, match="holds no CIFAR-10.*data.download=auto"):
         detect_layout(tmp_path)
 
 
