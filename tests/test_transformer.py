@@ -17,15 +17,6 @@ from slowmo_train.tasks.wmt16 import corpus_bleu
 VOCAB = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one thread avoids the cost of waking idle ones for every small op."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(seed: int = 0, **kw) -> Transformer:
     torch.manual_seed(seed)
     return transformer("transformer_small", VOCAB, width=kw.pop("width", 0.125), **kw).eval()

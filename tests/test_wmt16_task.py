@@ -23,15 +23,6 @@ from tests.test_translation_data import write_corpus
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one thread avoids the cost of waking idle ones for every small op."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(tmp_path: Path, **eval_kw):
     root = write_corpus(tmp_path / "text", pairs=80)
     args = TaskArgs(model=ModelConfig(arch="transformer_small", width=0.125),

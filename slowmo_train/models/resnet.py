@@ -12,6 +12,23 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 
+def init_resnet_(model: nn.Module) -> None:
+    """He (fan-out) init for convolutions, identity BatchNorm, then zero the last BN gamma of every
+    residual branch so each block starts as the identity (Goyal et al., 2017), which keeps the
+    large-batch warm-up stable."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in model.modules():
+        if isinstance(m, Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
+        elif isinstance(m, BasicBlock):
+            nn.init.zeros_(m.bn2.weight)
+
+
 def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
     downsample = None
     if stride != 1 or inplanes != planes:
@@ -45,17 +62,7 @@ class CifarResNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        # Zero-init the last BN of each residual branch so every block starts as the identity
-        # (Goyal et al., 2017), which makes large-batch warm-up stable.
-        for m in self.modules():
-            if isinstance(m, BasicBlock):
-                nn.init.zeros_(m.bn2.weight)
+        init_resnet_(self)
 
     def forward(self, x):
         x = self.stages(self.stem(x))
@@ -112,18 +119,7 @@ class ImageNetResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
-        # torchvision's initialisation (He init, fan-out; BN identity), then the zero gammas
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for m in self.modules():
-            if isinstance(m, Bottleneck):
-                nn.init.zeros_(m.bn3.weight)
-            elif isinstance(m, BasicBlock):
-                nn.init.zeros_(m.bn2.weight)
+        init_resnet_(self)
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
