@@ -39,6 +39,15 @@ class CommStats:
         moved = 2 * (group_size - 1) * nbytes // group_size
         self.add_bytes(moved, moved)
 
+    def wait(self, works, posted_at: float, overlapped: bool) -> None:
+        """Wait for non-blocking operations posted at ``posted_at`` (a ``time.perf_counter()``):
+        their time in flight so far counts as overlapped (when ``overlapped``), the wait as blocking."""
+        if overlapped:
+            self.add_overlapped(time.perf_counter() - posted_at)
+        with self.blocking():
+            for work in works:
+                work.wait()
+
     @contextmanager
     def blocking(self):
         """Time a region during which this rank waits on communication."""

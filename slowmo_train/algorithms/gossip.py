@@ -188,12 +188,7 @@ class PushSumGossip(Algorithm):
         """Wait for one step's messages: in-flight time is overlapped, waiting time blocking."""
         if not messages.works:
             return
-        wait_start = time.perf_counter()
-        if self.staleness > 0:
-            self.comm.add_overlapped(wait_start - messages.posted_at)
-        with self.comm.blocking():
-            for work in messages.works:
-                work.wait()
+        self.comm.wait(messages.works, messages.posted_at, overlapped=self.staleness > 0)
         messages.works = []
         messages.send_buffer = None
 

@@ -338,12 +338,7 @@ class SlowMo(Algorithm):
         """Wait for a message's all-reduce: time in flight is overlapped, the wait blocking."""
         if not message.works:
             return
-        start = time.perf_counter()
-        if self.delay > 0:
-            self.comm.add_overlapped(start - message.posted_at)
-        with self.comm.blocking():
-            for work in message.works:
-                work.wait()
+        self.comm.wait(message.works, message.posted_at, overlapped=self.delay > 0)
         message.works = []
 
     def _merge(self, message: OuterMessage) -> None:
