@@ -330,10 +330,6 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _check(0 <= s.overlap_steps < s.tau, "slowmo.overlap_steps", s.overlap_steps,
            f"must be an integer in [0, slowmo.tau={s.tau})")
     streamed = s.fragments > 1 or s.overlap_steps > 0
-    if s.enabled and streamed:
-        _check(a.name in ("allreduce", "local_sgd"), "algorithm", a.name,
-               "slowmo.fragments > 1 and slowmo.overlap_steps > 0 need algorithm=allreduce or local_sgd "
-               "(push-sum bases share one weight across all parameters; see slowmo_train/algorithms/slowmo.py)")
     _check(not (s.sharded and (streamed or s.outer_dtype != "float32")), "slowmo.sharded", s.sharded,
            "works only with slowmo.fragments=1, slowmo.overlap_steps=0 and slowmo.outer_dtype=float32")
 

@@ -257,6 +257,9 @@ class Simulator:
     # --- averaging ---------------------------------------------------------------------------
     def flush(self) -> None:
         self.deliver(lambda sent: True)
+        if self.case.algorithm in ("sgp", "osgp"):  # the parameters follow, as the real flush de-biases
+            for worker in self.workers:
+                worker.params = [x / worker.weight for x in worker.numerator]
 
     def exact_average(self) -> list[torch.Tensor]:
         self.flush()
@@ -348,14 +351,17 @@ class Simulator:
                 new_x0 = x0[lo:hi] - spec.alpha * step
             x0[lo:hi], u[lo:hi] = new_x0, new_u
             self.x0, self.u = unflat(x0), unflat(u)
-            if gossip:  # F = 1, D = 0 only: every worker restarts from x0 with weight 1
+            if gossip and frags == 1 and delay == 0:  # Alg. 1: every worker restarts from x0 with weight 1
                 self.restart_all_from(self.x0)
                 continue
+            if gossip:
+                self.flush()  # all mass at the workers, then the slice's numerators become value * w
             for worker, theta in zip(self.workers, message["thetas"]):
-                params = flat(worker.params)
+                params = flat(worker.numerator) / worker.weight
                 params[lo:hi] = new_x0 + (params[lo:hi] - theta)
-                worker.params = unflat(params)
-                worker.numerator = [p.clone() for p in worker.params]
+                numerator = params * worker.weight
+                worker.numerator = unflat(numerator)
+                worker.params = unflat(numerator / worker.weight)
         if (k + 1 - delay) % tau == 0 and k + 1 > delay:
             self.synchronize_buffers()
 

@@ -49,8 +49,15 @@ def streaming_cases(world_size: int) -> list[Case]:
                                  base_buffers="average"))
         cases.append(with_slowmo(replace(base, steps=STEPS), f"stream_{base.name}_F2_D1_bf16",
                                  tau=TAU, fragments=2, overlap=1, outer_dtype="bfloat16"))
-    # 16-bit outer messages over every base (gossip: F = 1, D = 0 only)
     gossip = [Case("sgp", "sgp", graph="nonregular_exponential"), Case("osgp", "osgp", synch_freq=2)]
+    # push-sum bases: fragments keep each worker's weight, overlap flushes the gossip at the merge
+    for base in gossip:
+        for frags, delay in ((1, 1), (2, 0), (2, 1), (4, 2)):
+            cases.append(with_slowmo(replace(base, steps=STEPS), f"stream_{base.name}_F{frags}_D{delay}",
+                                     tau=TAU, fragments=frags, overlap=delay))
+        cases.append(with_slowmo(replace(base, steps=STEPS), f"stream_{base.name}_F2_D1_bf16",
+                                 tau=TAU, fragments=2, overlap=1, outer_dtype="bfloat16"))
+    # 16-bit outer messages over every base
     for base in list(BASES) + gossip:
         for dtype in ("bfloat16", "float16"):
             cases.append(with_slowmo(replace(base, steps=STEPS), f"wire_{base.name}_{dtype}", tau=TAU,
@@ -59,7 +66,7 @@ def streaming_cases(world_size: int) -> list[Case]:
     cases.append(with_slowmo(Case("local_sgd", "local_sgd", period=2), "defaults_local_sgd", tau=TAU,
                              fragments=1, overlap=0, outer_dtype="float32"))
     if world_size == 4:  # 2 nodes x 2 processes
-        for base in BASES:
+        for base in BASES + (Case("sgp", "sgp"),):
             cases.append(with_slowmo(replace(base, steps=STEPS, procs_per_node=2), f"hier_{base.name}_F2_D1",
                                      tau=TAU, fragments=2, overlap=1))
     return cases
@@ -177,19 +184,16 @@ def test_bad_streaming_options_name_the_key(options, message):
     assert result is not None and message in result, result
 
 
-def test_push_sum_bases_reject_fragments_and_overlap():
-    for options in ({"fragments": 2}, {"overlap_steps": 1}):
-        result = run_distributed(_build_error, 1, args=("sgp", options))[0]
-        assert "need a base without push-sum" in result, result
-    assert run_distributed(_build_error, 1, args=("sgp", {"outer_dtype": "bfloat16"}))[0] is None
+def test_push_sum_bases_accept_fragments_and_overlap():
+    for options in ({"fragments": 2}, {"overlap_steps": 1}, {"outer_dtype": "bfloat16"}):
+        assert run_distributed(_build_error, 1, args=("sgp", options))[0] is None, options
 
 
 def test_config_validation_rejects_the_same():
     job = JobConfig()
     job.slowmo.enabled, job.slowmo.tau, job.slowmo.fragments = True, 4, 2
     job.algorithm.name = "sgp"
-    with pytest.raises(ConfigError, match="algorithm"):
-        validate(job, check_paths=False)
+    validate(job, check_paths=False)  # gossip bases take fragments too
     job.algorithm.name, job.slowmo.fragments, job.slowmo.overlap_steps = "local_sgd", 3, 0
     job.algorithm.period = 1
     with pytest.raises(ConfigError, match="slowmo.fragments"):
@@ -303,6 +307,7 @@ def _resume_in_flight(rank, world_size, case, split):
 @pytest.mark.parametrize("name,base,options,split", [
     ("local_sgd_F2_D2", Case("l", "local_sgd", period=2, steps=STEPS), dict(fragments=2, overlap=2), 5),
     ("allreduce_F1_D1_bf16", Case("a", "allreduce", steps=STEPS), dict(overlap=1, outer_dtype="bfloat16"), 4),
+    ("osgp_F2_D1", Case("o", "osgp", synch_freq=2, steps=STEPS), dict(fragments=2, overlap=1), 4),
 ])
 def test_resume_with_an_outer_message_in_flight_is_exact(name, base, options, split):
     case = with_slowmo(base, name, tau=TAU, **options)

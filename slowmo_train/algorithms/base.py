@@ -81,6 +81,15 @@ class Algorithm:
             for p, v in zip(self.parameters(), values):
                 p.data.copy_(v)
 
+    def write_slices(self, slices: list[tuple[int, int, int, torch.Tensor]]) -> None:
+        """Set parts of this rank's parameters: ``(index into parameters(), start, stop, values)``
+        in the parameter's flattened order, leaving the rest of the mixing state as it is (SlowMo's
+        fragment updates). Push-sum bases keep their weight and scale the numerators."""
+        params = self.parameters()
+        with torch.no_grad():
+            for index, start, stop, values in slices:
+                write_slice(params[index].data, start, stop, values)
+
     def pop_metrics(self) -> dict[str, float]:
         """Extra scalars measured since the last call (e.g. ``consensus_distance``), for metrics."""
         out, self.extra_metrics = getattr(self, "extra_metrics", {}), {}
@@ -163,3 +172,14 @@ def averaged_model(algorithm: Algorithm, model: nn.Module):
         with torch.no_grad():
             for t, s in zip(tensors, saved):
                 t.copy_(s)
+
+
+def write_slice(param: torch.Tensor, start: int, stop: int, value: torch.Tensor) -> None:
+    """param.reshape(-1)[start:stop] = value, also for non-contiguous (channels_last) tensors, where
+    reshape would copy."""
+    if param.is_contiguous():
+        param.view(-1)[start:stop].copy_(value)
+    else:
+        flat = param.reshape(-1).clone()
+        flat[start:stop].copy_(value)
+        param.copy_(flat.view_as(param))

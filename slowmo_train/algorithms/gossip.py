@@ -237,6 +237,18 @@ class PushSumGossip(Algorithm):
             self.weight.fill_(1.0)
             self._debias()  # x / 1 is x bitwise, so the parameters equal ``values`` exactly
 
+    def write_slices(self, slices: list[tuple[int, int, int, torch.Tensor]]) -> None:
+        """Set parts of the de-biased parameters to ``values`` while keeping the weight:
+        ``x[slice] = values * w``. Applied after :meth:`flush` (all mass at the workers), this
+        replaces the slice's contribution to the network average ``sum_i x_i / sum_i w_i`` by the
+        ``w``-weighted mean of the new values and leaves every other parameter's untouched."""
+        self.flush()
+        with torch.no_grad():
+            for index, start, stop, values in slices:
+                offset = self._slices[index][0]
+                self.numerators[offset + start:offset + stop].copy_(values.reshape(-1) * self.weight)
+            self._debias()
+
     def consensus_distance(self) -> float:
         """Mean over ranks of ||z_i - mean_j z_j|| (collective). A diagnostic: it neither waits
         for in-flight messages nor counts towards CommStats, so it does not change training."""

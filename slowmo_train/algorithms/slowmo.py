@@ -68,12 +68,19 @@ fragment f's outer iteration spans steps that cross the lr-holding window. Batch
 and the base-optimizer buffers (``base_buffers``) are synchronised once per tau steps, when
 fragment 0 is applied.
 
-Restrictions (validated): ``fragments > 1`` and ``overlap_steps > 0`` need a base without push-sum
-(AR-SGD, Local SGD). Under push-sum one weight w_i is shared by all parameters, so a fragment cannot
-be reset to consensus with weight 1 while the rest keeps w_i, and re-applying local progress to a
-model whose mass is in flight in gossip messages would break mass conservation; both would need
-changes inside the gossip base. ``outer_dtype`` works over every base. ``sharded`` works only with
-the defaults of the three options.
+Push-sum bases (SGP, OSGP). The outer message is ``w_i x0 - num_i`` with the weights summed
+alongside, so ``d = x0 - sum_i num_i / sum_i w_i`` is the exact (push-sum) average, as in Alg. 1.
+With F = 1 and D = 0 every worker restarts from x0 with weight 1 (Alg. 1). Otherwise one weight
+w_i is shared by all parameters, so a fragment cannot restart with weight 1 alone; instead the
+gossip is flushed (every in-flight message waited for and added: all mass at the workers) and the
+fragment's numerators become ``value_i * w_i``, where ``value_i`` is the merged value above. The
+de-biased fragment then equals ``value_i``, the network average ``sum_i num_i / sum_i w_i`` of
+that fragment becomes the w-weighted mean of the values (x0_new exactly when D = 0), and the other
+parameters and the weights are untouched. Costs: for OSGP, the flush at a merge waits for the
+gossip of the last ``synch_freq`` steps (messages otherwise added later), which is blocking time;
+SGP has nothing in flight between steps.
+
+Restrictions (validated): ``sharded`` works only with the defaults of the three options.
 """
 
 from __future__ import annotations
@@ -126,10 +133,6 @@ def validate_slowmo_config(cfg: SlowMoConfig, base: Algorithm) -> None:
     if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay < tau:
         raise ValueError(f"slowmo.overlap_steps must be an integer in [0, slowmo.tau={tau}), got {delay!r}")
     streamed = frags > 1 or delay > 0
-    if streamed and base.mixing_state()[1] is not None:
-        raise ValueError(f"slowmo.fragments={frags} / slowmo.overlap_steps={delay} need a base without push-sum "
-                         f"(algorithm=allreduce or local_sgd), got {base.name}: its one weight is shared by all "
-                         "parameters; use slowmo.fragments=1 slowmo.overlap_steps=0")
     if cfg.sharded and (streamed or cfg.outer_dtype != "float32"):
         raise ValueError("slowmo.sharded=true works only with slowmo.fragments=1, slowmo.overlap_steps=0 and "
                          "slowmo.outer_dtype=float32; set slowmo.sharded=false")
@@ -344,6 +347,10 @@ class SlowMo(Algorithm):
     def _merge(self, message: OuterMessage) -> None:
         """Apply one fragment's outer update and re-apply the local progress made since its send."""
         self._complete(message)
+        push_sum = self.base.mixing_state()[1] is not None
+        if push_sum:
+            # all gossip mass back at the workers before a slice of it is replaced (module docstring)
+            self.base.flush()
         pieces = self.pieces[message.fragment]
         dtype = self.x0[pieces[0].group].dtype
         total = message.payload.to(dtype)
@@ -366,16 +373,14 @@ class SlowMo(Algorithm):
                 value.add_(now - message.theta_send[offset:offset + n])
             new_values.append(value)
             offset += n
-        if self.base.mixing_state()[1] is not None:
-            # push-sum (F = 1, D = 0 only): the single fragment is the whole model
+        if push_sum and self.fragments == 1 and self.delay == 0:
+            # the whole model at consensus, as Alg. 1: every rank restarts with push-sum weight 1
             full = [None] * len(params)
             for p, v in zip(pieces, new_values):
                 full[p.param] = v.view_as(params[p.param])
             self.base.load_consensus(full)
             return
-        with torch.no_grad():
-            for p, v in zip(pieces, new_values):
-                _write_slice(params[p.param], p.start, p.stop, v)
+        self.base.write_slices([(p.param, p.start, p.stop, v) for p, v in zip(pieces, new_values)])
 
     # --- the outer update --------------------------------------------------------------------
     def _flat(self, tensors: list[torch.Tensor], group: SlowGroup) -> torch.Tensor:
@@ -492,13 +497,3 @@ class SlowMo(Algorithm):
             raise ValueError(f"the SlowMo checkpoint has outer messages of more fragments than slowmo.fragments="
                              f"{self.fragments}: resume with the checkpoint's slowmo settings")
 
-
-def _write_slice(param: torch.Tensor, start: int, stop: int, value: torch.Tensor) -> None:
-    """param.reshape(-1)[start:stop] = value, also for non-contiguous (channels_last) tensors, where
-    reshape would copy."""
-    if param.is_contiguous():
-        param.view(-1)[start:stop].copy_(value)
-    else:
-        flat = param.reshape(-1).clone()
-        flat[start:stop].copy_(value)
-        param.copy_(flat.view_as(param))
