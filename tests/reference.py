@@ -207,8 +207,8 @@ class Simulator:
             grads = [mean] * self.n
         streamed = case.slowmo is not None and case.slowmo.streamed
         outer = case.slowmo is not None and not streamed and (k + 1) % case.slowmo.tau == 0
-        # a whole-model streamed send replaces Local SGD's own average at that step
-        whole_send = streamed and case.slowmo.fragments == 1 and (k + 1) % case.slowmo.tau == 0
+        # a streamed outer synchronisation replaces Local SGD's own average at the end of an outer iteration
+        outer_boundary = streamed and (k + 1) % case.slowmo.tau == 0
         gossip = case.algorithm in ("sgp", "osgp")
         for worker, g in zip(self.workers, grads):
             before = list(worker.params)
@@ -219,7 +219,7 @@ class Simulator:
                 worker.numerator = list(worker.params)
         if gossip:
             self.gossip(k)
-        if case.algorithm == "local_sgd" and (k + 1) % case.period == 0 and not outer and not whole_send:
+        if case.algorithm == "local_sgd" and (k + 1) % case.period == 0 and not outer and not outer_boundary:
             self.restart_all_from(self.exact_average())
             self.average_stats()
         if case.average_every and (k + 1) % case.average_every == 0:

@@ -62,6 +62,9 @@ def streaming_cases(world_size: int) -> list[Case]:
         for dtype in ("bfloat16", "float16"):
             cases.append(with_slowmo(replace(base, steps=STEPS), f"wire_{base.name}_{dtype}", tau=TAU,
                                      outer_dtype=dtype))
+    # Local SGD with period = tau: SlowMo's fragments are the only averaging (Streaming DiLoCo)
+    cases.append(with_slowmo(Case("local_sgd", "local_sgd", period=TAU, steps=STEPS), "stream_bmuf_F4_D1",
+                             tau=TAU, fragments=4, overlap=1))
     # the explicit defaults are Alg. 1 (checked bit for bit against the plain SlowMo case)
     cases.append(with_slowmo(Case("local_sgd", "local_sgd", period=2), "defaults_local_sgd", tau=TAU,
                              fragments=1, overlap=0, outer_dtype="float32"))
@@ -245,7 +248,7 @@ def _bytes_per_step(rank, world_size, variants):
 
 def test_16_bit_outer_messages_halve_the_bytes_and_overlap_is_counted():
     variants = {"exact": {}, "f32_D1": {"overlap_steps": 1}, "bf16_D1": {"overlap_steps": 1, "outer_dtype": "bfloat16"},
-                "fp16_D0": {"outer_dtype": "float16"}}
+                "fp16_D0": {"outer_dtype": "float16"}, "f32_F4_D1": {"overlap_steps": 1, "fragments": 4}}
     steps = run_distributed(_bytes_per_step, 2, args=(variants,))[0]
     numel = 16 * 8 + 8
     ring = lambda nbytes: 2 * (2 - 1) * nbytes // 2  # noqa: E731  (ring all-reduce over 2 ranks)
@@ -258,6 +261,11 @@ def test_16_bit_outer_messages_halve_the_bytes_and_overlap_is_counted():
     assert steps["bf16_D1"][send]["blocking_s"] == 0.0 and steps["bf16_D1"][send]["overlapped_s"] == 0.0
     assert steps["bf16_D1"][send + 1]["overlapped_s"] > 0.0
     assert steps["exact"][send]["overlapped_s"] == 0.0 and steps["exact"][send]["blocking_s"] > 0.0
+    # F = 4 over Local SGD with period = tau: a quarter of the model every tau / 4 steps and no average
+    # of the base's own, so the same bytes per outer iteration with a quarter of the peak
+    quarter = [s["bytes_sent"] for s in steps["f32_F4_D1"]]
+    assert max(quarter) == ring(4 * numel // 4)
+    assert sum(quarter) == sum(s["bytes_sent"] for s in steps["f32_D1"])
 
 
 # --- checkpoints with an outer message in flight -------------------------------------------------------

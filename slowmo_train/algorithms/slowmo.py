@@ -62,9 +62,12 @@ runs unchanged (bit for bit). Any other setting takes the streamed path, which w
 and float32 equals Alg. 1 up to rounding only (d is computed as the mean of ``x0 - x_i`` instead of
 ``x0 - mean x_i``). With D >= 1 the result differs from Alg. 1 by design: the outer update uses
 the average of the models at step k and the D later local steps are re-applied on top of it
-(each rank its own), the gamma is the lr at the send step, and Local SGD does not average at a
-full-model send step (the outer all-reduce does, D steps later). Fragments with F > 1 differ too:
-fragment f's outer iteration spans steps that cross the lr-holding window. BatchNorm statistics
+(each rank its own), the gamma is the lr at the send step, and Local SGD does not average at the
+end of an outer iteration (the outer all-reduce does, D steps later). Fragments with F > 1 differ
+too: fragment f's outer iteration spans steps that cross the lr-holding window, and Local SGD's
+average at the end of an outer iteration is replaced by the staggered fragment synchronisations
+(with ``algorithm.period = tau`` the base then never averages on its own: Streaming DiLoCo's
+inner loop, and the peak bandwidth of an outer step falls by F). BatchNorm statistics
 and the base-optimizer buffers (``base_buffers``) are synchronised once per tau steps, when
 fragment 0 is applied.
 
@@ -303,8 +306,10 @@ class SlowMo(Algorithm):
     # --- the streamed / overlapped outer step (module docstring) ------------------------------
     def _streamed_step(self, step: int) -> None:
         sends = [f for f in range(self.fragments) if fragment_due(step, f, self.tau, self.fragments)]
-        # A whole-model send averages everything, so Local SGD's own average at this step is redundant.
-        self.base.after_optimizer_step(step, exact_average_follows=bool(sends) and self.fragments == 1)
+        # At the end of an outer iteration SlowMo's synchronisation takes the place of Local SGD's own
+        # average (the whole model when F = 1, fragment 0 now and the others staggered when F > 1), so
+        # with algorithm.period = tau the outer steps are the only averaging and move 1/F of the model.
+        self.base.after_optimizer_step(step, exact_average_follows=(step + 1) % self.tau == 0)
         for f in sends:
             self._send(f, step)
         while self.pending and self.pending[0].send_step + self.delay <= step:
