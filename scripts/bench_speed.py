@@ -32,7 +32,8 @@ bytes, B = BatchNorm buffer bytes, n = processes, ring(X, n) = 2(n-1)/n X per ra
     Local SGD  C + ring(P + B, n) / R_edge / H
     SGP        C + (P + 4) / R                     one model (+ push-sum weight) out and in per step
     OSGP       max(C, (P + 4) / R)
-    + SlowMo   + (ring(P + 4, n) + ring(B, n)) / R_edge / tau   (Local SGD: replaces its own average)
+    + SlowMo   + (ring(P + 4, n) + ring(B, n)) / R_edge / tau   (Local SGD: replaces its own average;
+               SGP / OSGP: their gossip on the outer step is skipped, (P + 4) / R x (tau - 1) / tau)
 R is the tbf rate times 1448/1514 (TCP payload per Ethernet frame on a 1500-byte MTU, the bytes tbf
 counts). R_edge: a ring crosses each node's link once per direction, so a ring all-reduce moves
 ring(X, n) bytes over every node link, also with 2 processes per node (ranks in node order).
@@ -65,16 +66,21 @@ class Config:
     #: steps between the trainer's stop-signal polls (a tiny all-reduce). The benchmark polls once
     #: per 48 steps; see POLL_EVERY_STEP for why the default of 1 is measured separately.
     poll_every: int = 48
+    #: further Hydra overrides, last on the command line (e.g. "slowmo.overlap_steps=1" for
+    #: scripts/bench_streaming.py); they appear in the label and the tag
+    extra: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
         name = {"allreduce": "AR-SGD", "local_sgd": "Local SGD", "sgp": "SGP", "osgp": "OSGP"}[self.algorithm]
         name = name if self.slowmo_tau is None else f"{name} + SlowMo(tau={self.slowmo_tau})"
-        return name if self.poll_every == 48 else f"{name} [poll every {self.poll_every}]"
+        name = name if self.poll_every == 48 else f"{name} [poll every {self.poll_every}]"
+        return name if not self.extra else f"{name} [{', '.join(o.split('.')[-1] for o in self.extra)}]"
 
     @property
     def tag(self) -> str:
-        return f"{self.algorithm}_{self.slowmo_tau or 0}_poll{self.poll_every}"
+        tag = f"{self.algorithm}_{self.slowmo_tau or 0}_poll{self.poll_every}"
+        return tag + "".join("_" + o.split("=")[0].split(".")[-1] + "-" + o.split("=", 1)[-1] for o in self.extra)
 
     def overrides(self, steps: int) -> list[str]:
         out = [f"algorithm={self.algorithm}", f"checkpoint.poll_every={self.poll_every}"]
@@ -84,7 +90,7 @@ class Config:
             out += ["slowmo.enabled=true", f"slowmo.tau={self.slowmo_tau}"]
             if self.algorithm == "local_sgd":
                 out.append(f"algorithm.period={self.slowmo_tau}")
-        return out
+        return out + list(self.extra)
 
 
 #: the compute-only job: Local SGD that never averages inside the run, so no model crosses the
@@ -153,7 +159,9 @@ def expected_bytes(cfg: Config, topo: Topology, p: float, b: float) -> float:
         period = cfg.slowmo_tau or 12
         base = intra + (0.0 if cfg.slowmo_tau else ring(p + b, n) / period)
     else:  # push-sum: one message (numerators + weight) to one peer; the leader mirrors it to the node
-        base = intra + (p + 4) + ((p + 4) if hier else 0.0)
+        # with SlowMo, the gossip of an outer iteration's last step is skipped (the exact average follows)
+        gossip_steps = (cfg.slowmo_tau - 1) / cfg.slowmo_tau if cfg.slowmo_tau else 1.0
+        base = intra + ((p + 4) + ((p + 4) if hier else 0.0)) * gossip_steps
     outer = (ring(p + 4, n) + ring(b, n)) / cfg.slowmo_tau if cfg.slowmo_tau else 0.0
     if cfg.slowmo_tau and hier and cfg.algorithm == "osgp":
         # the outer step's flush adds the leader's in-flight messages, so the leader mirrors its
@@ -173,7 +181,7 @@ def model_ms(cfg: Config, topo: Topology, compute_ms: float, rate: float, p: flo
         if cfg.slowmo_tau:
             return compute_ms + outer
         return compute_ms + ring(p + b, n) * to_ms / 12
-    gossip = (p + 4) * to_ms
+    gossip = (p + 4) * to_ms * ((cfg.slowmo_tau - 1) / cfg.slowmo_tau if cfg.slowmo_tau else 1.0)
     if cfg.algorithm == "sgp":
         return compute_ms + gossip + outer
     return max(compute_ms, gossip) + outer
@@ -254,6 +262,10 @@ def auto_rates(compute_ms: float, allreduce_bytes: float) -> dict[str, str]:
 
 
 class Bench:
+    #: where the emulated cluster lives (namespace prefix, subnet, rendezvous port); another
+    #: benchmark subclasses Bench with its own, so two of them never share namespaces
+    CLUSTER_ARGS = ("--prefix", "smtb", "--subnet", "10.77.2", "--port", "29541")
+
     def __init__(self, args):
         self.args = args
         self.out = Path(args.out)
@@ -279,8 +291,7 @@ class Bench:
         if cfg == COMPUTE_ONLY:
             overrides.append(f"algorithm.period={10 * steps}")
         cmd = ["bash", str(CLUSTER), "--nodes", str(topo.nodes), "--nproc", str(topo.nproc), "--rate", rate,
-               "--prefix", "smtb", "--subnet", "10.77.2", "--port", "29541", "--python", sys.executable,
-               "--", *overrides]
+               *self.CLUSTER_ARGS, "--python", sys.executable, "--", *overrides]
         start = time.time()
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:

@@ -12,14 +12,17 @@ Algorithms simulated:
     gradients; BatchNorm-like statistics stay per process.
   * SlowMo (Wang et al., ICLR 2020, Alg. 1) over each base, coupled (the paper) or decoupled (outer
     SGD with optional Nesterov, Douillard et al., 2023), lr evaluated at (k // tau) * tau, gamma per
-    param group, base-optimizer buffers reset / kept / averaged.
+    param group, base-optimizer buffers reset / kept / averaged. At a step after which the whole
+    model is averaged exactly, push-sum skips its gossip (the average is invariant under mixing)
+    and Local SGD its own average.
   * Streamed SlowMo (Streaming DiLoCo, Douillard et al., 2025, arXiv:2501.18512): the flattened
     parameters cut into F equal contiguous fragments, fragment f averaged after step k when
     (k + 1 + f tau / F) % tau == 0; its outer update applied D steps later as
     theta <- x0_new + (theta_now - theta_at_send); optionally the per-worker pseudo-gradient
     x0 - x_i rounded to bfloat16/float16 (and, for two workers, their sum rounded once more, as a
-    16-bit all-reduce adds). Kept as flat vectors here, independently of the per-group layout of
-    the implementation.
+    16-bit all-reduce adds). Over push-sum, a fragment update (F > 1 or D > 0) flushes the gossip
+    and sets the fragment's numerators to value * w, keeping each worker's weight. Kept as flat
+    vectors here, independently of the per-group layout of the implementation.
 
 The model is y = W2 relu(W1 x + b1) with a running mean of the pre-activation (a stand-in for the
 BatchNorm statistics averaging must touch), trained by hand-written SGD with the semantics of
@@ -217,8 +220,13 @@ class Simulator:
                 worker.numerator = [n + (a - b) for n, a, b in zip(worker.numerator, worker.params, before)]
             else:  # weight 1: the numerator is the parameter
                 worker.numerator = list(worker.params)
-        if gossip:
+        # an exact average of the whole model follows: gossip, which conserves the push-sum sums, is skipped
+        whole_average = outer or (outer_boundary and case.slowmo.fragments == 1)
+        if gossip and not whole_average:
             self.gossip(k)
+        elif gossip:
+            for worker in self.workers:
+                worker.params = [x / worker.weight for x in worker.numerator]
         if case.algorithm == "local_sgd" and (k + 1) % case.period == 0 and not outer and not outer_boundary:
             self.restart_all_from(self.exact_average())
             self.average_stats()

@@ -1,7 +1,9 @@
-"""scripts/bench_allreduce.py end to end on a tiny CIFAR-10 folder: one A/B round of a few steps."""
+"""scripts/bench_allreduce.py end to end on a tiny CIFAR-10 folder: one A/B round of a few steps;
+scripts/bench_streaming.py's plan, expected bytes, table and goal check (no cluster, no root)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -12,11 +14,11 @@ import pytest
 
 from tests.conftest import write_image_folder_cifar
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
-
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_allreduce.py"
 
 
+@pytest.mark.multiproc
+@pytest.mark.slow
 def test_bench_prints_both_throughputs_and_the_ratio(tmp_path):
     root = write_image_folder_cifar(tmp_path / "cifar", n_train=200, n_test=20)
     env = dict(os.environ)
@@ -33,3 +35,73 @@ def test_bench_prints_both_throughputs_and_the_ratio(tmp_path):
     assert float(medians.group(1)) > 0 and float(medians.group(2)) > 0
     ratio = re.search(r"ratio slowmo/baseline = ([\d.]+)", out)
     assert ratio and float(ratio.group(1)) > 0, out
+
+
+def _load_streaming():
+    path = SCRIPT.parent / "bench_streaming.py"
+    spec = importlib.util.spec_from_file_location("bench_streaming", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)  # puts scripts/ on sys.path for its bench_speed import
+    return module
+
+
+def test_bench_streaming_plan_is_the_issue_matrix():
+    bs = _load_streaming()
+    plan = bs.build_plan(["local_sgd", "sgp"], quick=False)
+    for algorithm, tau in (("local_sgd", 12), ("sgp", 48)):
+        mine = [v for v in plan if v.algorithm == algorithm]
+        assert mine[0].is_base and not mine[0].repeat and mine[-1].repeat
+        variants = {(v.delay, v.fragments, v.dtype) for v in mine if not v.is_base}
+        assert variants == {(d, f, t) for d in (0, 1, 2) for f in (1, 4) for t in ("float32", "bfloat16")}
+        for v in mine[1:-1]:
+            args = v.config().overrides(60)
+            assert f"algorithm={algorithm}" in args and f"slowmo.tau={tau}" in args
+            assert {f"slowmo.overlap_steps={v.delay}", f"slowmo.fragments={v.fragments}",
+                    f"slowmo.outer_dtype={v.dtype}"} <= set(args)
+            if algorithm == "local_sgd":
+                assert args[args.index("slowmo.enabled=true"):].count("algorithm.period=12") == 1
+        assert "slowmo.enabled=true" not in mine[0].config().overrides(60)
+    tags = [(v.config().tag, v.repeat) for v in plan]
+    assert len(tags) == len(set(tags)) == 28
+    quick = bs.build_plan(["local_sgd"], quick=True)
+    assert len(quick) == 4 and quick[0].is_base and not any(v.repeat for v in quick)
+    # bench_speed's own configurations keep their tags and labels (its run directories and tables)
+    old = bs.Config("local_sgd", 12)
+    assert (old.tag, old.label) == ("local_sgd_12_poll48", "Local SGD + SlowMo(tau=12)")
+
+
+def test_bench_streaming_rows_bytes_and_goal_check():
+    bs = _load_streaming()
+    p, b, n = 4_000_000.0, 10_000.0, 2
+    base = bs.Measured(100.0, 20.0, 0.0, (p + b) / 12)
+    lsgd = {v.name: v for v in bs.build_plan(["local_sgd"], quick=False)}
+    sgp = {v.name: v for v in bs.build_plan(["sgp"], quick=False)}
+    # expected bytes per step: SlowMo replaces Local SGD's own average (period = tau); bf16 halves P
+    assert bs.expected_bytes(lsgd["base"], p, b, n) == (p + b) / 12
+    assert bs.expected_bytes(lsgd["D0 F1 fp32"], p, b, n) == (p + 4 + b) / 12
+    assert bs.expected_bytes(lsgd["D1 F4 bf16"], p, b, n) == (p / 2 + b) / 12
+    assert bs.expected_bytes(sgp["D2 F4 bf16"], p, b, n) == p + 4 + (p / 2 + 4 * 8 + b) / 48
+    # a whole-model outer all-reduce supersedes the gossip of the outer iteration's last step
+    assert bs.expected_bytes(sgp["D0 F1 fp32"], p, b, n) == pytest.approx((p + 4) * 47 / 48 + (p + 4 + b) / 48)
+    assert bs.expected_bytes(sgp["base"], p, b, n) == p + 4
+    fast = bs.Measured(100.5, 21.0, 30.0, bs.expected_bytes(lsgd["D1 F1 fp32"], p, b, n))
+    slow = bs.Measured(103.0, 25.0, 10.0, bs.expected_bytes(lsgd["D2 F4 fp32"], p, b, n) * 1.02)
+    rows = [bs.make_row(lsgd["base"], base, base, "95mbit", p, b, n),
+            bs.make_row(lsgd["D1 F1 fp32"], fast, base, "95mbit", p, b, n),
+            bs.make_row(lsgd["base (repeat)"], bs.Measured(99.0, 20.0, 0.0, (p + b) / 12), base, "95mbit", p, b, n)]
+    assert rows[0]["overhead_pct"] == "" and rows[1]["overhead_pct"] == 0.5 and rows[2]["overhead_pct"] == -1.0
+    assert rows[1]["slowmo_blocking_ms_per_outer"] == 12.0 and rows[1]["bytes_error_pct"] == 0.0
+    assert rows[1]["blocking_overhead_pct"] == 1.0 and rows[2]["blocking_overhead_pct"] == 0.0
+    link_bytes_per_s = 95e6 / 8 * 1448 / 1514
+    assert rows[1]["outer_link_ms"] == round(1000 * (p + b) / link_bytes_per_s, 1)
+    check = bs.goal_check(rows)
+    assert "1/1 variants under 1 % overhead" in check and "PASS" in check and "-1.00 % (the noise floor)" in check
+    assert "added blocking time: 0/1 under 1 % (worst +1.00 %)" in check
+    rows.append(bs.make_row(lsgd["D2 F4 fp32"], slow, base, "95mbit", p, b, n))
+    assert rows[-1]["overhead_pct"] == 3.0 and rows[-1]["bytes_error_pct"] == 2.0
+    check = bs.goal_check(rows)
+    assert "1/2 variants" in check and "FAIL" in check and "worst D2 F4 fp32 +3.00 %" in check
+    assert "added blocking time: 0/2 under 1 % (worst +5.00 %)" in check
+    table = bs.markdown_table(rows).splitlines()
+    assert len(table) == 2 + len(rows) and table[3].startswith("| Local SGD | D1 F1 fp32 | 12 | 100.5 | 0.5 |")

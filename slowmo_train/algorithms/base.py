@@ -58,10 +58,16 @@ class Algorithm:
     def after_backward(self, step: int) -> None:
         pass
 
-    def after_optimizer_step(self, step: int, exact_average_follows: bool = False) -> None:
-        """Parameter communication after the optimizer step. ``exact_average_follows`` is set by
-        SlowMo when an exact average of all workers comes right after, so that a base algorithm may
-        skip communication whose result that average would overwrite anyway (Local SGD)."""
+    def after_optimizer_step(self, step: int, exact_average_follows: bool = False,
+                             outer_sync_follows: bool = False) -> None:
+        """Parameter communication after the optimizer step. Hints set by SlowMo, so that a base
+        algorithm may skip communication whose result SlowMo overwrites anyway:
+
+        * ``exact_average_follows``: the whole model is replaced by an exact average of all workers
+          taken right after this step (applied now, or D steps later with the local progress
+          re-applied). Push-sum skips its gossip: the exact average is invariant under mixing.
+        * ``outer_sync_follows``: SlowMo synchronises at the end of this outer iteration (the
+          whole model, or fragment 0 with the others staggered); Local SGD skips its own average."""
 
     # --- the averaging view used by SlowMo and evaluation -----------------------------------------
     def parameters(self) -> list[nn.Parameter]:

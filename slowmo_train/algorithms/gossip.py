@@ -142,8 +142,16 @@ class PushSumGossip(Algorithm):
             grads = [p.grad for p in self._params if p.grad is not None]
             all_reduce_mean_(grads, self.topology.node_group, self.comm)
 
-    def after_optimizer_step(self, step: int, exact_average_follows: bool = False) -> None:
+    def after_optimizer_step(self, step: int, exact_average_follows: bool = False,
+                             outer_sync_follows: bool = False) -> None:
         self._absorb_local_update()
+        if exact_average_follows:
+            # SlowMo's exact average sum_i x_i / sum_i w_i comes next, and gossip conserves both
+            # sums, so this step's exchange would change nothing it keeps: skip it (the average's
+            # flush adds whatever OSGP still has in flight)
+            self._debias()
+            self._steps_done = step + 1
+            return
         if self._gossips:
             self._post(step)
             self._add_due(step)

@@ -47,8 +47,9 @@ class LocalSGD(Algorithm):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         all_reduce_mean_(grads, self.topology.node_group, self.comm)
 
-    def after_optimizer_step(self, step: int, exact_average_follows: bool = False) -> None:
-        if (step + 1) % self.period != 0 or exact_average_follows:
+    def after_optimizer_step(self, step: int, exact_average_follows: bool = False,
+                             outer_sync_follows: bool = False) -> None:
+        if (step + 1) % self.period != 0 or exact_average_follows or outer_sync_follows:
             return
         # One all-reduce over every rank rather than leaders-then-broadcast: the processes of a node
         # hold identical parameters, so the mean over ranks is the mean over nodes. BatchNorm

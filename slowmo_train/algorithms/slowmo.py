@@ -285,12 +285,13 @@ class SlowMo(Algorithm):
         outer step's ``gamma_t`` is the learning rate the inner steps used."""
         return (step // self.tau) * self.tau
 
-    def after_optimizer_step(self, step: int, exact_average_follows: bool = False) -> None:
+    def after_optimizer_step(self, step: int, exact_average_follows: bool = False,
+                             outer_sync_follows: bool = False) -> None:
         if self.streamed:
             self._streamed_step(step)
             return
         outer = (step + 1) % self.tau == 0
-        self.base.after_optimizer_step(step, exact_average_follows=outer)
+        self.base.after_optimizer_step(step, exact_average_follows=outer, outer_sync_follows=outer)
         if outer:
             self.outer_step()
 
@@ -309,7 +310,11 @@ class SlowMo(Algorithm):
         # At the end of an outer iteration SlowMo's synchronisation takes the place of Local SGD's own
         # average (the whole model when F = 1, fragment 0 now and the others staggered when F > 1), so
         # with algorithm.period = tau the outer steps are the only averaging and move 1/F of the model.
-        self.base.after_optimizer_step(step, exact_average_follows=(step + 1) % self.tau == 0)
+        # Gossip is skipped only when the whole model is sent (F = 1): with F > 1 the other fragments
+        # still need this step's mixing.
+        boundary = (step + 1) % self.tau == 0
+        self.base.after_optimizer_step(step, exact_average_follows=boundary and self.fragments == 1,
+                                       outer_sync_follows=boundary)
         for f in sends:
             self._send(f, step)
         while self.pending and self.pending[0].send_step + self.delay <= step:
