@@ -192,7 +192,7 @@ def read_run(run_dir: Path, skip_steps: int, units_per_step: int) -> Measured:
     metrics.jsonl; communication figures weighted by interval length."""
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if e["event"] == "train" and "samples_per_s" in e]
-    total_s = steps = blocking = overlapped = sent = 0.0
+    total_s = steps = blocking = overlapped = sent = outer_blocking = outer_overlapped = 0.0
     prev = 0
     for e in train:
         n = e["step"] - prev
@@ -204,9 +204,13 @@ def read_run(run_dir: Path, skip_steps: int, units_per_step: int) -> Measured:
         blocking += n * e.get("comm_blocking_s_per_step", 0.0)
         overlapped += n * e.get("comm_overlapped_s_per_step", 0.0)
         sent += n * e.get("comm_bytes_sent_per_step", 0.0)
+        outer_blocking += n * e.get("comm_outer_blocking_s_per_step", 0.0)
+        outer_overlapped += n * e.get("comm_outer_overlapped_s_per_step", 0.0)
     if steps == 0:
         raise RuntimeError(f"{run_dir}: no logged steps after the warm-up of {skip_steps}")
-    return Measured(1000 * total_s / steps, 1000 * blocking / steps, 1000 * overlapped / steps, sent / steps)
+    # SlowMo's own share of the communication (CommStats.outer), per step
+    extra = {"outer_blocking_ms": 1000 * outer_blocking / steps, "outer_overlapped_ms": 1000 * outer_overlapped / steps}
+    return Measured(1000 * total_s / steps, 1000 * blocking / steps, 1000 * overlapped / steps, sent / steps, extra)
 
 
 def model_sizes(run_dir: Path) -> tuple[float, float]:

@@ -47,8 +47,10 @@ How to read the comparison (it is not the same for every variant):
 Per row, per iteration: ms, SlowMo's overhead over its base ((ms - ms_base) / ms_base), the same
 counting only the added blocking time ((blocking - blocking_base) / ms_base: on this shared machine
 the compute time drifts by several % between runs, which the blocking time mostly leaves out), blocking
-and overlapped communication ms (the trainer's ``comm_*_per_step``), the blocking time per outer
-iteration attributable to SlowMo ((blocking - blocking_base) * tau), the link time of one outer
+and overlapped communication ms (the trainer's ``comm_*_per_step``), SlowMo's own blocking and
+overlapped time per outer iteration (the trainer's ``comm_outer_*_per_step`` x tau: time inside
+SlowMo's operations, counted by ``CommStats.outer``; for OSGP it includes the flush of in-flight
+gossip the outer step forces), the link time of one outer
 iteration's SlowMo traffic at the rate (what D steps of compute have to cover), and MB sent against
 the expected bytes (ring(X) = 2(n-1)/n X, P = parameter bytes in float32, P_wire = P or P/2 for
 bfloat16, B = BatchNorm buffer bytes):
@@ -188,7 +190,9 @@ def make_row(v: Variant, m: Measured, base: Measured, rate: str, p: float, b: fl
         "blocking_overhead_pct": "" if v.is_base and not v.repeat
         else round(100 * (m.blocking_ms - base.blocking_ms) / base.ms_per_step, 2),
         "blocking_ms": round(m.blocking_ms, 1), "overlapped_ms": round(m.overlapped_ms, 1),
-        "slowmo_blocking_ms_per_outer": "" if v.is_base else round((m.blocking_ms - base.blocking_ms) * v.tau, 1),
+        # measured directly: the blocking time inside SlowMo's own operations (CommStats.outer)
+        "slowmo_blocking_ms_per_outer": "" if v.is_base else round(m.extra.get("outer_blocking_ms", 0.0) * v.tau, 1),
+        "slowmo_overlapped_ms_per_outer": "" if v.is_base else round(m.extra.get("outer_overlapped_ms", 0.0) * v.tau, 1),
         "outer_link_ms": "" if v.is_base else round(link_ms, 1),
         "mb_sent_per_iter": round(m.bytes_sent / 1e6, 4), "mb_expected": round(want / 1e6, 4),
         "bytes_error_pct": round(100 * (m.bytes_sent / want - 1), 2) if want else 0.0,
@@ -196,10 +200,12 @@ def make_row(v: Variant, m: Measured, base: Measured, rate: str, p: float, b: fl
 
 
 HEADER = ["base", "variant", "tau", "ms/iter", "overhead %", "blocking overhead %", "blocking ms/iter",
-          "overlapped ms/iter", "SlowMo blocking ms/outer", "outer link ms/outer", "MB sent/iter", "MB expected",
+          "overlapped ms/iter", "SlowMo blocking ms/outer", "SlowMo overlapped ms/outer", "outer link ms/outer",
+          "MB sent/iter", "MB expected",
           "bytes err %"]
 COLUMNS = ["algorithm", "variant", "tau", "ms_per_iter", "overhead_pct", "blocking_overhead_pct", "blocking_ms",
-           "overlapped_ms", "slowmo_blocking_ms_per_outer", "outer_link_ms", "mb_sent_per_iter", "mb_expected",
+           "overlapped_ms", "slowmo_blocking_ms_per_outer", "slowmo_overlapped_ms_per_outer", "outer_link_ms",
+           "mb_sent_per_iter", "mb_expected",
            "bytes_error_pct"]
 
 

@@ -536,10 +536,7 @@ class Trainer:
                    "checkpoint": str(self.checkpointer.last_path) if self.checkpointer.last_path else None,
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                    "nonfinite_skips": self.nonfinite_skips,
-                   "comm_bytes_sent_per_step": totals["bytes_sent"] / steps,
-                   "comm_bytes_received_per_step": totals["bytes_received"] / steps,
-                   "comm_blocking_s_per_step": totals["blocking_s"] / steps,
-                   "comm_overlapped_s_per_step": totals["overlapped_s"] / steps}
+                   **{f"comm_{key}_per_step": value / steps for key, value in totals.items()}}
         if self.env.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

@@ -85,13 +85,16 @@ def test_bench_streaming_rows_bytes_and_goal_check():
     # a whole-model outer all-reduce supersedes the gossip of the outer iteration's last step
     assert bs.expected_bytes(sgp["D0 F1 fp32"], p, b, n) == pytest.approx((p + 4) * 47 / 48 + (p + 4 + b) / 48)
     assert bs.expected_bytes(sgp["base"], p, b, n) == p + 4
-    fast = bs.Measured(100.5, 21.0, 30.0, bs.expected_bytes(lsgd["D1 F1 fp32"], p, b, n))
+    fast = bs.Measured(100.5, 21.0, 30.0, bs.expected_bytes(lsgd["D1 F1 fp32"], p, b, n),
+                       {"outer_blocking_ms": 1.0, "outer_overlapped_ms": 2.5})
     slow = bs.Measured(103.0, 25.0, 10.0, bs.expected_bytes(lsgd["D2 F4 fp32"], p, b, n) * 1.02)
     rows = [bs.make_row(lsgd["base"], base, base, "95mbit", p, b, n),
             bs.make_row(lsgd["D1 F1 fp32"], fast, base, "95mbit", p, b, n),
             bs.make_row(lsgd["base (repeat)"], bs.Measured(99.0, 20.0, 0.0, (p + b) / 12), base, "95mbit", p, b, n)]
     assert rows[0]["overhead_pct"] == "" and rows[1]["overhead_pct"] == 0.5 and rows[2]["overhead_pct"] == -1.0
-    assert rows[1]["slowmo_blocking_ms_per_outer"] == 12.0 and rows[1]["bytes_error_pct"] == 0.0
+    # SlowMo's own blocking / overlapped time per outer iteration: the trainer's outer counters x tau
+    assert rows[1]["slowmo_blocking_ms_per_outer"] == 12.0 and rows[1]["slowmo_overlapped_ms_per_outer"] == 30.0
+    assert rows[1]["bytes_error_pct"] == 0.0
     assert rows[1]["blocking_overhead_pct"] == 1.0 and rows[2]["blocking_overhead_pct"] == 0.0
     link_bytes_per_s = 95e6 / 8 * 1448 / 1514
     assert rows[1]["outer_link_ms"] == round(1000 * (p + b) / link_bytes_per_s, 1)

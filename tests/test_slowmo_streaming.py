@@ -261,6 +261,11 @@ def test_16_bit_outer_messages_halve_the_bytes_and_overlap_is_counted():
     assert steps["bf16_D1"][send]["blocking_s"] == 0.0 and steps["bf16_D1"][send]["overlapped_s"] == 0.0
     assert steps["bf16_D1"][send + 1]["overlapped_s"] > 0.0
     assert steps["exact"][send]["overlapped_s"] == 0.0 and steps["exact"][send]["blocking_s"] > 0.0
+    # SlowMo's own share is counted apart: everything Local SGD + SlowMo (period = tau) sends is SlowMo's
+    for name, per_step in steps.items():
+        assert [s["outer_bytes_sent"] for s in per_step] == [s["bytes_sent"] for s in per_step], name
+    assert steps["exact"][send]["outer_blocking_s"] == steps["exact"][send]["blocking_s"] > 0.0
+    assert steps["bf16_D1"][send + 1]["outer_overlapped_s"] == steps["bf16_D1"][send + 1]["overlapped_s"] > 0.0
     # F = 4 over Local SGD with period = tau: a quarter of the model every tau / 4 steps and no average
     # of the base's own, so the same bytes per outer iteration with a quarter of the peak
     quarter = [s["bytes_sent"] for s in steps["f32_F4_D1"]]

@@ -18,19 +18,42 @@ import torch.distributed as dist
 from torch import nn
 
 
+COUNTERS = ("bytes_sent", "bytes_received", "blocking_s", "overlapped_s",
+            "outer_bytes_sent", "outer_blocking_s", "outer_overlapped_s")
+
+
 @dataclass
 class CommStats:
-    """Per-rank communication counters, reset every step by :meth:`pop`."""
+    """Per-rank communication counters, reset every step by :meth:`pop`.
+
+    The ``outer_*`` counters repeat the part of the others spent inside :meth:`outer` regions
+    (SlowMo's outer step), so SlowMo's own stall is measured directly rather than as a difference
+    between two noisy runs."""
 
     bytes_sent: int = 0
     bytes_received: int = 0
     blocking_s: float = 0.0
     overlapped_s: float = 0.0
-    totals: dict = field(default_factory=lambda: {"bytes_sent": 0, "bytes_received": 0, "blocking_s": 0.0, "overlapped_s": 0.0})
+    outer_bytes_sent: int = 0
+    outer_blocking_s: float = 0.0
+    outer_overlapped_s: float = 0.0
+    totals: dict = field(default_factory=lambda: {key: 0 for key in COUNTERS})
+    _outer_depth: int = 0
+
+    @contextmanager
+    def outer(self):
+        """Attribute the communication inside this region to SlowMo's outer step as well."""
+        self._outer_depth += 1
+        try:
+            yield
+        finally:
+            self._outer_depth -= 1
 
     def add_bytes(self, sent: int, received: int) -> None:
         self.bytes_sent += int(sent)
         self.bytes_received += int(received)
+        if self._outer_depth:
+            self.outer_bytes_sent += int(sent)
 
     def add_allreduce(self, nbytes: int, group_size: int) -> None:
         """Count a ring all-reduce of ``nbytes`` over ``group_size`` ranks."""
@@ -55,23 +78,22 @@ class CommStats:
         try:
             yield
         finally:
-            self.blocking_s += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.blocking_s += seconds
+            if self._outer_depth:
+                self.outer_blocking_s += seconds
 
     def add_overlapped(self, seconds: float) -> None:
         self.overlapped_s += seconds
+        if self._outer_depth:
+            self.outer_overlapped_s += seconds
 
     def pop(self) -> dict:
         """Return this step's counters (and add them to the running totals), then reset them."""
-        step = {
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
-            "blocking_s": self.blocking_s,
-            "overlapped_s": self.overlapped_s,
-        }
+        step = {key: getattr(self, key) for key in COUNTERS}
         for key, value in step.items():
-            self.totals[key] += value
-        self.bytes_sent = self.bytes_received = 0
-        self.blocking_s = self.overlapped_s = 0.0
+            self.totals[key] = self.totals.get(key, 0) + value
+            setattr(self, key, type(value)(0))
         return step
 
 

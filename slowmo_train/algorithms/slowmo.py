@@ -293,7 +293,8 @@ class SlowMo(Algorithm):
         outer = (step + 1) % self.tau == 0
         self.base.after_optimizer_step(step, exact_average_follows=outer, outer_sync_follows=outer)
         if outer:
-            self.outer_step()
+            with self.comm.outer():
+                self.outer_step()
 
     def outer_step(self) -> None:
         """Alg. 1, lines 7-9 of the paper, plus the bookkeeping a real model needs (collective)."""
@@ -315,6 +316,10 @@ class SlowMo(Algorithm):
         boundary = (step + 1) % self.tau == 0
         self.base.after_optimizer_step(step, exact_average_follows=boundary and self.fragments == 1,
                                        outer_sync_follows=boundary)
+        with self.comm.outer():
+            self._send_and_merge(step, sends)
+
+    def _send_and_merge(self, step: int, sends: list[int]) -> None:
         for f in sends:
             self._send(f, step)
         while self.pending and self.pending[0].send_step + self.delay <= step:
