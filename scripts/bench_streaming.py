@@ -255,8 +255,19 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r["algorithm"] for r in rows))
-    fig, axes = plt.subplots(1, len(names), figsize=(9, 3.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(names), figsize=(9, 6), squeeze=False)
     colors = {"": "0.6", 0: "tab:red", 1: "tab:blue", 2: "tab:green"}
+    for ax, name in zip(axes[1], names):  # SlowMo's own stall per outer iteration (CommStats.outer)
+        sel = [r for r in rows if r["algorithm"] == name and r["variant"] not in ("base", "base (repeat)")]
+        x = list(range(len(sel)))
+        ax.bar(x, [max(float(r["slowmo_blocking_ms_per_outer"]), 0.1) for r in sel],
+               color=[colors[r["overlap_steps"]] for r in sel])
+        ax.plot(x, [float(r["outer_link_ms"]) for r in sel], "k_", ms=14, label="link time of the outer bytes")
+        ax.set_yscale("log")
+        ax.set_xticks(x)
+        ax.set_xticklabels([r["variant"].replace(" ", "\n") for r in sel], fontsize=6)
+        ax.set_ylabel("SlowMo blocking ms / outer step", fontsize=8)
+        ax.legend(fontsize=7, loc="upper right")
     for ax, name in zip(axes[0], names):
         sel = [r for r in rows if r["algorithm"] == name]
         base = sel[0]["ms_per_iter"]
@@ -322,6 +333,20 @@ class StreamingBench(Bench):
         (self.out / "bench_streaming.md").write_text(markdown_table(self.rows) + "\n\n" + goal_check(self.rows) + "\n")
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a saved bench_streaming.csv, numbers parsed back (for --replot)."""
+    def parse(value: str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        return value
+
+    with open(path, newline="") as f:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-root", required=True, help="CIFAR-10 ImageFolder tree with train/ and test/")
@@ -336,7 +361,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=12, help="steps excluded from the timing (also the log interval)")
     ap.add_argument("--steps", type=int, default=48, help="timed steps, a multiple of 12 and of --warmup (runs with "
                     "tau 48 time max(steps, 48))")
+    ap.add_argument("--replot", metavar="CSV", help="only redraw the table and PNG from a saved bench_streaming.csv")
     args = ap.parse_args()
+    if args.replot:
+        rows = read_rows(Path(args.replot))
+        out = Path(args.out)
+        (out / "bench_streaming.md").write_text(markdown_table(rows) + "\n\n" + goal_check(rows) + "\n")
+        plot(rows, out / "bench_streaming.png")
+        print(f"bench_streaming: redrew {out}/bench_streaming.md and .png from {args.replot}")
+        return
     algorithms = args.algorithms.split(",")
     bad = [a for a in algorithms if a not in TAU]
     if bad or not algorithms:
