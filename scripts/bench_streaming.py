@@ -5,6 +5,7 @@ cluster (scripts/emulated_cluster.sh, 2 nodes x 1 process, each node's link capp
 
     .venv/bin/python scripts/bench_streaming.py --data-root ../shared/data/cifar10          # ~25 min
     .venv/bin/python scripts/bench_streaming.py --data-root ../shared/data/cifar10 --quick  # ~7 min
+    .venv/bin/python scripts/bench_streaming.py --data-root ../shared/data/cifar10 --sharded --steps 192  # ~15 min
 
 As root (network namespaces; otherwise prefix ``sudo``). ``--rate 95mbit`` skips the compute-only
 run, ``--algorithms local_sgd`` runs one base, ``--out /tmp/x`` keeps docs/img untouched.
@@ -24,6 +25,11 @@ compute-only run, then the rate at which AR-SGD's all-reduce takes ~3x the compu
 * SGP alone, then + SlowMo (tau 48) with the same 12 variants;
 * each base once more at the end of its block ("base (repeat)"): the spread between the two base
   runs is the noise floor the 1 % goal has to be read against (not with ``--quick``).
+
+``--sharded`` runs another matrix instead, into ``bench_streaming_sharded.*``: per base, the base,
+then (D, F) in {(0, 1), (1, 4), (2, 1), (2, 4)} in float32, each unsharded and with
+``slowmo.sharded=true`` (x0 and u split across the ranks; the new x0 all-gathered, D0 F1 through
+Alg. 1's blocking path, the others non-blocking): what keeping 1/n of the slow state costs.
 
 Each run is ``--warmup`` steps (excluded) + max(``--steps``, tau) timed steps, so the timed window
 holds whole outer iterations. ResNet-18 at width 0.25 on real CIFAR-10 batches, one thread per
@@ -60,6 +66,7 @@ bfloat16, B = BatchNorm buffer bytes):
                          the last step of an outer iteration is skipped: (tau - 1) / tau of it)
     + SlowMo, Alg. 1     (ring(P + 4) + ring(B)) / tau            (D0 F1 float32: exact_average)
     + SlowMo, streamed   (ring(P_wire) + F ring(8) [push-sum only] + ring(B)) / tau
+    sharded, also        + (n-1)/n P / tau (the all-gather of the new x0, to within the padding)
     Local SGD + SlowMo drops its own ring(P + B) / 12 (period = tau, see above).
 
 Results: ``<out>/bench_streaming.csv``, ``.md`` (table + the goal check) and ``.png``.
@@ -102,6 +109,8 @@ LOCAL_PERIOD = 12
 DELAYS, FRAGMENTS, DTYPES = (0, 1, 2), (1, 4), ("float32", "bfloat16")
 #: --quick: the Alg. 1 path, one overlapped and one streamed + overlapped + bf16 variant
 QUICK_VARIANTS = ((0, 1, "float32"), (1, 1, "float32"), (1, 4, "bfloat16"))
+#: --sharded: (D, F), each unsharded and sharded, float32
+SHARDED_VARIANTS = ((0, 1), (1, 4), (2, 1), (2, 4))
 #: the issue's goal: SlowMo's overhead over its base with D >= 1, in %
 GOAL_PCT = 1.0
 TOPOLOGY = Topology(2, 1)
@@ -117,6 +126,7 @@ class Variant:
     fragments: int = 1
     dtype: str = "float32"
     repeat: bool = False  # the base measured a second time (noise floor)
+    sharded: bool = False  # slowmo.sharded=true
 
     @property
     def is_base(self) -> bool:
@@ -126,7 +136,8 @@ class Variant:
     def name(self) -> str:
         if self.is_base:
             return "base (repeat)" if self.repeat else "base"
-        return f"D{self.delay} F{self.fragments} {'bf16' if self.dtype == 'bfloat16' else 'fp32'}"
+        name = f"D{self.delay} F{self.fragments} {'bf16' if self.dtype == 'bfloat16' else 'fp32'}"
+        return name + (" sharded" if self.sharded else "")
 
     @property
     def streamed(self) -> bool:
@@ -137,15 +148,19 @@ class Variant:
             return Config(self.algorithm)
         return Config(self.algorithm, self.tau, extra=(
             f"slowmo.overlap_steps={self.delay}", f"slowmo.fragments={self.fragments}",
-            f"slowmo.outer_dtype={self.dtype}"))
+            f"slowmo.outer_dtype={self.dtype}", *(("slowmo.sharded=true",) if self.sharded else ())))
 
 
-def build_plan(algorithms: list[str], quick: bool) -> list[Variant]:
+def build_plan(algorithms: list[str], quick: bool, sharded: bool = False) -> list[Variant]:
     """Per base: the base, its SlowMo variants, then (full runs only) the base again."""
     grid = QUICK_VARIANTS if quick else [(d, f, t) for d in DELAYS for f in FRAGMENTS for t in DTYPES]
     plan = []
     for algorithm in algorithms:
         plan.append(Variant(algorithm))
+        if sharded:
+            plan += [Variant(algorithm, TAU[algorithm], d, f, sharded=s) for d, f in SHARDED_VARIANTS
+                     for s in (False, True)]
+            continue
         plan += [Variant(algorithm, TAU[algorithm], d, f, t) for d, f, t in grid]
         if not quick:
             plan.append(Variant(algorithm, repeat=True))
@@ -157,10 +172,11 @@ def outer_bytes(v: Variant, p: float, b: float, n: int) -> float:
     if v.is_base:
         return 0.0
     if not v.streamed:  # Alg. 1: exact_average appends the weight (a parameter-dtype scalar)
-        return ring(p + 4, n) + ring(b, n)
+        return ring(p + 4, n) + ring(b, n) + ((n - 1) / n * p if v.sharded else 0.0)
     wire = p / 2 if v.dtype == "bfloat16" else p
     weights = v.fragments * ring(8, n) if v.algorithm == "sgp" else 0.0
-    return ring(wire, n) + weights + ring(b, n)
+    gather = (n - 1) / n * p if v.sharded else 0.0
+    return ring(wire, n) + weights + ring(b, n) + gather
 
 
 def expected_bytes(v: Variant, p: float, b: float, n: int) -> float:
@@ -292,6 +308,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 class StreamingBench(Bench):
     CLUSTER_ARGS = ("--prefix", "smts", "--subnet", "10.77.3", "--port", "29551")
+    stem = "bench_streaming"  # output file names; bench_streaming_sharded with --sharded
 
     def sweep(self, plan: list[Variant]) -> None:
         topo = TOPOLOGY
@@ -326,11 +343,11 @@ class StreamingBench(Bench):
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.rows:
             return
-        with open(self.out / "bench_streaming.csv", "w", newline="") as f:
+        with open(self.out / f"{self.stem}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
             writer.writeheader()
             writer.writerows(self.rows)
-        (self.out / "bench_streaming.md").write_text(markdown_table(self.rows) + "\n\n" + goal_check(self.rows) + "\n")
+        (self.out / f"{self.stem}.md").write_text(markdown_table(self.rows) + "\n\n" + goal_check(self.rows) + "\n")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -356,6 +373,8 @@ def main() -> None:
     ap.add_argument("--rate", default="auto", help="link rate per node (tc syntax, e.g. 95mbit); auto: the "
                     "comm-bound rate of bench_speed, from a compute-only run")
     ap.add_argument("--quick", action="store_true", help=f"{len(QUICK_VARIANTS)} SlowMo variants per base, no repeat")
+    ap.add_argument("--sharded", action="store_true", help="the sharded matrix instead (module docstring), "
+                    "into bench_streaming_sharded.*")
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch", type=int, default=16, help="per process")
     ap.add_argument("--warmup", type=int, default=12, help="steps excluded from the timing (also the log interval)")
@@ -365,10 +384,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.replot:
         rows = read_rows(Path(args.replot))
-        out = Path(args.out)
-        (out / "bench_streaming.md").write_text(markdown_table(rows) + "\n\n" + goal_check(rows) + "\n")
-        plot(rows, out / "bench_streaming.png")
-        print(f"bench_streaming: redrew {out}/bench_streaming.md and .png from {args.replot}")
+        out, stem = Path(args.out), Path(args.replot).stem
+        (out / f"{stem}.md").write_text(markdown_table(rows) + "\n\n" + goal_check(rows) + "\n")
+        plot(rows, out / f"{stem}.png")
+        print(f"bench_streaming: redrew {out}/{stem}.md and .png from {args.replot}")
         return
     algorithms = args.algorithms.split(",")
     bad = [a for a in algorithms if a not in TAU]
@@ -391,16 +410,18 @@ def main() -> None:
     args.log_every = args.warmup
     args.rates = "auto" if args.rate == "auto" else f"{args.rate},{args.rate}"  # Bench's comm,balanced
     bench = StreamingBench(args)
+    if args.sharded:
+        bench.stem = "bench_streaming_sharded"
     start = time.time()
-    bench.sweep(build_plan(algorithms, args.quick))
+    bench.sweep(build_plan(algorithms, args.quick, args.sharded))
     bench.save()
     if bench.rows:
-        plot(bench.rows, bench.out / "bench_streaming.png")
+        plot(bench.rows, bench.out / f"{bench.stem}.png")
         print(f"\n{markdown_table(bench.rows)}\n\n{goal_check(bench.rows)}\n")
     if bench.failures:
         print("bench_streaming: FAILED runs: " + "; ".join(bench.failures), file=sys.stderr)
     print(f"bench_streaming: {len(bench.rows)} runs in {(time.time() - start) / 60:.1f} min; "
-          f"results in {bench.out}/bench_streaming.csv, .md, .png")
+          f"results in {bench.out}/{bench.stem}.csv, .md, .png")
     sys.exit(1 if bench.failures else 0)
 
 

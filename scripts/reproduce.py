@@ -2,8 +2,9 @@
 Rabbat, "SlowMo: Improving Communication-Efficient Distributed SGD with Slow Momentum", ICLR 2020,
 arXiv:1910.00643, Table 1 and the ablations of Sec. 6), with a report in docs/RESULTS.md.
 
-    .venv/bin/python scripts/reproduce.py all                    # every set (~60-65 min idle), then the report
-    .venv/bin/python scripts/reproduce.py cifar                  # one set: cifar | streamed | sweep | translation
+    .venv/bin/python scripts/reproduce.py all                    # every set (~80 min idle), then the report
+    .venv/bin/python scripts/reproduce.py cifar                  # one set: cifar | streamed | streamed_parts |
+                                                                 #   sweep | translation | diagnostics
     .venv/bin/python scripts/reproduce.py all --dry-run          # print the training commands only
     .venv/bin/python scripts/reproduce.py report                 # regenerate docs/RESULTS.md + docs/img only
 
@@ -21,9 +22,11 @@ The report rewrites only the region between ``<!-- reproduce:begin -->`` and
 
 Budget (2 cores; 4 one-thread workers per run; one run at a time; measured 2026-11-22 06:48-06:56
 UTC on an otherwise idle machine; details at CIFAR_SHARED, SWEEP_SHARED, TRANSLATION_SHARED):
-  cifar 16 runs + streamed 4 runs  ~1.8 min each     -> ~36-40 min
+  cifar 16 runs + streamed 4 runs + streamed_parts 6 runs
+                                   ~1.6 min each     -> ~40 min
   sweep 12 runs                    ~1 min each       -> ~11-12 min
-  translation 4 runs               ~3 min each       -> ~12-13 min
+  translation 10 runs              ~3 min each       -> ~30 min
+  diagnostics 3 runs               ~3 min each       -> ~8 min
 Other jobs on the cores stretch this: with another engineer's 2-worker job running (load average
 6-12) a 3-epoch AR-SGD run took 3 min 20 s instead of 89 s and a translation run 5 min 53 s.
 """
@@ -91,9 +94,12 @@ class PlannedRun:
         return runs_dir / self.set_name / self.name
 
     def command(self, runs_dir: Path, resume: bool = False) -> list[str]:
+        # a method's own value of a shared key replaces it (Hydra takes one value per key)
+        own = {a.split("=", 1)[0] for a in self.method.extra}
+        shared = [a for a in self.shared if a.split("=", 1)[0] not in own]
         cmd = [sys.executable, "-m", "slowmo_train", f"+exp={self.method.exp}",
                "launcher.nproc_per_node=4", "launcher.threads_per_worker=1", f"seed={self.seed}",
-               f"output_dir={self.run_dir(runs_dir)}", *self.shared, *self.method.extra]
+               f"output_dir={self.run_dir(runs_dir)}", *shared, *self.method.extra]
         return cmd + (["resume=auto"] if resume else [])
 
 
@@ -146,6 +152,10 @@ STREAMED_METHODS = (
     Method("localsgd_slowmo_streamed", "Local SGD + SlowMo (streamed)", "cifar10_localsgd_slowmo", STREAMED),
     Method("sgp_slowmo_streamed", "SGP + SlowMo (streamed)", "cifar10_sgp_slowmo", STREAMED),
 )
+# which of the three streamed options moves the accuracy (Local SGD + SlowMo, one option at a time)
+STREAMED_PARTS = tuple(
+    Method(f"localsgd_slowmo_{key}", f"Local SGD + SlowMo, {option} only", "cifar10_localsgd_slowmo", (option,))
+    for key, option in zip(("D1", "F4", "bf16"), STREAMED))
 SWEEP_BETAS = (0.0, 0.4, 0.6, 0.8)
 SWEEP_TAUS = (6, 12, 24)
 # pure BMUF: Local SGD's averaging period equals SlowMo's tau (Sec. 3: Local SGD + SlowMo = BMUF)
@@ -156,14 +166,27 @@ SWEEP_METHODS = tuple(
 TRANSLATION_METHODS = tuple(
     Method(key, label, f"wmt16_{key}")
     for key, label in [("allreduce", "AR-Adam"), ("localsgd", "Local Adam"),
-                       ("localsgd_slowmo", "Local Adam + SlowMo"), ("sgp_slowmo", "SGP + SlowMo")])
+                       ("localsgd_slowmo", "Local Adam + SlowMo"), ("sgp", "SGP"), ("sgp_slowmo", "SGP + SlowMo")])
+# Not part of the comparison (its verdicts use only the equally tuned runs above): where SlowMo
+# loses on Multi30k, is it the exact average every tau steps or the slow momentum? beta = 0 keeps
+# the averaging and drops the momentum; half the lr, 2e-3 (1 - beta), gives SlowMo's outer step
+# the long-run size of the base's own (with alpha = 1 the momentum scales it by 1 / (1 - beta)).
+DIAGNOSTIC_METHODS = (
+    Method("sgp_slowmo_beta0", "SGP + SlowMo, beta = 0", "wmt16_sgp_slowmo", ("slowmo.beta=0",)),
+    Method("sgp_slowmo_lr1e-3", "SGP + SlowMo, lr 1e-3", "wmt16_sgp_slowmo", ("optim.lr=1e-3",)),
+    Method("localsgd_slowmo_lr1e-3", "Local Adam + SlowMo, lr 1e-3", "wmt16_localsgd_slowmo", ("optim.lr=1e-3",)),
+)
 
 SETS: dict[str, RunSet] = {
     "cifar": RunSet("cifar", "CIFAR-10, ResNet-18 x 0.125, 4 workers", CIFAR_METHODS, SEEDS, CIFAR_SHARED),
     "streamed": RunSet("streamed", "CIFAR-10, streamed SlowMo (issue #11)", STREAMED_METHODS, SEEDS, CIFAR_SHARED),
+    "streamed_parts": RunSet("streamed_parts", "CIFAR-10, Local SGD + SlowMo with one streamed option at a time",
+                             STREAMED_PARTS, SEEDS, CIFAR_SHARED),
     "sweep": RunSet("sweep", "CIFAR-10, Local SGD + SlowMo, beta x tau", SWEEP_METHODS, (1,), SWEEP_SHARED),
     "translation": RunSet("translation", "Multi30k En-De, transformer_small x 0.5, 4 workers, Adam",
-                          TRANSLATION_METHODS, (1,), TRANSLATION_SHARED),
+                          TRANSLATION_METHODS, SEEDS, TRANSLATION_SHARED),
+    "diagnostics": RunSet("diagnostics", "Multi30k En-De as the translation set, SlowMo's beta or lr changed "
+                          "(diagnosis, not comparison)", DIAGNOSTIC_METHODS, (1,), TRANSLATION_SHARED),
 }
 
 
@@ -252,6 +275,13 @@ def run_set(set_name: str, runs_dir: Path, dry_run: bool = False) -> list[str]:
             print(f"[{set_name} {i}/{len(todo)}] FAILED {r.name} (exit {code}) in {_fmt(durations[-1])}: "
                   f"{last_error(run_dir / 'reproduce.log')}", flush=True)
     return failed
+
+
+def portable(command: str) -> str:
+    """A command as the docs show it: ``python`` for this interpreter, the data folder as seen from
+    the repository (its default place beside the clone)."""
+    data = os.path.relpath(DATA, REPO) if DATA.is_relative_to(REPO.parent) else str(DATA)
+    return command.replace(sys.executable, "python").replace(str(DATA), data)
 
 
 def last_error(log: Path) -> str:
@@ -351,7 +381,8 @@ def load_set(set_name: str, runs_dir: Path) -> dict[str, MethodRuns]:
 # --- report ------------------------------------------------------------------------------------------
 CIFAR_PAPER = {"allreduce": "92.66", "localsgd": "91.73", "localsgd_slowmo": "93.20", "sgp": "93.90",
                "sgp_slowmo": "94.32", "osgp": "93.17", "osgp_slowmo": "93.74"}
-TRANSLATION_PAPER = {"allreduce": "27.17", "localsgd": "26.62", "localsgd_slowmo": "27.14", "sgp_slowmo": "27.84"}
+TRANSLATION_PAPER = {"allreduce": "27.17", "localsgd": "26.62", "localsgd_slowmo": "27.14", "sgp": "26.92",
+                     "sgp_slowmo": "27.84"}
 CIFAR_CLAIMS = (
     Claim("Local SGD -> + SlowMo, best test top-1", "localsgd", "localsgd_slowmo", "91.73 -> 93.20"),
     Claim("OSGP -> + SlowMo, best test top-1", "osgp", "osgp_slowmo", "93.17 -> 93.74"),
@@ -363,6 +394,7 @@ CIFAR_CLAIMS = (
 )
 TRANSLATION_CLAIMS = (
     Claim("Local Adam -> + SlowMo, test BLEU", "localsgd", "localsgd_slowmo", "26.62 -> 27.14", score="bleu"),
+    Claim("SGP -> + SlowMo, test BLEU", "sgp", "sgp_slowmo", "26.92 -> 27.84", score="bleu"),
     Claim("SGP + SlowMo beats AR-Adam, test BLEU", "allreduce", "sgp_slowmo", "27.17 < 27.84", score="bleu"),
     Claim("AR-Adam beats Local Adam, test BLEU", "localsgd", "allreduce", "26.62 < 27.17", score="bleu"),
 )
@@ -512,10 +544,41 @@ def streamed_section(exact: dict[str, MethodRuns], streamed: dict[str, MethodRun
         ef, sf = (e.final_metric() if e else None), (s.final_metric() if s else None)
         db = sb.mean - eb.mean if eb and sb else None
         df = sf.mean - ef.mean if ef and sf else None
-        ok = "–" if db is None or df is None else ("yes" if abs(db) <= 0.5 and abs(df) <= 0.5 else "no")
+        ok = "–" if db is None or df is None else ("yes" if abs(db) <= 0.5 and abs(df) <= 0.5
+                                                     else "no: better" if min(db, df) > 0 else "no")
         label = (e or s).label if (e or s) else key
         out.append(f"| {label} | {_cell(eb)} | {_cell(sb)} | {'–' if db is None else f'{db:+.2f}'} | {_cell(ef)} | "
                    f"{_cell(sf)} | {'–' if df is None else f'{df:+.2f}'} | {ok} |")
+    return out
+
+
+def diagnostics_section(translation: dict[str, MethodRuns], diagnostics: dict[str, MethodRuns]) -> list[str]:
+    """The diagnostic runs beside the translation rows they vary (not part of any verdict)."""
+    out = ["### Diagnosis: SlowMo on Multi30k with beta = 0 or half the lr (one seed; not part of the verdicts)", "",
+           "The translation command with one change each: " + "; ".join(
+               f"{m.label}: `{' '.join(m.extra)}`" for m in DIAGNOSTIC_METHODS) + ". The rows above them are the "
+           "translation set's (mean over its seeds).", ""]
+    if not diagnostics:
+        return out + ["No finished runs yet: `scripts/reproduce.py diagnostics`.", ""]
+    rows = {k: translation[k] for k in ("sgp", "sgp_slowmo", "localsgd", "localsgd_slowmo") if k in translation}
+    rows.update(diagnostics)
+    return out + [method_table(rows, TRANSLATION_PAPER, translation=True), ""]
+
+
+def streamed_parts_section(exact: dict[str, MethodRuns], streamed: dict[str, MethodRuns],
+                           parts: dict[str, MethodRuns]) -> list[str]:
+    if not parts:
+        return ["No finished runs yet: `scripts/reproduce.py streamed_parts`."]
+    ref = exact.get("localsgd_slowmo")
+    ref_best = ref.best() if ref else None
+    rows = [("exact (Alg. 1)", ref_best)] + [(m.label.split(", ", 1)[1], parts[m.key].best() if m.key in parts else None)
+                                             for m in STREAMED_PARTS]
+    if "localsgd_slowmo_streamed" in streamed:
+        rows.append(("all three", streamed["localsgd_slowmo_streamed"].best()))
+    out = ["| Local SGD + SlowMo | best test top-1 | diff to exact |", "|---|---|---|"]
+    for label, best in rows:
+        diff = f"{best.mean - ref_best.mean:+.2f}" if best and ref_best and label != "exact (Alg. 1)" else "–"
+        out.append(f"| {label} | {_cell(best)} | {diff} |")
     return out
 
 
@@ -552,7 +615,7 @@ def render(runs_dir: Path, img_dir: Path, img_ref: str = "img") -> str:
         out += [f"`{set_name}` set: {rs.description}; {len(rs.methods)} methods x seeds "
                 f"{', '.join(map(str, rs.seeds))}; every run is the command below with its own `+exp=`, `seed=`, "
                 "`output_dir=`" + (", `slowmo.beta`, `slowmo.tau`, `algorithm.period`" if set_name == "sweep" else "")
-                + ":", "", "```", " ".join(plan(set_name)[0].command(shown)), "```", ""]
+                + ":", "", "```", portable(" ".join(plan(set_name)[0].command(shown))), "```", ""]
     out += ["### CIFAR-10 (Table 1, top)", ""]
     if cifar:
         out += [method_table(cifar, CIFAR_PAPER), ""]
@@ -582,10 +645,13 @@ def render(runs_dir: Path, img_dir: Path, img_ref: str = "img") -> str:
         out += [f"![beta x tau]({img_ref}/reproduce_sweep.png)", ""]
     else:
         out += ["No finished runs yet: `scripts/reproduce.py sweep`.", ""]
+    out += diagnostics_section(translation, load_set("diagnostics", runs_dir))
     out += ["### Streamed vs exact SlowMo (issue #11)", "",
             "`" + " ".join(STREAMED) + "` against the exact runs of the CIFAR-10 set (same seeds); goal: within "
             "0.5 points of test top-1.", ""]
     out += streamed_section(cifar, streamed) if streamed else ["No finished runs yet: `scripts/reproduce.py streamed`."]
+    out += ["", "One option at a time (Local SGD + SlowMo; best test top-1, difference to exact SlowMo):", ""]
+    out += streamed_parts_section(cifar, streamed, load_set("streamed_parts", runs_dir))
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -329,9 +329,9 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
            f"must be an integer >= 1 dividing slowmo.tau={s.tau}")
     _check(0 <= s.overlap_steps < s.tau, "slowmo.overlap_steps", s.overlap_steps,
            f"must be an integer in [0, slowmo.tau={s.tau})")
-    streamed = s.fragments > 1 or s.overlap_steps > 0
-    _check(not (s.sharded and (streamed or s.outer_dtype != "float32")), "slowmo.sharded", s.sharded,
-           "works only with slowmo.fragments=1, slowmo.overlap_steps=0 and slowmo.outer_dtype=float32")
+    _check(not (s.sharded and s.outer_dtype != "float32"), "slowmo.sharded", s.sharded,
+           "works only with slowmo.outer_dtype=float32 (16-bit outer messages carry x0 - x_i, which needs the "
+           "whole x0 on every rank)")
 
     t = job.train
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be an integer >= 1")

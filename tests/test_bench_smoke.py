@@ -108,3 +108,23 @@ def test_bench_streaming_rows_bytes_and_goal_check():
     assert "added blocking time: 0/2 under 1 % (worst +5.00 %)" in check
     table = bs.markdown_table(rows).splitlines()
     assert len(table) == 2 + len(rows) and table[3].startswith("| Local SGD | D1 F1 fp32 | 12 | 100.5 | 0.5 |")
+
+
+def test_bench_streaming_sharded_plan_and_bytes():
+    bs = _load_streaming()
+    plan = bs.build_plan(["local_sgd", "sgp"], quick=False, sharded=True)
+    for algorithm in ("local_sgd", "sgp"):
+        mine = [v for v in plan if v.algorithm == algorithm]
+        assert mine[0].is_base and not any(v.repeat for v in mine)
+        pairs = {(v.delay, v.fragments, v.sharded) for v in mine[1:]}
+        assert pairs == {(d, f, s) for d, f in bs.SHARDED_VARIANTS for s in (False, True)}
+        assert all(v.dtype == "float32" for v in mine[1:])
+        for v in mine[1:]:
+            assert ("slowmo.sharded=true" in v.config().overrides(60)) == v.sharded
+    assert len({v.config().tag for v in plan}) == len(plan)  # distinct run directories
+    p, b, n = 4_000_000.0, 10_000.0, 2
+    lsgd = {v.name: v for v in plan if v.algorithm == "local_sgd"}
+    # the all-gather of the new x0 adds (n-1)/n P per outer iteration, on either code path
+    for name in ("D0 F1 fp32", "D2 F4 fp32"):
+        extra = bs.expected_bytes(lsgd[f"{name} sharded"], p, b, n) - bs.expected_bytes(lsgd[name], p, b, n)
+        assert extra == pytest.approx((n - 1) / n * p / 12)

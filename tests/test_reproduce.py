@@ -57,8 +57,10 @@ def test_streamed_sweep_and_translation_plans():
     for r in sweep:
         tau = [a for a in r.method.extra if a.startswith("slowmo.tau=")][0].split("=")[1]
         assert f"algorithm.period={tau}" in r.method.extra  # pure BMUF
-    assert {r.method.exp for r in rp.plan("translation")} == {"wmt16_allreduce", "wmt16_localsgd",
-                                                               "wmt16_localsgd_slowmo", "wmt16_sgp_slowmo"}
+    translation = rp.plan("translation")
+    assert {r.method.exp for r in translation} == {"wmt16_allreduce", "wmt16_localsgd", "wmt16_localsgd_slowmo",
+                                                   "wmt16_sgp", "wmt16_sgp_slowmo"}
+    assert {r.seed for r in translation} == set(rp.SEEDS) and len(translation) == 5 * len(rp.SEEDS)
 
 
 def test_dry_run_prints_commands_and_marks_finished_runs(tmp_path, capsys):
@@ -67,7 +69,7 @@ def test_dry_run_prints_commands_and_marks_finished_runs(tmp_path, capsys):
     (done / "summary.json").write_text("{}")
     assert rp.main(["translation", "--dry-run", "--runs-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 4 and lines[0].startswith("# done: ") and not lines[1].startswith("#")
+    assert len(lines) == len(rp.plan("translation")) and lines[0].startswith("# done: ") and not lines[1].startswith("#")
     assert not (tmp_path / "translation" / "machine.json").exists()  # a dry run writes nothing
 
 
@@ -107,11 +109,11 @@ def test_run_set_skips_finished_resumes_checkpointed_and_reports_failures(tmp_pa
     monkeypatch.setattr(rp, "machine_info", lambda: {"cpu": "test"})
     failed = rp.run_set("translation", tmp_path)
     out = capsys.readouterr().out
-    assert len(launched) == 3  # the finished run is skipped
+    assert len(launched) == len(runs) - 1  # the finished run is skipped
     assert "resume=auto" in launched[0] and all("resume=auto" not in c for c in launched[1:])
-    assert failed == [runs[2].name, runs[3].name]
+    assert failed == [r.name for r in runs[2:]]
     assert not (stale / "metrics.jsonl").exists()  # a run without checkpoint starts from scratch
-    assert "need a base without push-sum" in out and "eta" in out and "1 of 4 runs already finished" in out
+    assert "need a base without push-sum" in out and "eta" in out and f"1 of {len(runs)} runs already finished" in out
 
 
 def test_ctrl_c_forwards_one_sigint_and_stops_the_set(tmp_path, monkeypatch, capsys):
@@ -251,3 +253,31 @@ def test_real_tiny_run_is_reported(tmp_path):
     groups = rp.load_set("cifar", tmp_path)
     assert list(groups) == ["localsgd_slowmo"] and groups["localsgd_slowmo"].best().mean > 0
     assert "Local SGD + SlowMo" in rp.render(tmp_path, tmp_path / "img")
+
+
+def test_diagnostic_runs_replace_the_shared_value_of_their_key():
+    runs = {r.method.key: r.command(Path("r")) for r in rp.plan("diagnostics")}
+    lr = runs["sgp_slowmo_lr1e-3"]
+    assert [a for a in lr if a.startswith("optim.lr=")] == ["optim.lr=1e-3"]
+    beta0 = runs["sgp_slowmo_beta0"]
+    assert "slowmo.beta=0" in beta0 and "optim.lr=2e-3" in beta0
+    # every other argument is the translation set's, so the rows compare one change at a time
+    shared = set(rp.TRANSLATION_SHARED) - {"optim.lr=2e-3"}
+    assert all(shared <= set(cmd) for cmd in runs.values())
+
+
+def test_streamed_parts_change_one_option_of_the_streamed_runs_each():
+    parts = rp.plan("streamed_parts")
+    assert {r.seed for r in parts} == set(rp.SEEDS) and all(r.shared == rp.CIFAR_SHARED for r in parts)
+    options = [r.method.extra for r in parts if r.seed == 1]
+    assert sorted(o for (o,) in options) == sorted(rp.STREAMED)
+    assert all(r.method.exp == "cifar10_localsgd_slowmo" for r in parts)
+
+
+def test_streamed_parts_table(synthetic_runs, tmp_path):
+    for r in rp.plan("streamed_parts"):
+        fake_run(r.run_dir(synthetic_runs), CIFAR_BEST["localsgd_slowmo"] + (1.0 if "F4" in r.method.key else 0.0), 1.0)
+    text = rp.render(synthetic_runs, tmp_path / "img")
+    row = next(ln for ln in text.splitlines() if ln.startswith("| slowmo.fragments=4 only |"))
+    assert "49.00 ± 0.00" in row and "+1.00" in row
+    assert any(ln.startswith("| all three | 47.70") for ln in text.splitlines())

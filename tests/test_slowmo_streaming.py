@@ -62,6 +62,11 @@ def streaming_cases(world_size: int) -> list[Case]:
         for dtype in ("bfloat16", "float16"):
             cases.append(with_slowmo(replace(base, steps=STEPS), f"wire_{base.name}_{dtype}", tau=TAU,
                                      outer_dtype=dtype))
+    # sharded x0 / u (float32): numerators sent, each rank updates its slice, the new x0 all-gathered
+    for base in list(BASES) + gossip:
+        for frags, delay in ((1, 1), (2, 0), (2, 2), (4, 3)):
+            cases.append(with_slowmo(replace(base, steps=STEPS), f"shard_{base.name}_F{frags}_D{delay}",
+                                     tau=TAU, fragments=frags, overlap=delay, sharded=True))
     # Local SGD with period = tau: SlowMo's fragments are the only averaging (Streaming DiLoCo)
     cases.append(with_slowmo(Case("local_sgd", "local_sgd", period=TAU, steps=STEPS), "stream_bmuf_F4_D1",
                              tau=TAU, fragments=4, overlap=1))
@@ -72,6 +77,8 @@ def streaming_cases(world_size: int) -> list[Case]:
         for base in BASES + (Case("sgp", "sgp"),):
             cases.append(with_slowmo(replace(base, steps=STEPS, procs_per_node=2), f"hier_{base.name}_F2_D1",
                                      tau=TAU, fragments=2, overlap=1))
+        cases.append(with_slowmo(Case("local_sgd", "local_sgd", period=2, steps=STEPS, procs_per_node=2),
+                                 "hier_local_sgd_F2_D2_sharded", tau=TAU, fragments=2, overlap=2, sharded=True))
     return cases
 
 
@@ -180,7 +187,7 @@ def test_fragments_cover_every_parameter_once_in_layer_order():
     ({"outer_dtype": "int8"}, "slowmo.outer_dtype must be one of float32, bfloat16, float16"),
     ({"fragments": 3}, "slowmo.fragments must be an integer >= 1 dividing slowmo.tau=4, got 3"),
     ({"overlap_steps": 4}, "slowmo.overlap_steps must be an integer in [0, slowmo.tau=4), got 4"),
-    ({"fragments": 2, "sharded": True}, "slowmo.sharded=true works only with slowmo.fragments=1"),
+    ({"outer_dtype": "bfloat16", "sharded": True}, "slowmo.sharded=true works only with slowmo.outer_dtype=float32"),
 ])
 def test_bad_streaming_options_name_the_key(options, message):
     result = run_distributed(_build_error, 1, args=("local_sgd", options))[0]
@@ -248,7 +255,8 @@ def _bytes_per_step(rank, world_size, variants):
 
 def test_16_bit_outer_messages_halve_the_bytes_and_overlap_is_counted():
     variants = {"exact": {}, "f32_D1": {"overlap_steps": 1}, "bf16_D1": {"overlap_steps": 1, "outer_dtype": "bfloat16"},
-                "fp16_D0": {"outer_dtype": "float16"}, "f32_F4_D1": {"overlap_steps": 1, "fragments": 4}}
+                "fp16_D0": {"outer_dtype": "float16"}, "f32_F4_D1": {"overlap_steps": 1, "fragments": 4},
+                "f32_D1_sharded": {"overlap_steps": 1, "sharded": True}}
     steps = run_distributed(_bytes_per_step, 2, args=(variants,))[0]
     numel = 16 * 8 + 8
     ring = lambda nbytes: 2 * (2 - 1) * nbytes // 2  # noqa: E731  (ring all-reduce over 2 ranks)
@@ -266,6 +274,10 @@ def test_16_bit_outer_messages_halve_the_bytes_and_overlap_is_counted():
         assert [s["outer_bytes_sent"] for s in per_step] == [s["bytes_sent"] for s in per_step], name
     assert steps["exact"][send]["outer_blocking_s"] == steps["exact"][send]["blocking_s"] > 0.0
     assert steps["bf16_D1"][send + 1]["outer_overlapped_s"] == steps["bf16_D1"][send + 1]["overlapped_s"] > 0.0
+    # sharded: the all-reduce of the numerators at the send step, the all-gather of the new x0 (each
+    # rank's half) ceil(D / 2) = 1 step later
+    sharded = [s["bytes_sent"] for s in steps["f32_D1_sharded"]]
+    assert sharded[send] == ring(4 * numel) and sharded[send + 1] == (2 - 1) * 4 * (numel // 2)
     # F = 4 over Local SGD with period = tau: a quarter of the model every tau / 4 steps and no average
     # of the base's own, so the same bytes per outer iteration with a quarter of the peak
     quarter = [s["bytes_sent"] for s in steps["f32_F4_D1"]]
@@ -303,6 +315,7 @@ def _resume_in_flight(rank, world_size, case, split):
     model, opt, algo = build()
     run(model, opt, algo, range(split))
     in_flight = len(algo.pending)
+    resolved = [m.resolved for m in algo.pending]
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "algo": algo.state_dict()}, buffer)
     algo.close()
@@ -314,31 +327,42 @@ def _resume_in_flight(rank, world_size, case, split):
     algo.load_state_dict(state["algo"])
     run(model, opt, algo, range(split, case.steps))
     algo.close()
-    return {"in_flight": in_flight, "equal": all(torch.equal(a, b) for a, b in zip(straight, model.parameters()))}
+    return {"in_flight": in_flight, "resolved": resolved, "equal": all(torch.equal(a, b) for a, b in zip(straight, model.parameters()))}
 
 
 @pytest.mark.parametrize("name,base,options,split", [
     ("local_sgd_F2_D2", Case("l", "local_sgd", period=2, steps=STEPS), dict(fragments=2, overlap=2), 5),
     ("allreduce_F1_D1_bf16", Case("a", "allreduce", steps=STEPS), dict(overlap=1, outer_dtype="bfloat16"), 4),
     ("osgp_F2_D1", Case("o", "osgp", synch_freq=2, steps=STEPS), dict(fragments=2, overlap=1), 4),
+    # sharded, D = 2: split 4 has fragment 0's all-reduce in flight, split 5 its all-gather
+    ("local_sgd_F2_D2_sharded_reducing", Case("l", "local_sgd", period=2, steps=STEPS),
+     dict(fragments=2, overlap=2, sharded=True), 4),
+    ("local_sgd_F2_D2_sharded_gathering", Case("l", "local_sgd", period=2, steps=STEPS),
+     dict(fragments=2, overlap=2, sharded=True), 5),
+    ("sgp_F1_D2_sharded", Case("s", "sgp", steps=STEPS), dict(overlap=2, sharded=True), 5),
 ])
 def test_resume_with_an_outer_message_in_flight_is_exact(name, base, options, split):
     case = with_slowmo(base, name, tau=TAU, **options)
     results = run_distributed(_resume_in_flight, 2, args=(case, split))
     for rank, r in enumerate(results):
         assert r["in_flight"] >= 1, f"rank {rank}: no outer message was in flight at the split"
+        if "gathering" in name or "sgp_F1_D2_sharded" in name:
+            assert all(r["resolved"]), f"rank {rank}: the all-gather of the new x0 should be in flight"
+        if "reducing" in name:
+            assert not any(r["resolved"]), f"rank {rank}: the all-reduce should be in flight"
         assert r["equal"], f"rank {rank}: resumed parameters differ"
 
 
-def test_trainer_resume_with_an_outer_message_in_flight(tmp_path):
+@pytest.mark.parametrize("wire", [{"outer_dtype": "bfloat16"}, {"sharded": True}], ids=["bf16", "sharded"])
+def test_trainer_resume_with_an_outer_message_in_flight(tmp_path, wire):
     """The real loop (Trainer, checkpoint files, resume=auto) as in tests/test_resume.py, stopped at
-    step 5 while fragment 0's bf16 all-reduce (sent after step 4, D = 2) is in flight."""
+    step 5 while fragment 0's outer message (sent after step 4, D = 2) is in flight: the bf16
+    all-reduce, or with sharded slow state the all-gather of the new x0."""
     from tests.conftest import write_torchvision_cifar
 
     data = write_torchvision_cifar(tmp_path / "data")
     overrides = {"algorithm": {"name": "local_sgd", "period": 2},
-                 "slowmo": {"enabled": True, "tau": 4, "beta": 0.5, "fragments": 2, "overlap_steps": 2,
-                            "outer_dtype": "bfloat16"}}
+                 "slowmo": {"enabled": True, "tau": 4, "beta": 0.5, "fragments": 2, "overlap_steps": 2, **wire}}
     results = run_distributed(_trainer_resume, 2, args=(str(tmp_path / "runs"), str(data), overrides), timeout=600)
     for rank, r in enumerate(results):
         assert r["pending_at_split"] >= 1, rank

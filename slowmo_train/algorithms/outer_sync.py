@@ -65,6 +65,30 @@ def build_fragments(sizes: list[int], group_indices: list[tuple[int, ...]], frag
     return out
 
 
+@dataclass(frozen=True)
+class OwnedRange:
+    """A part of one piece of a fragment whose slow state (x0, u) one rank keeps when sharded."""
+
+    piece: int    # index into the fragment's pieces
+    lo: int       # range within the piece, 0 <= lo < hi <= piece.stop - piece.start
+    hi: int
+
+
+def owned_ranges(pieces: list[Piece], groups: list[tuple[int, int]], world_size: int) -> list[list[OwnedRange]]:
+    """For every rank, the parts of a fragment that it owns under sharding, in fragment order.
+    ``groups[g] = (numel, shard_size)`` of slow group g: rank r owns ``[r c, (r + 1) c)`` of the
+    group's flat vector, cut at ``numel`` (``c = shard_size``), as in slowmo.build_slow_groups."""
+    out: list[list[OwnedRange]] = [[] for _ in range(world_size)]
+    for i, p in enumerate(pieces):
+        numel, size = groups[p.group]
+        lo, hi = p.offset, p.offset + p.stop - p.start
+        for r in range(world_size):
+            a, b = max(lo, min(r * size, numel)), min(hi, min((r + 1) * size, numel))
+            if a < b:
+                out[r].append(OwnedRange(i, a - lo, b - lo))
+    return out
+
+
 def fragment_due(step: int, fragment: int, tau: int, fragments: int) -> bool:
     """Fragment f is sent after inner step k when ``(k + 1 + f tau / F) % tau == 0``: fragment 0 at
     the end of every outer iteration (as in Alg. 1), the others staggered by tau / F steps."""
@@ -76,7 +100,10 @@ class OuterMessage:
     """One fragment's outer all-reduce, from the step that posts it to the step that applies it.
 
     ``payload`` holds this rank's ``w x0 - num`` (the outer pseudo-gradient, weight 1 for
-    non-push-sum bases) in the wire dtype until the all-reduce completes, then the sum over ranks."""
+    non-push-sum bases) in the wire dtype until the all-reduce completes, then the sum over ranks.
+    Sharded (float32 only): the payload is this rank's numerators ``num``, then their sum; once
+    ``resolved`` (this rank's slice of x0 and u updated, the new x0 all-gathered) it is the new x0
+    of the whole fragment, and ``consensus`` the distance measured then."""
 
     fragment: int
     send_step: int
@@ -87,17 +114,23 @@ class OuterMessage:
     theta_send: torch.Tensor
     #: the lr of every slow group at the send step (the gamma of the outer update)
     gammas: list[float]
+    resolved: bool = False
+    consensus: float | None = None
     works: list = field(default_factory=list)
+    #: sharded: every rank's padded slice of the new x0 while the all-gather is in flight
+    gathered: list | None = None
     posted_at: float = field(default_factory=time.perf_counter)
 
     def state(self) -> dict:
         return {"fragment": self.fragment, "send_step": self.send_step, "payload": self.payload.clone(),
                 "weight": None if self.weight is None else self.weight.clone(),
-                "theta_send": self.theta_send.clone(), "gammas": list(self.gammas)}
+                "theta_send": self.theta_send.clone(), "gammas": list(self.gammas),
+                "resolved": self.resolved, "consensus": self.consensus}
 
     @classmethod
     def from_state(cls, state: dict, device) -> "OuterMessage":
-        weight = state["weight"]
+        weight, consensus = state["weight"], state.get("consensus")
         return cls(int(state["fragment"]), int(state["send_step"]), state["payload"].to(device),
                    None if weight is None else weight.to(device), state["theta_send"].to(device),
-                   [float(g) for g in state["gammas"]])
+                   [float(g) for g in state["gammas"]], bool(state.get("resolved", False)),
+                   None if consensus is None else float(consensus))

@@ -83,11 +83,24 @@ parameters and the weights are untouched. Costs: for OSGP, the flush at a merge 
 gossip of the last ``synch_freq`` steps (messages otherwise added later), which is blocking time;
 SGP has nothing in flight between steps.
 
-Restrictions (validated): ``sharded`` works only with the defaults of the three options.
+Sharded slow state with fragments or overlap (``sharded`` and float32): x0 and u stay split across
+ranks, 1/n each, so no rank can form ``x0 - x_i`` over a whole fragment. Each rank sends its
+numerators instead (weights alongside, as above); after the all-reduce it updates its own slice of
+the fragment's x0 and u from ``x0 - sum_i num_i / sum_i w_i``, and the new x0 of the fragment is
+all-gathered (non-blocking too). The all-reduce is waited for ``ceil(D / 2)`` steps after the send
+and the all-gather at the merge, D steps after it, so both travel behind compute when D >= 2
+(D = 1: the all-gather, half the all-reduce's bytes, blocks). The mathematics are those of the
+unsharded streamed form up to rounding (``x0 - mean x_i`` rather than ``mean(x0 - x_i)``); the
+cost is the all-gather, (n - 1) / n of the fragment per rank on top of the all-reduce.
+
+Restrictions (validated): ``sharded`` does not take 16-bit outer messages: they carry ``x0 - x_i``,
+which needs the whole x0 on every rank, while casting the parameters themselves to 16 bits would
+round the weights, not the progress.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -99,7 +112,9 @@ import torch.distributed as dist
 from slowmo_train.algorithms.base import Algorithm, consensus_distance, exact_average
 from slowmo_train.algorithms.comm import all_reduce_mean_, floating_buffers
 from slowmo_train.algorithms.local_sgd import LocalSGD
-from slowmo_train.algorithms.outer_sync import WIRE_DTYPES, OuterMessage, build_fragments, fragment_due
+from slowmo_train.algorithms.outer_sync import (
+    WIRE_DTYPES, OuterMessage, build_fragments, fragment_due, owned_ranges,
+)
 from slowmo_train.config import SlowMoConfig
 
 BASE_BUFFER_MODES = ("reset", "keep", "average")
@@ -135,10 +150,10 @@ def validate_slowmo_config(cfg: SlowMoConfig, base: Algorithm) -> None:
         raise ValueError(f"slowmo.fragments must be an integer >= 1 dividing slowmo.tau={tau}, got {frags!r}")
     if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay < tau:
         raise ValueError(f"slowmo.overlap_steps must be an integer in [0, slowmo.tau={tau}), got {delay!r}")
-    streamed = frags > 1 or delay > 0
-    if cfg.sharded and (streamed or cfg.outer_dtype != "float32"):
-        raise ValueError("slowmo.sharded=true works only with slowmo.fragments=1, slowmo.overlap_steps=0 and "
-                         "slowmo.outer_dtype=float32; set slowmo.sharded=false")
+    if cfg.sharded and cfg.outer_dtype != "float32":
+        raise ValueError("slowmo.sharded=true works only with slowmo.outer_dtype=float32 (16-bit outer messages "
+                         "carry x0 - x_i, which needs the whole x0 on every rank); set slowmo.sharded=false or "
+                         "slowmo.outer_dtype=float32")
 
 
 @dataclass(frozen=True)
@@ -227,6 +242,12 @@ class SlowMo(Algorithm):
         #: False: the original blocking Alg. 1 code path (bit for bit); True: the streamed path
         self.streamed = self.fragments > 1 or self.delay > 0 or self.wire_dtype is not None
         self.pieces = build_fragments([p.numel() for p in params], [g.indices for g in self.groups], self.fragments)
+        #: where each piece starts in its fragment's flat vector
+        self.piece_starts = [list(itertools.accumulate((p.stop - p.start for p in pieces[:-1]), initial=0))
+                             for pieces in self.pieces]
+        #: sharded streamed form: per fragment, per rank, the parts whose x0 / u that rank keeps
+        self.owned = [owned_ranges(pieces, [(g.numel, g.shard_size) for g in self.groups], self.world_size)
+                      for pieces in self.pieces] if self.sharded and self.streamed else []
         self.pending: deque[OuterMessage] = deque()
 
     # --- delegation to the base algorithm -------------------------------------------------------
@@ -322,6 +343,11 @@ class SlowMo(Algorithm):
     def _send_and_merge(self, step: int, sends: list[int]) -> None:
         for f in sends:
             self._send(f, step)
+        if self.sharded:
+            lead = (self.delay + 1) // 2  # the all-reduce gets the larger share of the D steps
+            for message in self.pending:
+                if not message.resolved and message.send_step + lead <= step:
+                    self._resolve_shard(message)
         while self.pending and self.pending[0].send_step + self.delay <= step:
             self._merge(self.pending.popleft())
         if (step + 1 - self.delay) % self.tau == 0 and step + 1 > self.delay:
@@ -333,14 +359,13 @@ class SlowMo(Algorithm):
         numerators, weight = self.base.mixing_state()
         pieces = self.pieces[f]
         nums = torch.cat([numerators[p.param].reshape(-1)[p.start:p.stop] for p in pieces])
-        x0 = torch.cat([self.x0[p.group][p.offset:p.offset + p.stop - p.start] for p in pieces])
-        if weight is None:
-            theta = nums.clone()
-            delta = x0 - nums
+        theta = nums.clone() if weight is None else nums / weight
+        if self.sharded:
+            payload = nums  # this rank holds only its slice of x0 (module docstring)
         else:
-            theta = nums / weight
-            delta = x0 * weight - nums
-        payload = delta.to(self.wire_dtype) if self.wire_dtype is not None else delta
+            x0 = torch.cat([self.x0[p.group][p.offset:p.offset + p.stop - p.start] for p in pieces])
+            delta = x0 - nums if weight is None else x0 * weight - nums
+            payload = delta.to(self.wire_dtype) if self.wire_dtype is not None else delta
         total_weight = None if weight is None else weight.detach().reshape(1).to(torch.float64).clone()
         message = OuterMessage(f, step, payload, total_weight, theta, [self._gamma(g) for g in self.groups])
         if self.world_size > 1:
@@ -353,11 +378,71 @@ class SlowMo(Algorithm):
         self.pending.append(message)
 
     def _complete(self, message: OuterMessage) -> None:
-        """Wait for a message's all-reduce: time in flight is overlapped, the wait blocking."""
-        if not message.works:
+        """Wait for a message's collective: time in flight is overlapped, the wait blocking. A
+        sharded message's all-gathered slices are then put together into the fragment's new x0."""
+        if message.works:
+            self.comm.wait(message.works, message.posted_at, overlapped=self.delay > 0)
+            message.works = []
+        if message.gathered is not None:
+            full = torch.empty_like(message.theta_send)
+            starts = self.piece_starts[message.fragment]
+            for ranges, part in zip(self.owned[message.fragment], message.gathered):
+                offset = 0
+                for o in ranges:
+                    n = o.hi - o.lo
+                    full[starts[o.piece] + o.lo:starts[o.piece] + o.hi].copy_(part[offset:offset + n])
+                    offset += n
+            message.payload, message.gathered = full, None
+
+    def _divisor(self, message: OuterMessage, dtype: torch.dtype):
+        return float(self.world_size) if message.weight is None else message.weight.to(dtype)
+
+    def _resolve_shard(self, message: OuterMessage) -> None:
+        """Sharded: update this rank's slice of the fragment's x0 and u from the summed numerators,
+        then post the all-gather of the new x0 (put together by :meth:`_complete`)."""
+        self._complete(message)
+        f, pieces = message.fragment, self.pieces[message.fragment]
+        average = message.payload / self._divisor(message, message.payload.dtype)
+        message.consensus = consensus_distance([message.theta_send], [average])
+        starts, mine = self.piece_starts[f], []
+        for o in self.owned[f][self.rank]:
+            p, group = pieces[o.piece], self.groups[pieces[o.piece].group]
+            at, n = p.offset + o.lo - group.start, o.hi - o.lo
+            x0, u = self.x0[p.group][at:at + n], self.u[p.group][at:at + n]
+            self._update(x0, u, average[starts[o.piece] + o.lo:starts[o.piece] + o.hi], message.gammas[p.group])
+            mine.append(x0)
+        size = max(sum(o.hi - o.lo for o in ranges) for ranges in self.owned[f])
+        padded = average.new_zeros(size)
+        if mine:
+            padded[:sum(x.numel() for x in mine)].copy_(torch.cat(mine))
+        message.resolved = True
+        if self.world_size == 1:
+            message.gathered = [padded]
             return
-        self.comm.wait(message.works, message.posted_at, overlapped=self.delay > 0)
-        message.works = []
+        message.gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        moved = (self.world_size - 1) * padded.numel() * padded.element_size()
+        self.comm.add_bytes(moved, moved)
+        message.works.append(dist.all_gather(message.gathered, padded, async_op=True))
+        message.posted_at = time.perf_counter()
+
+    def _outer_update(self, message: OuterMessage) -> torch.Tensor:
+        """Unsharded: one fragment's outer update of x0 and u in place; returns the new x0 of the
+        fragment (a copy)."""
+        pieces = self.pieces[message.fragment]
+        dtype = self.x0[pieces[0].group].dtype
+        d = message.payload.to(dtype) / self._divisor(message, dtype)  # = x0 - x_avg of this fragment
+        x0_old = torch.cat([self.x0[p.group][p.offset:p.offset + p.stop - p.start] for p in pieces])
+        average = x0_old - d
+        self.extra_metrics["consensus_distance"] = consensus_distance([message.theta_send], [average])
+        offset, new_x0 = 0, []
+        for p in pieces:
+            n = p.stop - p.start
+            x0 = self.x0[p.group][p.offset:p.offset + n]
+            u = self.u[p.group][p.offset:p.offset + n]
+            self._step(x0, u, d[offset:offset + n], message.gammas[p.group], average[offset:offset + n])
+            new_x0.append(x0)
+            offset += n
+        return torch.cat(new_x0)
 
     def _merge(self, message: OuterMessage) -> None:
         """Apply one fragment's outer update and re-apply the local progress made since its send."""
@@ -366,28 +451,24 @@ class SlowMo(Algorithm):
         if push_sum:
             # all gossip mass back at the workers before a slice of it is replaced (module docstring)
             self.base.flush()
+        if self.sharded:
+            if not message.resolved:
+                self._resolve_shard(message)
+            self._complete(message)
+            x0_new = message.payload
+            self.extra_metrics["consensus_distance"] = message.consensus
+        else:
+            x0_new = self._outer_update(message)
         pieces = self.pieces[message.fragment]
-        dtype = self.x0[pieces[0].group].dtype
-        total = message.payload.to(dtype)
-        divisor = float(self.world_size) if message.weight is None else message.weight.to(dtype)
-        d = total / divisor  # = x0 - x_avg of this fragment
-        x0_old = torch.cat([self.x0[p.group][p.offset:p.offset + p.stop - p.start] for p in pieces])
-        average = x0_old - d
-        self.extra_metrics["consensus_distance"] = consensus_distance([message.theta_send], [average])
         params = [q.data for q in self.base.parameters()]
-        offset = 0
         new_values = []
-        for p in pieces:
+        for p, start in zip(pieces, self.piece_starts[message.fragment]):
             n = p.stop - p.start
-            x0 = self.x0[p.group][p.offset:p.offset + n]
-            u = self.u[p.group][p.offset:p.offset + n]
-            self._step(x0, u, d[offset:offset + n], message.gammas[p.group], average[offset:offset + n])
-            value = x0.clone()
+            value = x0_new[start:start + n].clone()
             if self.delay > 0:  # Streaming DiLoCo's merge: keep what the D later local steps added
                 now = params[p.param].reshape(-1)[p.start:p.stop]
-                value.add_(now - message.theta_send[offset:offset + n])
+                value.add_(now - message.theta_send[start:start + n])
             new_values.append(value)
-            offset += n
         if push_sum and self.fragments == 1 and self.delay == 0:
             # the whole model at consensus, as Alg. 1: every rank restarts with push-sum weight 1
             full = [None] * len(params)
@@ -511,4 +592,3 @@ class SlowMo(Algorithm):
         if any(m.fragment >= self.fragments for m in self.pending):
             raise ValueError(f"the SlowMo checkpoint has outer messages of more fragments than slowmo.fragments="
                              f"{self.fragments}: resume with the checkpoint's slowmo settings")
-
