@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from slowmo_train.algorithms import build_algorithm
-from slowmo_train.algorithms.outer_sync import build_fragments, fragment_bounds, fragment_due
+from slowmo_train.algorithms.outer_sync import build_fragments, fragment_bounds, fragment_due, owned_ranges
 from slowmo_train.algorithms.slowmo import SlowMo
 from slowmo_train.config import AlgorithmConfig, ConfigError, JobConfig, SlowMoConfig, validate
 from slowmo_train.dist import build_topology
@@ -182,6 +182,23 @@ def test_fragments_cover_every_parameter_once_in_layer_order():
         assert due[0] == tau - 1 - f * tau // 4
 
 
+def test_sharding_by_fragment_gives_every_rank_an_equal_contiguous_slice():
+    sizes, groups = [10, 3, 7, 1], [(0, 2), (1, 3)]  # two param groups, interleaved in layer order
+    for frags in (1, 2, 3):
+        for world in (1, 2, 3, 4):
+            for pieces in build_fragments(sizes, groups, frags):
+                total = sum(p.stop - p.start for p in pieces)
+                c = -(-total // world)
+                flat, starts = [], [0]
+                for p in pieces:
+                    starts.append(starts[-1] + p.stop - p.start)
+                for r, ranges in enumerate(owned_ranges(pieces, world)):
+                    mine = [k for o in ranges for k in range(starts[o.piece] + o.lo, starts[o.piece] + o.hi)]
+                    assert mine == list(range(min(r * c, total), min((r + 1) * c, total)))
+                    flat += mine
+                assert flat == list(range(total))
+
+
 # --- validation -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("options,message", [
     ({"outer_dtype": "int8"}, "slowmo.outer_dtype must be one of float32, bfloat16, float16"),
@@ -256,7 +273,8 @@ def _bytes_per_step(rank, world_size, variants):
 def test_16_bit_outer_messages_halve_the_bytes_and_overlap_is_counted():
     variants = {"exact": {}, "f32_D1": {"overlap_steps": 1}, "bf16_D1": {"overlap_steps": 1, "outer_dtype": "bfloat16"},
                 "fp16_D0": {"outer_dtype": "float16"}, "f32_F4_D1": {"overlap_steps": 1, "fragments": 4},
-                "f32_D1_sharded": {"overlap_steps": 1, "sharded": True}}
+                "f32_D1_sharded": {"overlap_steps": 1, "sharded": True},
+                "f32_F4_D2_sharded": {"overlap_steps": 2, "fragments": 4, "sharded": True}}
     steps = run_distributed(_bytes_per_step, 2, args=(variants,))[0]
     numel = 16 * 8 + 8
     ring = lambda nbytes: 2 * (2 - 1) * nbytes // 2  # noqa: E731  (ring all-reduce over 2 ranks)
@@ -278,6 +296,10 @@ def test_16_bit_outer_messages_halve_the_bytes_and_overlap_is_counted():
     # rank's half) ceil(D / 2) = 1 step later
     sharded = [s["bytes_sent"] for s in steps["f32_D1_sharded"]]
     assert sharded[send] == ring(4 * numel) and sharded[send + 1] == (2 - 1) * 4 * (numel // 2)
+    # by fragment, every rank holds half of each fragment: the all-gathers add up to half the model
+    # per outer iteration, as with F = 1 (not a whole fragment from the rank that owns most of it)
+    quarters = [s["bytes_sent"] for s in steps["f32_F4_D2_sharded"]]
+    assert sum(quarters[TAU:2 * TAU]) == 4 * ring(4 * numel // 4) + (2 - 1) * 4 * (numel // 2)
     # F = 4 over Local SGD with period = tau: a quarter of the model every tau / 4 steps and no average
     # of the base's own, so the same bytes per outer iteration with a quarter of the peak
     quarter = [s["bytes_sent"] for s in steps["f32_F4_D1"]]

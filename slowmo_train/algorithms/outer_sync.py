@@ -74,18 +74,21 @@ class OwnedRange:
     hi: int
 
 
-def owned_ranges(pieces: list[Piece], groups: list[tuple[int, int]], world_size: int) -> list[list[OwnedRange]]:
-    """For every rank, the parts of a fragment that it owns under sharding, in fragment order.
-    ``groups[g] = (numel, shard_size)`` of slow group g: rank r owns ``[r c, (r + 1) c)`` of the
-    group's flat vector, cut at ``numel`` (``c = shard_size``), as in slowmo.build_slow_groups."""
+def owned_ranges(pieces: list[Piece], world_size: int) -> list[list[OwnedRange]]:
+    """For every rank, the parts of a fragment's pieces whose slow state it keeps when sharded by
+    fragment: rank r owns ``[r c, (r + 1) c)`` of the fragment's flat vector (``c = ceil(len / n)``),
+    so every rank contributes an equal share to the all-gather of the new x0."""
+    total = sum(p.stop - p.start for p in pieces)
+    size = -(-total // world_size)
     out: list[list[OwnedRange]] = [[] for _ in range(world_size)]
+    start = 0
     for i, p in enumerate(pieces):
-        numel, size = groups[p.group]
-        lo, hi = p.offset, p.offset + p.stop - p.start
+        stop = start + p.stop - p.start
         for r in range(world_size):
-            a, b = max(lo, min(r * size, numel)), min(hi, min((r + 1) * size, numel))
+            a, b = max(start, r * size), min(stop, (r + 1) * size)
             if a < b:
-                out[r].append(OwnedRange(i, a - lo, b - lo))
+                out[r].append(OwnedRange(i, a - start, b - start))
+        start = stop
     return out
 
 

@@ -83,11 +83,12 @@ parameters and the weights are untouched. Costs: for OSGP, the flush at a merge 
 gossip of the last ``synch_freq`` steps (messages otherwise added later), which is blocking time;
 SGP has nothing in flight between steps.
 
-Sharded slow state with fragments or overlap (``sharded`` and float32): x0 and u stay split across
-ranks, 1/n each, so no rank can form ``x0 - x_i`` over a whole fragment. Each rank sends its
-numerators instead (weights alongside, as above); after the all-reduce it updates its own slice of
-the fragment's x0 and u from ``x0 - sum_i num_i / sum_i w_i``, and the new x0 of the fragment is
-all-gathered (non-blocking too). The all-reduce is waited for ``ceil(D / 2)`` steps after the send
+Sharded slow state with fragments or overlap (``sharded`` and float32): x0 and u are kept per
+fragment, and each rank keeps an equal slice ``[r c, (r + 1) c)`` of every fragment (1/n of the
+slow state, and balanced all-gathers whatever the param groups), so no rank can form ``x0 - x_i``
+over a whole fragment. Each rank sends its numerators instead (weights alongside, as above); after
+the all-reduce it updates its slice of the fragment's x0 and u from ``x0 - sum_i num_i / sum_i w_i``,
+and the new x0 of the fragment is all-gathered (non-blocking too). The all-reduce is waited for ``ceil(D / 2)`` steps after the send
 and the all-gather at the merge, D steps after it, so both travel behind compute when D >= 2
 (D = 1: the all-gather, half the all-reduce's bytes, blocks). The mathematics are those of the
 unsharded streamed form up to rounding (``x0 - mean x_i`` rather than ``mean(x0 - x_i)``); the
@@ -230,24 +231,30 @@ class SlowMo(Algorithm):
         self.nesterov, self.sharded = bool(cfg.nesterov), bool(cfg.sharded)
         self.extra_metrics: dict[str, float] = {}
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        params = base.parameters()
-        self.groups = build_slow_groups(params, base.optimizer, self.rank, self.world_size, self.sharded)
-        params = [p.data for p in params]
-        # The trainer broadcasts the initial parameters before building the algorithm, so x0 is
-        # the same on every rank without communication.
-        self.x0 = [self._flat(params, g)[g.start:g.stop].clone() for g in self.groups]
-        self.u = [torch.zeros_like(x) for x in self.x0]
         self.outer_dtype, self.fragments, self.delay = cfg.outer_dtype, int(cfg.fragments), int(cfg.overlap_steps)
         self.wire_dtype = WIRE_DTYPES[cfg.outer_dtype]
         #: False: the original blocking Alg. 1 code path (bit for bit); True: the streamed path
         self.streamed = self.fragments > 1 or self.delay > 0 or self.wire_dtype is not None
+        #: sharded streamed form: x0 and u are kept per fragment, each rank an equal slice of each
+        #: (so every all-gather is balanced), instead of per param group
+        self.by_fragment = self.sharded and self.streamed
+        params = base.parameters()
+        self.groups = build_slow_groups(params, base.optimizer, self.rank, self.world_size,
+                                        self.sharded and not self.by_fragment)
+        params = [p.data for p in params]
         self.pieces = build_fragments([p.numel() for p in params], [g.indices for g in self.groups], self.fragments)
         #: where each piece starts in its fragment's flat vector
         self.piece_starts = [list(itertools.accumulate((p.stop - p.start for p in pieces[:-1]), initial=0))
                              for pieces in self.pieces]
-        #: sharded streamed form: per fragment, per rank, the parts whose x0 / u that rank keeps
-        self.owned = [owned_ranges(pieces, [(g.numel, g.shard_size) for g in self.groups], self.world_size)
-                      for pieces in self.pieces] if self.sharded and self.streamed else []
+        #: by_fragment: per fragment, per rank, the parts of the pieces whose x0 / u that rank keeps
+        self.owned = [owned_ranges(pieces, self.world_size) for pieces in self.pieces] if self.by_fragment else []
+        # The trainer broadcasts the initial parameters before building the algorithm, so x0 is
+        # the same on every rank without communication.
+        if self.by_fragment:
+            self.x0 = [self._fragment_values(params, f)[self._slice(f)].clone() for f in range(self.fragments)]
+        else:
+            self.x0 = [self._flat(params, g)[g.start:g.stop].clone() for g in self.groups]
+        self.u = [torch.zeros_like(x) for x in self.x0]
         self.pending: deque[OuterMessage] = deque()
 
     # --- delegation to the base algorithm -------------------------------------------------------
@@ -383,16 +390,9 @@ class SlowMo(Algorithm):
         if message.works:
             self.comm.wait(message.works, message.posted_at, overlapped=self.delay > 0)
             message.works = []
-        if message.gathered is not None:
-            full = torch.empty_like(message.theta_send)
-            starts = self.piece_starts[message.fragment]
-            for ranges, part in zip(self.owned[message.fragment], message.gathered):
-                offset = 0
-                for o in ranges:
-                    n = o.hi - o.lo
-                    full[starts[o.piece] + o.lo:starts[o.piece] + o.hi].copy_(part[offset:offset + n])
-                    offset += n
-            message.payload, message.gathered = full, None
+        if message.gathered is not None:  # rank r's slice is [r c, (r + 1) c) of the fragment
+            message.payload = torch.cat(message.gathered)[:message.theta_send.numel()]
+            message.gathered = None
 
     def _divisor(self, message: OuterMessage, dtype: torch.dtype):
         return float(self.world_size) if message.weight is None else message.weight.to(dtype)
@@ -404,17 +404,13 @@ class SlowMo(Algorithm):
         f, pieces = message.fragment, self.pieces[message.fragment]
         average = message.payload / self._divisor(message, message.payload.dtype)
         message.consensus = consensus_distance([message.theta_send], [average])
-        starts, mine = self.piece_starts[f], []
-        for o in self.owned[f][self.rank]:
-            p, group = pieces[o.piece], self.groups[pieces[o.piece].group]
-            at, n = p.offset + o.lo - group.start, o.hi - o.lo
-            x0, u = self.x0[p.group][at:at + n], self.u[p.group][at:at + n]
-            self._update(x0, u, average[starts[o.piece] + o.lo:starts[o.piece] + o.hi], message.gammas[p.group])
-            mine.append(x0)
-        size = max(sum(o.hi - o.lo for o in ranges) for ranges in self.owned[f])
-        padded = average.new_zeros(size)
-        if mine:
-            padded[:sum(x.numel() for x in mine)].copy_(torch.cat(mine))
+        starts, x0, u, at = self.piece_starts[f], self.x0[f], self.u[f], 0
+        for o in self.owned[f][self.rank]:  # this rank's slice, piece by piece (each its group's gamma)
+            n, start = o.hi - o.lo, starts[o.piece] + o.lo
+            self._update(x0[at:at + n], u[at:at + n], average[start:start + n], message.gammas[pieces[o.piece].group])
+            at += n
+        padded = average.new_zeros(self._slice_size(f))
+        padded[:x0.numel()].copy_(x0)
         message.resolved = True
         if self.world_size == 1:
             message.gathered = [padded]
@@ -481,6 +477,25 @@ class SlowMo(Algorithm):
     # --- the outer update --------------------------------------------------------------------
     def _flat(self, tensors: list[torch.Tensor], group: SlowGroup) -> torch.Tensor:
         return torch.cat([tensors[i].reshape(-1) for i in group.indices])
+
+    def _fragment_values(self, tensors: list[torch.Tensor], f: int) -> torch.Tensor:
+        return torch.cat([tensors[p.param].reshape(-1)[p.start:p.stop] for p in self.pieces[f]])
+
+    def _slice_size(self, f: int) -> int:
+        """by_fragment: every rank's (padded) share c of fragment f."""
+        return -(-sum(p.stop - p.start for p in self.pieces[f]) // self.world_size)
+
+    def _slice(self, f: int) -> slice:
+        """by_fragment: this rank's part ``[r c, (r + 1) c)`` of fragment f's flat vector."""
+        c, n = self._slice_size(f), sum(p.stop - p.start for p in self.pieces[f])
+        return slice(min(self.rank * c, n), min((self.rank + 1) * c, n))
+
+    def _layout(self) -> list[tuple]:
+        """What this rank's x0 / u hold: ranges of param groups, or (by_fragment) of fragments."""
+        if self.by_fragment:
+            return [("fragment", sum(p.stop - p.start for p in self.pieces[f]), self._slice(f).start,
+                     self._slice(f).stop) for f in range(self.fragments)]
+        return [(g.numel, g.start, g.stop) for g in self.groups]
 
     def _gamma(self, group: SlowGroup) -> float:
         if group.optimizer_group is None:
@@ -562,7 +577,7 @@ class SlowMo(Algorithm):
         return {
             "x0": [x.clone() for x in self.x0],
             "u": [u.clone() for u in self.u],
-            "layout": [(g.numel, g.start, g.stop) for g in self.groups],
+            "layout": self._layout(),
             "base": self.base.state_dict(),
             # in-flight outer messages, waited for (not applied): a resumed run applies them at the
             # same step as an uninterrupted one
@@ -575,7 +590,7 @@ class SlowMo(Algorithm):
         return list(self.pending)
 
     def load_state_dict(self, state: dict) -> None:
-        layout = [(g.numel, g.start, g.stop) for g in self.groups]
+        layout = self._layout()
         if [tuple(x) for x in state["layout"]] != layout:
             raise ValueError(
                 f"the SlowMo checkpoint holds slow-state ranges {state['layout']} but this rank needs {layout}: "
