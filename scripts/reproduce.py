@@ -2,7 +2,7 @@
 Rabbat, "SlowMo: Improving Communication-Efficient Distributed SGD with Slow Momentum", ICLR 2020,
 arXiv:1910.00643, Table 1 and the ablations of Sec. 6), with a report in docs/RESULTS.md.
 
-    .venv/bin/python scripts/reproduce.py all                    # every set (~80 min idle), then the report
+    .venv/bin/python scripts/reproduce.py all                    # every set (~86 min idle), then the report
     .venv/bin/python scripts/reproduce.py cifar                  # one set: cifar | streamed | streamed_parts |
                                                                  #   sweep | translation | diagnostics
     .venv/bin/python scripts/reproduce.py all --dry-run          # print the training commands only
@@ -20,13 +20,13 @@ The report rewrites only the region between ``<!-- reproduce:begin -->`` and
 ``<!-- reproduce:end -->`` of docs/RESULTS.md (appended with its heading when absent) and the plots
 ``docs/img/reproduce_*.png``; it reads the runs with slowmo_train/report.py.
 
-Budget (2 cores; 4 one-thread workers per run; one run at a time; measured 2026-11-22 06:48-06:56
-UTC on an otherwise idle machine; details at CIFAR_SHARED, SWEEP_SHARED, TRANSLATION_SHARED):
-  cifar 16 runs + streamed 4 runs + streamed_parts 6 runs
-                                   ~1.6 min each     -> ~40 min
-  sweep 12 runs                    ~1 min each       -> ~11-12 min
-  translation 10 runs              ~3 min each       -> ~30 min
-  diagnostics 3 runs               ~3 min each       -> ~8 min
+Budget (2 cores; 4 one-thread workers per run; one run at a time; measured 2026-12-01 18:10-19:54
+UTC, 51 runs in 85.7 min of training, the machine idle but for short test runs during a few; see CIFAR_SHARED,
+SWEEP_SHARED, TRANSLATION_SHARED):
+  cifar 16 + streamed 4 + streamed_parts 6 runs  ~1.6 min each  -> 42.7 min
+  sweep 12 runs                                  ~0.9 min each  -> 10.3 min
+  translation 10 runs                            ~2.5 min each  -> 24.9 min
+  diagnostics 3 runs                             ~2.6 min each  ->  7.7 min
 Other jobs on the cores stretch this: with another engineer's 2-worker job running (load average
 6-12) a 3-epoch AR-SGD run took 3 min 20 s instead of 89 s and a translation run 5 min 53 s.
 """
