@@ -88,9 +88,9 @@ fragment, and each rank keeps an equal slice ``[r c, (r + 1) c)`` of every fragm
 slow state, and balanced all-gathers whatever the param groups), so no rank can form ``x0 - x_i``
 over a whole fragment. Each rank sends its numerators instead (weights alongside, as above); after
 the all-reduce it updates its slice of the fragment's x0 and u from ``x0 - sum_i num_i / sum_i w_i``,
-and the new x0 of the fragment is all-gathered (non-blocking too). The all-reduce is waited for ``ceil(D / 2)`` steps after the send
-and the all-gather at the merge, D steps after it, so both travel behind compute when D >= 2
-(D = 1: the all-gather, half the all-reduce's bytes, blocks). The mathematics are those of the
+and the new x0 of the fragment is all-gathered (non-blocking too). The all-reduce is waited for
+``ceil(D / 2)`` steps after the send and the all-gather at the merge, D steps after it, so both
+travel behind compute when D >= 2 (D = 1: the all-gather, half the all-reduce's bytes, blocks). The mathematics are those of the
 unsharded streamed form up to rounding (``x0 - mean x_i`` rather than ``mean(x0 - x_i)``); the
 cost is the all-gather, (n - 1) / n of the fragment per rank on top of the all-reduce.
 
@@ -243,7 +243,8 @@ class SlowMo(Algorithm):
                                         self.sharded and not self.by_fragment)
         params = [p.data for p in params]
         self.pieces = build_fragments([p.numel() for p in params], [g.indices for g in self.groups], self.fragments)
-        #: where each piece starts in its fragment's flat vector
+        #: length of each fragment's flat vector, and where each of its pieces starts in it
+        self.fragment_sizes = [sum(p.stop - p.start for p in pieces) for pieces in self.pieces]
         self.piece_starts = [list(itertools.accumulate((p.stop - p.start for p in pieces[:-1]), initial=0))
                              for pieces in self.pieces]
         #: by_fragment: per fragment, per rank, the parts of the pieces whose x0 / u that rank keeps
@@ -350,7 +351,7 @@ class SlowMo(Algorithm):
     def _send_and_merge(self, step: int, sends: list[int]) -> None:
         for f in sends:
             self._send(f, step)
-        if self.sharded:
+        if self.by_fragment:
             lead = (self.delay + 1) // 2  # the all-reduce gets the larger share of the D steps
             for message in self.pending:
                 if not message.resolved and message.send_step + lead <= step:
@@ -367,7 +368,7 @@ class SlowMo(Algorithm):
         pieces = self.pieces[f]
         nums = torch.cat([numerators[p.param].reshape(-1)[p.start:p.stop] for p in pieces])
         theta = nums.clone() if weight is None else nums / weight
-        if self.sharded:
+        if self.by_fragment:
             payload = nums  # this rank holds only its slice of x0 (module docstring)
         else:
             x0 = torch.cat([self.x0[p.group][p.offset:p.offset + p.stop - p.start] for p in pieces])
@@ -447,7 +448,7 @@ class SlowMo(Algorithm):
         if push_sum:
             # all gossip mass back at the workers before a slice of it is replaced (module docstring)
             self.base.flush()
-        if self.sharded:
+        if self.by_fragment:
             if not message.resolved:
                 self._resolve_shard(message)
             self._complete(message)
@@ -483,18 +484,18 @@ class SlowMo(Algorithm):
 
     def _slice_size(self, f: int) -> int:
         """by_fragment: every rank's (padded) share c of fragment f."""
-        return -(-sum(p.stop - p.start for p in self.pieces[f]) // self.world_size)
+        return -(-self.fragment_sizes[f] // self.world_size)
 
     def _slice(self, f: int) -> slice:
         """by_fragment: this rank's part ``[r c, (r + 1) c)`` of fragment f's flat vector."""
-        c, n = self._slice_size(f), sum(p.stop - p.start for p in self.pieces[f])
+        c, n = self._slice_size(f), self.fragment_sizes[f]
         return slice(min(self.rank * c, n), min((self.rank + 1) * c, n))
 
     def _layout(self) -> list[tuple]:
         """What this rank's x0 / u hold: ranges of param groups, or (by_fragment) of fragments."""
         if self.by_fragment:
-            return [("fragment", sum(p.stop - p.start for p in self.pieces[f]), self._slice(f).start,
-                     self._slice(f).stop) for f in range(self.fragments)]
+            return [("fragment", self.fragment_sizes[f], self._slice(f).start, self._slice(f).stop)
+                    for f in range(self.fragments)]
         return [(g.numel, g.start, g.stop) for g in self.groups]
 
     def _gamma(self, group: SlowGroup) -> float:
@@ -594,7 +595,8 @@ class SlowMo(Algorithm):
         if [tuple(x) for x in state["layout"]] != layout:
             raise ValueError(
                 f"the SlowMo checkpoint holds slow-state ranges {state['layout']} but this rank needs {layout}: "
-                "a sharded checkpoint resumes only with the same world size and rank (slowmo.sharded)"
+                "a sharded checkpoint resumes only with the same world size, rank, slowmo.sharded and (when "
+                "streamed) slowmo.fragments"
             )
         with torch.no_grad():
             for mine, saved in zip(self.x0 + self.u, list(state["x0"]) + list(state["u"])):
