@@ -57,11 +57,13 @@ def main() -> None:
         rows.append((algorithm, s))
         print(f"finished {algorithm} in {s['wall_s']:.0f} s", flush=True)
     print(f"\n{args.nproc} workers, {args.steps} steps, overrides: {' '.join(extra) or '(none)'}")
-    header = f"{'algorithm':<10} {'sent MB/step':>13} {'recv MB/step':>13} {'blocking ms/step':>17} {'overlapped ms/step':>19} {'test top1':>10} {'wall s':>7}"
+    header = (f"{'algorithm':<10} {'sent MB/step':>13} {'recv MB/step':>13} {'blocking ms/step':>17} "
+              f"{'overlapped ms/step':>19} {'test top1':>10} {'wall s':>7}")
     print(header)
     print("-" * len(header))
     for algorithm, s in rows:
-        print(f"{algorithm:<10} {s['comm_bytes_sent_per_step'] / 1e6:>13.3f} {s['comm_bytes_received_per_step'] / 1e6:>13.3f} "
+        print(f"{algorithm:<10} {s['comm_bytes_sent_per_step'] / 1e6:>13.3f} "
+              f"{s['comm_bytes_received_per_step'] / 1e6:>13.3f} "
               f"{s['comm_blocking_s_per_step'] * 1e3:>17.2f} {s['comm_overlapped_s_per_step'] * 1e3:>19.2f} "
               f"{s['final_eval'].get('top1', float('nan')):>10.2f} {s['wall_s']:>7.0f}")
     print(f"\nrun directories: {out}")

@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from slowmo_train.scripting import launch_env, read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
 NPROC = 2
@@ -59,13 +61,7 @@ def child_env(work: Path) -> dict:
     """This environment without a surrounding torchrun's variables, so each side starts its own
     2-process job (slowmo-train would otherwise think it runs under torchrun); temporary files
     (torch elastic's log folders, multiprocessing's) go to ``work``, which is removed at the end."""
-    env = dict(os.environ, TMPDIR=str(work))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-                "MASTER_PORT"):
-        env.pop(key, None)
-    for key in [k for k in env if k.startswith("TORCHELASTIC_")]:
-        env.pop(key)
-    return env
+    return launch_env(TMPDIR=str(work))
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -97,15 +93,7 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
 def _train_events(metrics: Path) -> list[dict]:
     if not metrics.exists():
         return []
-    events = []
-    for line in metrics.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line being written
-        if record.get("event") == "train" and "samples_per_s" in record:
-            events.append(record)
-    return events
+    return [e for e in read_metrics(metrics, "train") if "samples_per_s" in e]  # the last line may be in writing
 
 
 # ------------------------------------------------------------------------------------- A: slowmo-train
@@ -336,7 +324,8 @@ def main(argv=None) -> int:
     base = [x["samples_per_s"] for x in results["baseline"]]
     trainer = [x["trainer_samples_per_s"] for x in results["slowmo"]]
     print()
-    print(f"{'round':>5}  {'order':<17} {'slowmo':>10} {'baseline':>10} {'ratio':>7}   {'slowmo (own figure, no logging)':>31}")
+    print(f"{'round':>5}  {'order':<17} {'slowmo':>10} {'baseline':>10} {'ratio':>7}   "
+          f"{'slowmo (own figure, no logging)':>31}")
     for r in range(args.rounds):
         order = "A B" if orders[r][0] == "slowmo" else "B A"
         print(f"{r + 1:>5}  {order + ' (A = slowmo)':<17} {slowmo[r]:10.1f} {base[r]:10.1f} "

@@ -1,7 +1,7 @@
 """Benchmark: ASGD, NAG-ASGD and DANA (simulated asynchronous workers) against synchronous Nesterov SGD
 on real CIFAR-10, with the same total batch and the same number of gradient computations.
 
-    .venv/bin/python scripts/bench_async.py --data /work/shared/data/cifar10 --workers 8 16 32 \
+    .venv/bin/python scripts/bench_async.py --data ../shared/data/cifar10 --workers 8 16 32 \
         --subset 10000 --epochs 4 --width 0.125 --out outputs/bench_async --jobs 2
 
 For N workers with per-worker batch b, the synchronous baseline takes steps of the total batch N*b
@@ -26,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from slowmo_train.scripting import compose_config, markdown_table
+
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("sync", "asgd", "nag_asgd", "dana")
 LABELS = {"sync": "sync Nesterov SGD (batch N*b)", "asgd": "ASGD", "nag_asgd": "NAG-ASGD", "dana": "DANA-Zero",
@@ -35,7 +37,8 @@ LABELS = {"sync": "sync Nesterov SGD (batch N*b)", "asgd": "ASGD", "nag_asgd": "
 def overrides_for(method: str, workers: int, args) -> list[str]:
     common = [f"data.root={args.data}", "data.download=false", f"data.train_subset={args.subset}",
               f"model.width={args.width}", f"train.epochs={args.epochs}", f"train.eval_every_epochs={args.epochs}",
-              "train.log_every=100", "train.progress=log", f"optim.lr={args.lr}", f"optim.milestone_epochs_of={args.epochs}",
+              "train.log_every=100", "train.progress=log", f"optim.lr={args.lr}",
+              f"optim.milestone_epochs_of={args.epochs}",
               f"optim.warmup_epochs={args.warmup}", f"optim.milestones=[{0.75 * args.epochs}]", f"seed={args.seed}",
               f"algorithm.compute_time_dist={args.dist}", f"algorithm.compute_time_shape={args.shape}",
               "train.eval_batch_size=1000"]
@@ -47,19 +50,15 @@ def overrides_for(method: str, workers: int, args) -> list[str]:
 def run_one(overrides: list[str], out_dir: str) -> None:
     """One run in this process (no launcher): compose, validate, train with the async runner."""
     import torch
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from slowmo_train import dist as sdist
     from slowmo_train.asynchronous.runner import AsyncRunner
-    from slowmo_train.config import register_configs, to_job_config, validate
+    from slowmo_train.config import to_job_config, validate
     from slowmo_train.metrics import setup_logging
 
     torch.set_num_threads(1)
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    job = to_job_config(cfg)
+    job = to_job_config(compose_config(overrides))
     validate(job, world_size=1)
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +98,7 @@ def plot(results: list[dict], path: Path, args) -> None:
         ax.plot([r["workers"] for r in rows], [r["final_eval"]["top1"] for r in rows], marker="o", label=LABELS[method])
     ax.set_xscale("log", base=2)
     ax.set_xticks(args.workers, [str(n) for n in args.workers])
-    ax.set_xlabel("workers N (per-worker batch %d, total batch N*%d)" % (args.batch, args.batch))
+    ax.set_xlabel(f"workers N (per-worker batch {args.batch}, total batch N*{args.batch})")
     ax.set_ylabel("final test top-1 (%)")
     ax.set_title(f"CIFAR-10 subset {args.subset}, ResNet-18 x{args.width}, {args.epochs} epochs")
     ax.grid(alpha=0.3)
@@ -134,14 +133,14 @@ def main() -> None:
         results = list(pool.map(lambda mn: launch(*mn, args), todo))
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, Path(args.out) / "async_cifar10.png", args)
-    print("| N | total batch | " + " | ".join(LABELS[m] for m in args.methods) + " |")
-    print("|---|---|" + "---|" * len(args.methods))
+    rows = []
     for n in args.workers:
         cells = []
         for m in args.methods:
             r = next(r for r in results if r["method"] == m and r["workers"] == n)
             cells.append(f"{r['final_eval']['top1']:.2f} (stale {r['staleness_mean']:.1f})")
-        print(f"| {n} | {n * args.batch} | " + " | ".join(cells) + " |")
+        rows.append([n, n * args.batch, *cells])
+    print(markdown_table(["N", "total batch", *(LABELS[m] for m in args.methods)], rows))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,15 +25,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from slowmo_train.algorithms import build_algorithm  # noqa: E402
-from slowmo_train.checkpoint import Checkpointer, capture_rng, load_rank_state  # noqa: E402
-from slowmo_train.config import AlgorithmConfig, OptimConfig, SlowMoConfig  # noqa: E402
-from slowmo_train.dist import build_topology  # noqa: E402
-from slowmo_train.models import cifar_resnet18  # noqa: E402
-from slowmo_train.optim import build_optimizer  # noqa: E402
+from slowmo_train.algorithms import build_algorithm
+from slowmo_train.checkpoint import Checkpointer, capture_rng, load_rank_state
+from slowmo_train.config import AlgorithmConfig, OptimConfig, SlowMoConfig
+from slowmo_train.dist import build_topology
+from slowmo_train.models import cifar_resnet18
+from slowmo_train.optim import build_optimizer
 
 
 def main() -> int:

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from slowmo_train.data.imagenet import ImageNetStream
+from slowmo_train.models.resnet import resnet50
 
-from slowmo_train.data.imagenet import ImageNetStream  # noqa: E402
-from slowmo_train.models.resnet import resnet50  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pipeline_rate(root: str, image_size: int, batch_size: int, workers: int, batches: int) -> float:

@@ -1,24 +1,25 @@
 """Does the trainer's stop-signal poll cost OSGP its overlap? OSGP on the emulated 2-node cluster at
 135mbit per node, with a poll every step (the default) and every 48 steps, in A B B A order.
 
-    sudo .venv/bin/python scripts/bench_poll_overlap.py ../shared/data/cifar10
+    sudo .venv/bin/python -m scripts.bench_poll_overlap ../shared/data/cifar10
 
-Uses scripts/bench_speed.py's runner and emulated cluster (needs root for network namespaces).
+From the repository root: it uses scripts/bench_speed.py's runner and emulated cluster (needs root for
+network namespaces).
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_speed  # noqa: E402
+from scripts import bench_speed
 
 
 def main() -> None:
     data = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/cifar10").resolve()
-    work = Path("/tmp/slowmo-bench-poll")
+    work = Path(tempfile.gettempdir()) / "slowmo-bench-poll"
     args = types.SimpleNamespace(data_root=str(bench_speed.small_test_root(data, work)), out=str(work / "out"),
                                  work=str(work), width=0.25, batch=16, warmup=12, steps=96, log_every=12,
                                  rates="135mbit,400mbit")
@@ -27,7 +28,8 @@ def main() -> None:
     for rep, order in enumerate(((1, 48), (48, 1))):
         for poll in order:
             cfg = bench_speed.Config("osgp", poll_every=poll)
-            ms[poll].append(bench.run(bench_speed.Topology(2, 1), cfg, "135mbit", f"osgp_poll{poll}_{rep}").ms_per_step)
+            measured = bench.run(bench_speed.ClusterShape(2, 1), cfg, "135mbit", f"osgp_poll{poll}_{rep}")
+            ms[poll].append(measured.ms_per_step)
     print(f"OSGP ms/iteration: poll every step {ms[1]}, every 48 steps {ms[48]}")
 
 

@@ -43,15 +43,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from slowmo_train import scripting
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "scripts" / "emulated_cluster.sh"
@@ -114,7 +116,9 @@ QUICK_CONFIGS = [Config("allreduce"), Config("local_sgd", 12), Config("sgp"), Co
 
 
 @dataclass
-class Topology:
+class ClusterShape:
+    """Emulated nodes x processes per node (not slowmo_train.dist.Topology, a rank's place in a job)."""
+
     nodes: int
     nproc: int
 
@@ -147,7 +151,7 @@ def ring(nbytes: float, n: int) -> float:
     return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
 
 
-def expected_bytes(cfg: Config, topo: Topology, p: float, b: float) -> float:
+def expected_bytes(cfg: Config, topo: ClusterShape, p: float, b: float) -> float:
     """Bytes rank 0 (a node leader) sends per step by each algorithm's definition (module docstring;
     the payload convention of slowmo_train/algorithms/comm.py)."""
     n, ppn = topo.world, topo.nproc
@@ -170,7 +174,7 @@ def expected_bytes(cfg: Config, topo: Topology, p: float, b: float) -> float:
     return base + outer
 
 
-def model_ms(cfg: Config, topo: Topology, compute_ms: float, rate: float, p: float, b: float) -> float:
+def model_ms(cfg: Config, topo: ClusterShape, compute_ms: float, rate: float, p: float, b: float) -> float:
     """The analytic time per step (module docstring). ``rate`` in payload bytes per second."""
     n = topo.world
     to_ms = 1000.0 / rate
@@ -190,8 +194,7 @@ def model_ms(cfg: Config, topo: Topology, compute_ms: float, rate: float, p: flo
 def read_run(run_dir: Path, skip_steps: int, units_per_step: int) -> Measured:
     """Time per step over the logged intervals after ``skip_steps`` (warm-up), from rank 0's
     metrics.jsonl; communication figures weighted by interval length."""
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [e for e in events if e["event"] == "train" and "samples_per_s" in e]
+    train = [e for e in scripting.read_metrics(run_dir, "train") if "samples_per_s" in e]
     total_s = steps = blocking = overlapped = sent = outer_blocking = outer_overlapped = 0.0
     prev = 0
     for e in train:
@@ -215,7 +218,6 @@ def read_run(run_dir: Path, skip_steps: int, units_per_step: int) -> Measured:
 
 def model_sizes(run_dir: Path) -> tuple[float, float]:
     """Parameter and floating-buffer bytes of the benchmark's model (built from the run's config)."""
-    sys.path.insert(0, str(ROOT))
     from omegaconf import OmegaConf
 
     from slowmo_train.config import ModelConfig
@@ -248,8 +250,8 @@ def small_test_root(data_root: Path, work: Path, per_class: int = 50) -> Path:
     return root
 
 
-#: the comm-bound rate makes AR-SGD's all-reduce this many times the compute time. The issue asks
-#: for >= 2; the model's AR-SGD / (Local SGD + SlowMo) ratio is (1/3 + k) / (1 + k/12), which
+#: the comm-bound rate makes AR-SGD's all-reduce this many times the compute time. It must be
+#: >= 2; the model's AR-SGD / (Local SGD + SlowMo) ratio is (1/3 + k) / (1 + k/12), which
 #: reaches 2.5 only at k ~ 2.7, while SGP / OSGP = (1 + k) / k falls below 1.3 above k ~ 3.3: k = 3
 #: is where the paper's two comm-bound claims can both hold.
 COMM_BOUND_FACTOR = 3.0
@@ -279,7 +281,7 @@ class Bench:
         names = args.rates.split(",")
         self.rates = None if args.rates == "auto" else {"comm": names[0], "balanced": names[-1]}
 
-    def run(self, topo: Topology, cfg: Config, rate: str, tag: str) -> Measured:
+    def run(self, topo: ClusterShape, cfg: Config, rate: str, tag: str) -> Measured:
         a = self.args
         run_dir = self.work / f"{topo.label}_{rate}_{tag}"
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -307,13 +309,14 @@ class Bench:
               f"{measured.bytes_sent / 1e6:.3f} MB sent) [{time.time() - start:.0f} s]", flush=True)
         return measured
 
-    def topology(self, topo: Topology, plan: list[tuple[str, list[Config]]]) -> None:
+    def topology(self, topo: ClusterShape, plan: list[tuple[str, list[Config]]]) -> None:
         compute = self.run(topo, COMPUTE_ONLY, "none", "compute")
         p, b = model_sizes(self.work / f"{topo.label}_none_compute")
         if self.rates is None:
             self.rates = auto_rates(compute.ms_per_step, ring(p, topo.world))
             print(f"  link rates from the measured compute time: comm-bound {self.rates['comm']} "
-                  f"(AR-SGD communication ~{COMM_BOUND_FACTOR}x compute), balanced {self.rates['balanced']}", flush=True)
+                  f"(AR-SGD communication ~{COMM_BOUND_FACTOR}x compute), balanced {self.rates['balanced']}",
+                  flush=True)
         for key, configs in plan:
             rate = self.rates[key]
             payload = rate_bits(rate) / 8 * PAYLOAD_EFFICIENCY
@@ -351,10 +354,7 @@ class Bench:
 def markdown_table(rows: list[dict]) -> str:
     head = ["nodes x procs", "link", "algorithm", "ms/iter", "model ms", "meas/model", "compute ms",
             "blocking ms", "overlapped ms", "MB sent/iter", "MB expected", "bytes err %"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join(str(v) for v in r.values()) + " |")
-    return "\n".join(lines)
+    return scripting.markdown_table(head, [r.values() for r in rows])
 
 
 def _row(rows, topo, rate, label):
@@ -365,7 +365,8 @@ def _row(rows, topo, rate, label):
 
 
 def targets(rows: list[dict]) -> str:
-    """The issue's targets, checked on this run's numbers (the model's ratio in brackets)."""
+    """The paper's Table 2 claims and the model's accuracy as targets, checked on this run's numbers
+    (the model's ratio in brackets)."""
     out = []
 
     def ratio(topo, rate, num, den, text):
@@ -377,16 +378,19 @@ def targets(rows: list[dict]) -> str:
     for topo, rate in sorted({(r["topology"], r["rate"]) for r in rows}, key=lambda g: (g[0], rate_bits(g[1]))):
         for base in ("AR-SGD", "Local SGD", "SGP", "OSGP"):
             for tau in (12, 48):
-                ratio(topo, rate, f"{base} + SlowMo(tau={tau})", base, f"{base} + SlowMo(tau={tau}) / {base} [target <= 1.03]")
-        ratio(topo, rate, "AR-SGD", "Local SGD + SlowMo(tau=12)", "AR-SGD / (Local SGD + SlowMo) [target >= 2.5 comm-bound]")
+                ratio(topo, rate, f"{base} + SlowMo(tau={tau})", base,
+                      f"{base} + SlowMo(tau={tau}) / {base} [target <= 1.03]")
+        ratio(topo, rate, "AR-SGD", "Local SGD + SlowMo(tau=12)",
+              "AR-SGD / (Local SGD + SlowMo) [target >= 2.5 comm-bound]")
         ratio(topo, rate, "SGP", "OSGP", "SGP / OSGP [target >= 1.3 comm-bound]")
-        ratio(topo, rate, "OSGP [poll every 1]", "OSGP", "OSGP with a stop-signal poll every step / OSGP polling every 48")
+        ratio(topo, rate, "OSGP [poll every 1]", "OSGP",
+              "OSGP with a stop-signal poll every step / OSGP polling every 48")
     worst = max(rows, key=lambda r: abs(r["measured_over_model"] - 1))
     out.append(f"- largest model deviation: {worst['topology']} {worst['rate']} {worst['config']}: "
                f"measured/model = {worst['measured_over_model']} (target within 0.85-1.15)")
     worst_b = max(rows, key=lambda r: abs(r["bytes_error_pct"]))
-    out.append(f"- largest bytes deviation: {worst_b['config']} ({worst_b['topology']}): {worst_b['bytes_error_pct']} % "
-               f"(target within 1 %)")
+    out.append(f"- largest bytes deviation: {worst_b['config']} ({worst_b['topology']}): "
+               f"{worst_b['bytes_error_pct']} % (target within 1 %)")
     return "\n".join(out)
 
 
@@ -420,7 +424,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-root", required=True, help="CIFAR-10 (either layout)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "img"), help="where the CSV, Markdown table and PNG go")
-    ap.add_argument("--work", default="/tmp/slowmo-bench-speed", help="run directories (scratch)")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "slowmo-bench-speed"),
+                    help="run directories (scratch)")
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch", type=int, default=16, help="per process")
     ap.add_argument("--warmup", type=int, default=12, help="steps excluded from the timing (also the log interval)")
@@ -443,7 +448,7 @@ def main() -> None:
     bench = Bench(args)
     start = time.time()
     if args.quick:
-        bench.topology(Topology(2, 1), [("comm", QUICK_CONFIGS)])
+        bench.topology(ClusterShape(2, 1), [("comm", QUICK_CONFIGS)])
     else:
         # the full matrix on 2 nodes at the comm-bound rate, every base +- SlowMo at the balanced
         # one, and the headline configurations on 4 nodes and with the hierarchy: each run costs
@@ -452,7 +457,7 @@ def main() -> None:
                 "4x1": [("comm", HEADLINE)], "2x2": [("comm", HIERARCHY)]}
         for name in args.topologies.split(","):
             nodes, nproc = map(int, name.split("x"))
-            bench.topology(Topology(nodes, nproc), plan.get(name, [("comm", PAIRS)]))
+            bench.topology(ClusterShape(nodes, nproc), plan.get(name, [("comm", PAIRS)]))
     bench.save()
     plot(bench.rows, bench.out / "bench_speed.png")
     print(f"\n{markdown_table(bench.rows)}\n\n{targets(bench.rows)}\n")

@@ -1,14 +1,15 @@
-"""Streamed and overlapped SlowMo outer steps on a slow link (issue #11): what the opt-in options
+"""Streamed and overlapped SlowMo outer steps on a slow link: what the opt-in options
 ``slowmo.overlap_steps=D``, ``slowmo.fragments=F`` and ``slowmo.outer_dtype`` (see the docstring of
 slowmo_train/algorithms/slowmo.py) cost per iteration over the base algorithm alone, on the emulated
 cluster (scripts/emulated_cluster.sh, 2 nodes x 1 process, each node's link capped by tc tbf).
 
-    .venv/bin/python scripts/bench_streaming.py --data-root ../shared/data/cifar10          # ~25 min
-    .venv/bin/python scripts/bench_streaming.py --data-root ../shared/data/cifar10 --quick  # ~7 min
-    .venv/bin/python scripts/bench_streaming.py --data-root ../shared/data/cifar10 --sharded --steps 192  # ~15 min
+    .venv/bin/python -m scripts.bench_streaming --data-root ../shared/data/cifar10          # ~25 min
+    .venv/bin/python -m scripts.bench_streaming --data-root ../shared/data/cifar10 --quick  # ~7 min
+    .venv/bin/python -m scripts.bench_streaming --data-root ../shared/data/cifar10 --sharded --steps 192  # ~15 min
 
-As root (network namespaces; otherwise prefix ``sudo``). ``--rate 95mbit`` skips the compute-only
-run, ``--algorithms local_sgd`` runs one base, ``--out /tmp/x`` keeps docs/img untouched.
+From the repository root (it imports scripts/bench_speed.py), as root (network namespaces; otherwise
+prefix ``sudo``). ``--rate 95mbit`` skips the compute-only
+run, ``--algorithms local_sgd`` runs one base, ``--out /path/to/out`` keeps docs/img untouched.
 
 SlowMo (Wang et al., "SlowMo", ICLR 2020, Alg. 1) averages the models exactly every tau steps with
 a blocking all-reduce. Streaming DiLoCo (Douillard et al., "Streaming DiLoCo with overlapping
@@ -34,8 +35,8 @@ Alg. 1's blocking path, the others non-blocking): what keeping 1/n of the slow s
 Each run is ``--warmup`` steps (excluded) + max(``--steps``, tau) timed steps, so the timed window
 holds whole outer iterations. ResNet-18 at width 0.25 on real CIFAR-10 batches, one thread per
 worker, as bench_speed (its runner is reused: ``Bench``, ``Config`` with ``extra`` overrides,
-``read_run`` through ``Bench.run``). D0 F1 float32 is the original blocking code path of Alg. 1; every other variant takes
-the streamed path.
+``read_run`` through ``Bench.run``). D0 F1 float32 is the original blocking code path of Alg. 1;
+every other variant takes the streamed path.
 
 How to read the comparison (it is not the same for every variant):
 
@@ -79,29 +80,28 @@ import csv
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
-
-from bench_speed import (  # noqa: E402  (scripts/ is not a package)
+from scripts.bench_speed import (
     COMPUTE_ONLY,
     PAYLOAD_EFFICIENCY,
     Bench,
+    ClusterShape,
     Config,
     Measured,
-    Topology,
     auto_rates,
     model_sizes,
     rate_bits,
     ring,
     small_test_root,
 )
+from slowmo_train import scripting
 
-ROOT = SCRIPTS.parent
-#: outer period per base (issue #11's matrix; Local SGD's = its averaging period, as in bench_speed)
+ROOT = Path(__file__).resolve().parents[1]
+#: outer period per base (Local SGD's = its averaging period, as in bench_speed)
 TAU = {"local_sgd": 12, "sgp": 48}
 NAMES = {"local_sgd": "Local SGD", "sgp": "SGP"}
 #: Local SGD's own averaging period (bench_speed's Config sets algorithm.period=12)
@@ -111,9 +111,9 @@ DELAYS, FRAGMENTS, DTYPES = (0, 1, 2), (1, 4), ("float32", "bfloat16")
 QUICK_VARIANTS = ((0, 1, "float32"), (1, 1, "float32"), (1, 4, "bfloat16"))
 #: --sharded: (D, F), each unsharded and sharded, float32
 SHARDED_VARIANTS = ((0, 1), (1, 4), (2, 1), (2, 4))
-#: the issue's goal: SlowMo's overhead over its base with D >= 1, in %
+#: the goal: SlowMo's overhead over its base with D >= 1, in %
 GOAL_PCT = 1.0
-TOPOLOGY = Topology(2, 1)
+TOPOLOGY = ClusterShape(2, 1)
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,8 @@ def make_row(v: Variant, m: Measured, base: Measured, rate: str, p: float, b: fl
         "blocking_ms": round(m.blocking_ms, 1), "overlapped_ms": round(m.overlapped_ms, 1),
         # measured directly: the blocking time inside SlowMo's own operations (CommStats.outer)
         "slowmo_blocking_ms_per_outer": "" if v.is_base else round(m.extra.get("outer_blocking_ms", 0.0) * v.tau, 1),
-        "slowmo_overlapped_ms_per_outer": "" if v.is_base else round(m.extra.get("outer_overlapped_ms", 0.0) * v.tau, 1),
+        "slowmo_overlapped_ms_per_outer":
+            "" if v.is_base else round(m.extra.get("outer_overlapped_ms", 0.0) * v.tau, 1),
         "outer_link_ms": "" if v.is_base else round(link_ms, 1),
         "mb_sent_per_iter": round(m.bytes_sent / 1e6, 4), "mb_expected": round(want / 1e6, 4),
         "bytes_error_pct": round(100 * (m.bytes_sent / want - 1), 2) if want else 0.0,
@@ -226,13 +227,11 @@ COLUMNS = ["algorithm", "variant", "tau", "ms_per_iter", "overhead_pct", "blocki
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+    return scripting.markdown_table(HEADER, [[r[c] for c in COLUMNS] for r in rows])
 
 
 def goal_check(rows: list[dict]) -> str:
-    """The issue's goal per base: SlowMo's overhead < GOAL_PCT % with D >= 1, beside the noise floor."""
+    """The goal per base: SlowMo's overhead < GOAL_PCT % with D >= 1, beside the noise floor."""
     out = []
     for name in dict.fromkeys(r["algorithm"] for r in rows):
         mine = [r for r in rows if r["algorithm"] == name]
@@ -368,7 +367,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-root", required=True, help="CIFAR-10 ImageFolder tree with train/ and test/")
     ap.add_argument("--out", default=str(ROOT / "docs" / "img"), help="where the CSV, Markdown table and PNG go")
-    ap.add_argument("--work", default="/tmp/slowmo-bench-streaming", help="run directories (scratch)")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "slowmo-bench-streaming"),
+                    help="run directories (scratch)")
     ap.add_argument("--algorithms", default="local_sgd,sgp", help=f"bases, from {', '.join(TAU)}")
     ap.add_argument("--rate", default="auto", help="link rate per node (tc syntax, e.g. 95mbit); auto: the "
                     "comm-bound rate of bench_speed, from a compute-only run")

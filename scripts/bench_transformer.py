@@ -84,8 +84,9 @@ def main() -> None:
     start = time.perf_counter()
     out = translate_corpus(model, sp, splits["test"], np.arange(n), cfg, args.max_tokens, worker.device)
     decode_s = time.perf_counter() - start
+    pieces = np.mean([len(sp.encode(h)) for h in out.values()])
     print(f"beam search: {n / decode_s:.1f} sentences/s (beam {args.beam}, {n} test sentences, "
-          f"{'trained' if args.weights else 'untrained'} model; mean output {np.mean([len(sp.encode(h)) for h in out.values()]):.1f} pieces)")
+          f"{'trained' if args.weights else 'untrained'} model; mean output {pieces:.1f} pieces)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from slowmo_train.scripting import launch_env, markdown_table, read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 40, 10
 
@@ -41,7 +43,7 @@ def base_args(data_root: Path, run_dir: Path) -> list[str]:
 
 
 def launch(args: list[str], log: Path, faults: str | None = None) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLOWMO_TRAIN_FAULTS")}
+    env = launch_env(drop=["SLOWMO_TRAIN_FAULTS"])
     if faults:
         env["SLOWMO_TRAIN_FAULTS"] = faults
     out = open(log, "a")
@@ -70,8 +72,7 @@ def train_steps(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [e["step"] for e in events if e["event"] == "train" and "loss" in e]
+    return [e["step"] for e in read_metrics(path, "train") if "loss" in e]
 
 
 def resumed_step(run_dir: Path) -> int | None:
@@ -197,12 +198,13 @@ def main() -> int:
         print(json.dumps(row), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    print("\n| fault | exit | what the run did | steps lost | fault -> resumed (s) |\n| --- | --- | --- | --- | --- |")
+    table = []
     for r in rows:
         lost = (r["fault_step"] - r["resumed_from"]) if r.get("resumed_from") is not None and r.get("fault_step") else 0
         secs = f"{r['seconds']:.0f}" if isinstance(r.get("seconds"), float) and r["seconds"] == r["seconds"] else "-"
         done = f"finished at step {r['final_step']}" if r.get("final_step") else ""
-        print(f"| {r['fault']} | {r['rc']} | {r['line'][:160]} {done} | {lost} | {secs} |")
+        table.append([r["fault"], r["rc"], f"{r['line'][:160]} {done}", lost, secs])
+    print("\n" + markdown_table(["fault", "exit", "what the run did", "steps lost", "fault -> resumed (s)"], table))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0

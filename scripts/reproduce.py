@@ -47,10 +47,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from slowmo_train.report import Run, load_run, step_seconds
+from slowmo_train.scripting import markdown_table
 
-from slowmo_train.report import Run, load_run, step_seconds  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 #: the data folder beside the clone (see its README); elsewhere set SLOWMO_TRAIN_DATA
 DATA = Path(os.environ.get("SLOWMO_TRAIN_DATA", REPO.parent / "shared" / "data")).resolve()
@@ -109,8 +109,8 @@ class PlannedRun:
 # 10k test images in ~2.5 s, so an epoch of a 30k subset costs ~25 s and a run of 4 epochs (936
 # steps, 78 outer steps at tau 12) ~1.8 min with ~14 s of start-up (measured: OSGP + SlowMo 1 min
 # 46 s, 63.7 % test top-1; AR-SGD with 3 epochs 89 s, 62.3 %).
-# A 30k subset rather than all 50k buys a fourth epoch at the same cost (the issue prefers
-# epochs over data), i.e. a learning curve and the lr drop; the paper's schedule shape (warm-up,
+# A 30k subset rather than all 50k buys a fourth epoch at the same cost (more epochs rather
+# than more data), i.e. a learning curve and the lr drop; the paper's schedule shape (warm-up,
 # lr / 10 for the last quarter) is compressed to those 4 epochs as in configs/exp/quickstart.yaml.
 CIFAR_SHARED = (
     f"data.root={CIFAR_ROOT}", "model.width=0.125", "train.batch_size=32", "data.train_subset=30000",
@@ -139,7 +139,7 @@ TRANSLATION_SHARED = (
     "train.progress=log", "optim.lr=2e-3", "optim.warmup_steps=100", "eval.bleu_split=test",
     "checkpoint.every_minutes=2",
 )
-# Issue #11: SlowMo's outer all-reduce streamed in 4 fragments, applied one step late, in bf16.
+# Streamed SlowMo: the outer all-reduce in 4 fragments, applied one step late, in bf16.
 STREAMED = ("slowmo.overlap_steps=1", "slowmo.fragments=4", "slowmo.outer_dtype=bfloat16")
 
 CIFAR_METHODS = tuple(
@@ -179,7 +179,8 @@ DIAGNOSTIC_METHODS = (
 
 SETS: dict[str, RunSet] = {
     "cifar": RunSet("cifar", "CIFAR-10, ResNet-18 x 0.125, 4 workers", CIFAR_METHODS, SEEDS, CIFAR_SHARED),
-    "streamed": RunSet("streamed", "CIFAR-10, streamed SlowMo (issue #11)", STREAMED_METHODS, SEEDS, CIFAR_SHARED),
+    "streamed": RunSet("streamed", "CIFAR-10, streamed SlowMo (4 fragments, one step late, bf16)", STREAMED_METHODS,
+                       SEEDS, CIFAR_SHARED),
     "streamed_parts": RunSet("streamed_parts", "CIFAR-10, Local SGD + SlowMo with one streamed option at a time",
                              STREAMED_PARTS, SEEDS, CIFAR_SHARED),
     "sweep": RunSet("sweep", "CIFAR-10, Local SGD + SlowMo, beta x tau", SWEEP_METHODS, (1,), SWEEP_SHARED),
@@ -411,33 +412,37 @@ def _bytes(s: Stat | None) -> str:
 def method_table(groups: dict[str, MethodRuns], paper: dict[str, str], translation: bool = False) -> str:
     first, second = ("test2016 BLEU (final)", "best valid ppl") if translation else ("best test top-1",
                                                                                     "final test top-1")
-    lines = [f"| method | seeds | {first} | {second} | final train loss | ms / iter | bytes sent / iter | paper |",
-             "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for key, g in groups.items():
         a, b = (g.final_bleu(), g.best()) if translation else (g.best(), g.final_metric())
-        lines.append(f"| {g.label} | {len(g.runs)} | {_cell(a)} | {_cell(b)} | "
-                     f"{_cell(g.final_loss(), 3)} | {_cell(g.ms_per_step(), 1)} | {_bytes(g.bytes_per_step())} | "
-                     f"{paper.get(key, '–')} |")
-    return "\n".join(lines)
+        rows.append([g.label, len(g.runs), _cell(a), _cell(b), _cell(g.final_loss(), 3), _cell(g.ms_per_step(), 1),
+                     _bytes(g.bytes_per_step()), paper.get(key, "–")])
+    return markdown_table(["method", "seeds", first, second, "final train loss", "ms / iter", "bytes sent / iter",
+                           "paper"], rows)
 
 
-def claims_table(groups: dict[str, MethodRuns], claims: tuple[Claim, ...]) -> tuple[str, list[str]]:
-    lines = ["| paper's claim | paper | measured difference | verdict |", "|---|---|---|---|"]
-    verdicts = []
+#: the columns of every table of the paper's claims
+CLAIM_HEADER = ("paper's claim", "paper", "measured difference", "verdict")
+
+
+def claims_table(groups: dict[str, MethodRuns], claims: tuple[Claim, ...],
+                 more: list[list[str]] = ()) -> tuple[str, list[str]]:
+    """The claims' rows (then ``more`` rows in the same columns) and their verdicts."""
+    rows, verdicts = [], []
     for c in claims:
         lo, hi = groups.get(c.low), groups.get(c.high)
         v, text = verdict(lo.score(c.score) if lo else None, hi.score(c.score) if hi else None, c.kind)
         verdicts.append(v)
-        lines.append(f"| {c.what} | {c.paper} | {text} | **{v}** |")
-    return "\n".join(lines), verdicts
+        rows.append([c.what, c.paper, text, f"**{v}**"])
+    return markdown_table(CLAIM_HEADER, rows + list(more)), verdicts
 
 
-def loss_claim(groups: dict[str, MethodRuns]) -> str:
+def loss_claim(groups: dict[str, MethodRuns]) -> list[str]:
     lo, hi = groups.get("localsgd"), groups.get("localsgd_slowmo")
     # lower is better: the "higher" test on the negated losses
     neg = lambda s: Stat(-s.mean, s.sd, s.n) if s else None  # noqa: E731
     v, text = verdict(neg(lo.final_loss()) if lo else None, neg(hi.final_loss()) if hi else None)
-    return f"| Local SGD -> + SlowMo, final train loss (lower) | 0.122 -> 0.006 | {text} (reduction) | **{v}** |"
+    return ["Local SGD -> + SlowMo, final train loss (lower)", "0.122 -> 0.006", f"{text} (reduction)", f"**{v}**"]
 
 
 def plot_curves(groups: dict[str, MethodRuns], path: Path, metric: str, ylabel: str) -> None:
@@ -508,10 +513,9 @@ def plot_heatmap(grid: list[list[float | None]], path: Path) -> None:
 
 def sweep_section(groups: dict[str, MethodRuns], noise: float | None) -> list[str]:
     grid = sweep_grid(groups)
-    out = ["| beta \\ tau | " + " | ".join(str(t) for t in SWEEP_TAUS) + " |",
-           "|---|" + "---|" * len(SWEEP_TAUS)]
-    for beta, row in zip(SWEEP_BETAS, grid):
-        out.append(f"| {beta:g} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in row) + " |")
+    out = [markdown_table(["beta \\ tau", *SWEEP_TAUS],
+                          [[f"{beta:g}", *("–" if v is None else f"{v:.2f}" for v in row)]
+                           for beta, row in zip(SWEEP_BETAS, grid)])]
     ms = {tau: stat([s.mean for b in SWEEP_BETAS if (g := groups.get(f"beta{b:g}_tau{tau}"))
                      and (s := g.ms_per_step())]) for tau in SWEEP_TAUS}
     by = {tau: stat([s.mean for b in SWEEP_BETAS if (g := groups.get(f"beta{b:g}_tau{tau}"))
@@ -528,16 +532,15 @@ def sweep_section(groups: dict[str, MethodRuns], noise: float | None) -> list[st
     pt = lambda s: Stat(s.mean, None, s.n) if s else None  # noqa: E731  (spread over cells is not seed noise)
     v1, t1 = verdict(pt(without), pt(with_mom), noise=noise)
     v2, t2 = verdict(pt(large), pt(small), noise=noise)
-    out += ["", "| paper's claim | paper | measured difference | verdict |", "|---|---|---|---|",
-            f"| beta in 0.4-0.8 beats beta = 0 (mean over tau), best top-1 | Sec. 6, Fig. 3 | {t1} | **{v1}** |",
-            f"| tau {SWEEP_TAUS[0]} more accurate than tau {SWEEP_TAUS[-1]} (mean over beta), best top-1 | "
-            f"Sec. 6: tau trades speed for accuracy | {t2} | **{v2}** |"]
+    out += ["", markdown_table(CLAIM_HEADER, [
+        ["beta in 0.4-0.8 beats beta = 0 (mean over tau), best top-1", "Sec. 6, Fig. 3", t1, f"**{v1}**"],
+        [f"tau {SWEEP_TAUS[0]} more accurate than tau {SWEEP_TAUS[-1]} (mean over beta), best top-1",
+         "Sec. 6: tau trades speed for accuracy", t2, f"**{v2}**"]])]
     return out
 
 
 def streamed_section(exact: dict[str, MethodRuns], streamed: dict[str, MethodRuns]) -> list[str]:
-    out = ["| method | exact best | streamed best | diff best | exact final | streamed final | diff final | "
-           "within 0.5 |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for key in ("localsgd_slowmo", "sgp_slowmo"):
         e, s = exact.get(key), streamed.get(f"{key}_streamed")
         eb, sb = (e.best() if e else None), (s.best() if s else None)
@@ -547,9 +550,10 @@ def streamed_section(exact: dict[str, MethodRuns], streamed: dict[str, MethodRun
         ok = "–" if db is None or df is None else ("yes" if abs(db) <= 0.5 and abs(df) <= 0.5
                                                      else "no: better" if min(db, df) > 0 else "no")
         label = (e or s).label if (e or s) else key
-        out.append(f"| {label} | {_cell(eb)} | {_cell(sb)} | {'–' if db is None else f'{db:+.2f}'} | {_cell(ef)} | "
-                   f"{_cell(sf)} | {'–' if df is None else f'{df:+.2f}'} | {ok} |")
-    return out
+        rows.append([label, _cell(eb), _cell(sb), "–" if db is None else f"{db:+.2f}", _cell(ef), _cell(sf),
+                     "–" if df is None else f"{df:+.2f}", ok])
+    return [markdown_table(["method", "exact best", "streamed best", "diff best", "exact final", "streamed final",
+                            "diff final", "within 0.5"], rows)]
 
 
 def diagnostics_section(translation: dict[str, MethodRuns], diagnostics: dict[str, MethodRuns]) -> list[str]:
@@ -571,15 +575,15 @@ def streamed_parts_section(exact: dict[str, MethodRuns], streamed: dict[str, Met
         return ["No finished runs yet: `scripts/reproduce.py streamed_parts`."]
     ref = exact.get("localsgd_slowmo")
     ref_best = ref.best() if ref else None
-    rows = [("exact (Alg. 1)", ref_best)] + [(m.label.split(", ", 1)[1], parts[m.key].best() if m.key in parts else None)
-                                             for m in STREAMED_PARTS]
+    rows = [("exact (Alg. 1)", ref_best)] + [
+        (m.label.split(", ", 1)[1], parts[m.key].best() if m.key in parts else None) for m in STREAMED_PARTS]
     if "localsgd_slowmo_streamed" in streamed:
         rows.append(("all three", streamed["localsgd_slowmo_streamed"].best()))
-    out = ["| Local SGD + SlowMo | best test top-1 | diff to exact |", "|---|---|---|"]
+    cells = []
     for label, best in rows:
         diff = f"{best.mean - ref_best.mean:+.2f}" if best and ref_best and label != "exact (Alg. 1)" else "–"
-        out.append(f"| {label} | {_cell(best)} | {diff} |")
-    return out
+        cells.append([label, _cell(best), diff])
+    return [markdown_table(["Local SGD + SlowMo", "best test top-1", "diff to exact"], cells)]
 
 
 def machine_line(runs_dir: Path) -> str:
@@ -619,8 +623,8 @@ def render(runs_dir: Path, img_dir: Path, img_ref: str = "img") -> str:
     out += ["### CIFAR-10 (Table 1, top)", ""]
     if cifar:
         out += [method_table(cifar, CIFAR_PAPER), ""]
-        table, _ = claims_table(cifar, CIFAR_CLAIMS)
-        out += [table, loss_claim(cifar), ""]
+        table, _ = claims_table(cifar, CIFAR_CLAIMS, more=[loss_claim(cifar)])
+        out += [table, ""]
         plot_curves(cifar, img_dir / "reproduce_cifar.png", "top1", "test top-1 (%)")
         out += [f"![CIFAR-10 curves]({img_ref}/reproduce_cifar.png)", ""]
     else:
@@ -646,7 +650,7 @@ def render(runs_dir: Path, img_dir: Path, img_ref: str = "img") -> str:
     else:
         out += ["No finished runs yet: `scripts/reproduce.py sweep`.", ""]
     out += diagnostics_section(translation, load_set("diagnostics", runs_dir))
-    out += ["### Streamed vs exact SlowMo (issue #11)", "",
+    out += ["### Streamed vs exact SlowMo", "",
             "`" + " ".join(STREAMED) + "` against the exact runs of the CIFAR-10 set (same seeds); goal: within "
             "0.5 points of test top-1.", ""]
     out += streamed_section(cifar, streamed) if streamed else ["No finished runs yet: `scripts/reproduce.py streamed`."]

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from slowmo_train.models.transformer import BOS, EOS, PAD, Transformer
+from slowmo_train.data.vocab import BOS, EOS, PAD
+from slowmo_train.models.transformer import Transformer
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ uninterrupted one. Files are read with ``torch.load(weights_only=True)``: no cod
 
 Which config keys may differ on resume (:data:`MUTABLE_ON_RESUME`): run length (``train.max_steps``),
 logging, evaluation cadence and settings, checkpoint cadence, launcher settings other than the world
-size, and data paths. Everything else (task, model, algorithm, SlowMo, optimizer and schedule,
+size, data paths, and the device's math and layout (``train.tf32``, ``model.channels_last``: a run
+saved on the CPU resumes on GPUs). Everything else (task, model, algorithm, SlowMo, optimizer and schedule,
 ``train.epochs``, batch sizes, precision, seed) and the world size must match, or the resume stops
 with one line naming the key.
 """
@@ -41,8 +42,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from slowmo_train import control
 from slowmo_train.faults import FaultInjector, RunError
 
 log = logging.getLogger("slowmo_train")
@@ -56,7 +57,8 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 MUTABLE_ON_RESUME = (
     "train.max_steps", "train.log_every", "train.eval_every_epochs", "train.eval_batch_size", "train.progress",
     "train.nonfinite", "train.max_nonfinite_skips", "checkpoint.", "launcher.", "eval.", "data.root",
-    "data.cache_dir", "data.download", "data.workers", "name", "output_dir", "resume",
+    "data.cache_dir", "data.download", "data.workers", "name", "output_dir", "resume", "train.tf32",
+    "model.channels_last",
 )
 
 
@@ -247,30 +249,23 @@ def write_atomic(path: Path, save_fn, on_write=None) -> tuple[str, int]:
     return writer.sha.hexdigest(), writer.bytes
 
 
-def _gather(obj) -> list:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj):
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class Checkpointer:
     """Saves this rank's state into ``RUN_DIR/checkpoints/step_N`` (collective) and prunes old ones."""
 
-    def __init__(self, run_dir: Path, keep: int, rank: int, world_size: int, faults: FaultInjector | None = None):
+    def __init__(self, run_dir: Path, keep: int, rank: int, world_size: int, faults: FaultInjector | None = None,
+                 every_steps: int = 0, at_end: bool = True):
         self.run_dir, self.keep, self.rank, self.world_size = Path(run_dir), keep, rank, world_size
-        self.faults = faults
+        self.faults, self.every_steps, self.at_end = faults, every_steps, at_end
         self.last_path: Path | None = None
         self.last_saved_at = time.monotonic()
+
+    def should_save(self, step: int, done: bool, asked: bool = False) -> bool:
+        """Every ``every_steps`` steps, at the last step (``at_end``), or when ``asked`` (a stop
+        signal, or ``checkpoint.every_minutes`` elapsed: the ranks agree on those first)."""
+        return asked or (self.every_steps > 0 and step % self.every_steps == 0) or (done and self.at_end)
+
+    def seconds_since_save(self) -> float:
+        return time.monotonic() - self.last_saved_at
 
     def save(self, step: int, state: dict, config: dict, meta: dict | None = None) -> Path:
         """Every rank calls it at the same step. Returns the checkpoint directory; raises
@@ -287,7 +282,7 @@ class Checkpointer:
                 (ckpt / MANIFEST).unlink(missing_ok=True)
             except OSError as err:
                 error = f"cannot create {ckpt}: {err.strerror or err}"
-        error = _broadcast(error)
+        error = control.broadcast_object(error)
         if error is not None:
             raise CheckpointError(f"checkpoint of step {step} not written: {error}; the previous checkpoint is intact")
 
@@ -301,7 +296,7 @@ class Checkpointer:
             status["error"] = f"rank {self.rank} cannot write {ckpt / name}: {err.strerror or err}"
         if self.faults:
             self.faults.after_checkpoint_write(step)
-        statuses = _gather(status)
+        statuses = control.all_gather_object(status)
         errors = [s["error"] for s in statuses if "error" in s]
         if errors:
             raise CheckpointError(f"checkpoint of step {step} not written: {errors[0]}; "
@@ -316,7 +311,7 @@ class Checkpointer:
                 error = None
             except OSError as err:
                 error = f"cannot write {ckpt / MANIFEST}: {err.strerror or err}"
-        error = _broadcast(error)
+        error = control.broadcast_object(error)
         if error is not None:
             raise CheckpointError(f"checkpoint of step {step} not written: {error}; "
                                   f"the previous checkpoint ({self.last_path or 'none'}) is intact")
@@ -344,8 +339,13 @@ class Checkpointer:
 
 
 # --- reading --------------------------------------------------------------------------------------
-def load_rank_state(ckpt: Path, rank: int, device: torch.device | str = "cpu") -> tuple[dict, dict]:
-    """(manifest, this rank's state) after verifying size and checksum; CheckpointError otherwise."""
+def load_rank_state(ckpt: Path, rank: int) -> tuple[dict, dict]:
+    """(manifest, this rank's state) after verifying size and checksum; CheckpointError otherwise.
+
+    The state is loaded onto the CPU, whatever device wrote it: each component moves what it needs
+    to its device when it loads its part (``load_state_dict`` copies into the model's tensors, the
+    optimizer casts to its parameters' device and keeps scalar step counters on the CPU), and the
+    RNG states, which ``torch.set_rng_state`` accepts only as CPU tensors, stay where they are."""
     manifest = check_complete(ckpt)
     entry = manifest["files"][str(rank)]
     path = ckpt / entry["file"]
@@ -356,7 +356,7 @@ def load_rank_state(ckpt: Path, rank: int, device: torch.device | str = "cpu") -
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise CheckpointError(f"{path} is corrupt: its SHA-256 does not match {ckpt / MANIFEST}")
     try:
-        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling/zip error: the file is unusable
         raise CheckpointError(f"{path} cannot be loaded: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -27,11 +27,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from slowmo_train.config import ConfigError, JobConfig, per_worker_batch, register_configs, to_job_config, validate
+from slowmo_train import control
 from slowmo_train import dist as sdist
+from slowmo_train.config import ConfigError, JobConfig, per_worker_batch, register_configs, to_job_config, validate
 from slowmo_train.data.cifar10 import DatasetError
 from slowmo_train.faults import RunError, restart_attempt
-from slowmo_train.tasks import DATA_CHECKS, TRAIN_SIZES
+from slowmo_train.registry import ALGORITHM_SPECS
+from slowmo_train.tasks import TASKS
 
 log = logging.getLogger("slowmo_train")
 
@@ -43,6 +45,18 @@ def config_dir() -> str:
         if (candidate / "config.yaml").exists():
             return str(candidate)
     raise FileNotFoundError(f"slowmo-train's configs were not found next to {here}; reinstall the package")
+
+
+#: config groups declared in config.yaml's defaults list (value null), so that their place there, not
+#: the order of the command line, decides which wins (the smoke always shrinks the experiment)
+DEFAULTS_LIST_GROUPS = ("exp", "smoke")
+
+
+def plain_group_overrides(overrides: list[str]) -> list[str]:
+    """``+exp=NAME`` / ``+smoke=tiny`` as ``exp=NAME`` / ``smoke=tiny``. Both spellings are accepted: Hydra
+    refuses to add (``+``) a group that the defaults list already holds, and the docs use ``+``."""
+    prefixes = tuple(f"+{group}=" for group in DEFAULTS_LIST_GROUPS)
+    return [o[1:] if o.startswith(prefixes) else o for o in overrides]
 
 
 def user_error(message: str) -> None:
@@ -76,8 +90,10 @@ def prepare_run_dir(job: JobConfig, proposed: Path | None) -> Path:
 
 
 # --- checks before any worker starts ---------------------------------------------------------------
-#: algorithms that gossip over a peer graph (algorithm.graph, algorithm.peers_per_itr)
-GOSSIP_ALGORITHMS = ("sgp", "osgp")
+def check_task(job: JobConfig) -> None:
+    """task.name must be a task of the table (slowmo_train/tasks/__init__.py)."""
+    if job.task.name not in TASKS:
+        raise ConfigError("task", job.task.name, "choose one of " + ", ".join(TASKS))
 
 
 def check_model(job: JobConfig) -> None:
@@ -91,7 +107,7 @@ def check_model(job: JobConfig) -> None:
 
 def check_topology(job: JobConfig, env: sdist.DistEnv, world: int) -> None:
     """Gossip peers per step must exist among the workers (one per node)."""
-    if job.algorithm.name not in GOSSIP_ALGORITHMS:
+    if not ALGORITHM_SPECS[job.algorithm.name].gossip:
         return
     from slowmo_train.algorithms.graphs import build_graph
 
@@ -106,7 +122,7 @@ def check_topology(job: JobConfig, env: sdist.DistEnv, world: int) -> None:
 
 def check_batch_size(job: JobConfig, world: int) -> None:
     """A per-worker batch larger than a worker's share of the training data (tasks that count it)."""
-    size_fn = TRAIN_SIZES.get(job.task.name)
+    size_fn = TASKS[job.task.name].train_size
     n = size_fn(job.data) if size_fn is not None else None
     if n is None:
         return
@@ -162,9 +178,10 @@ def check_resume(job: JobConfig, job_dict: dict, world: int) -> None:
 def preflight(job: JobConfig, env: sdist.DistEnv, world: int) -> None:
     """All checks that need no worker; ConfigError/DatasetError/CheckpointError on failure."""
     validate(job, world_size=world)
+    check_task(job)
     check_model(job)
     check_topology(job, env, world)
-    DATA_CHECKS[job.task.name](job.data)
+    TASKS[job.task.name].check_data(job.data)
     check_batch_size(job, world)
     if env.under_launcher and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and not job.output_dir:
         raise ConfigError("output_dir", None, "torchrun --max-restarts needs output_dir=DIR, so that restarted "
@@ -178,7 +195,7 @@ def one_line(err: BaseException) -> str:
 
 
 #: errors a worker reports as one line (anything else is a bug and keeps its traceback); components
-#: reject bad values with ValueError naming the key (STYLE.md), e.g. a batch larger than the data
+#: reject bad values with a ValueError naming the key, e.g. a batch larger than the data
 WORKER_USER_ERRORS = (RunError, ConfigError, DatasetError, ValueError)
 
 
@@ -187,28 +204,30 @@ def worker_main(job_dict: dict, run_dir: str | None) -> dict:
     import torch
 
     from slowmo_train.metrics import setup_logging
+    from slowmo_train.precision import configure_device_math
     from slowmo_train.trainer import Trainer
-    from slowmo_train.algorithms import RUNNERS
     from slowmo_train.asynchronous.runner import AsyncRunner
 
     env = sdist.read_env()
     job = to_job_config(job_dict)
     backend = sdist.pick_backend(job.launcher.backend)
     threads = sdist.set_cpu_threads(env, job.launcher.threads_per_worker) if backend == "gloo" else None
-    sdist.init_process_group(env, backend, job.launcher.timeout_s)
     device = sdist.device_for(env, backend)
+    sdist.init_process_group(env, backend, job.launcher.timeout_s, device)
     try:
         if env.rank == 0:
             path = prepare_run_dir(job, Path(run_dir) if run_dir else None)
             OmegaConf.save(OmegaConf.structured(job), path / "config.yaml")
             run_dir = str(path.resolve())
-        run_dir = sdist.broadcast_object(run_dir)
+        run_dir = control.broadcast_object(run_dir)
         setup_logging(Path(run_dir), env.rank)
+        math = configure_device_math(device, job.train.tf32)
         if env.rank == 0:
             log.info("run directory: %s", run_dir)
-            log.info("backend %s, device %s, %s threads per worker", backend, device, threads or torch.get_num_threads())
+            log.info("backend %s, device %s (%s), %s threads per worker", backend, device, math,
+                     threads or torch.get_num_threads())
         # the loop comes from the algorithm table: the synchronous Trainer or the asynchronous runner
-        loop = {"sync": Trainer, "async": AsyncRunner}[RUNNERS[job.algorithm.name]]
+        loop = {"sync": Trainer, "async": AsyncRunner}[ALGORITHM_SPECS[job.algorithm.name].kind]
         summary = loop(job, env, device, Path(run_dir)).run()
         if env.rank == 0 and not summary.get("stopped_by"):  # a stop is reported by the launcher
             log.info("done: %s", summary.get("final_eval"))
@@ -377,6 +396,7 @@ def run(cfg: DictConfig) -> None:
 def main() -> None:
     register_configs()
     # Hydra parses sys.argv; under torchrun every rank sees the same arguments.
+    sys.argv[1:] = plain_group_overrides(sys.argv[1:])
     hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run)()
 
 

@@ -15,6 +15,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from slowmo_train import registry
+
 
 class ConfigError(ValueError):
     """A user error in the configuration; printed as one line, without a stack trace."""
@@ -36,8 +38,9 @@ class ModelConfig:
     arch: str = "resnet18"
     #: channel-width multiplier of ResNets (1.0 = the standard width; 0.25 suits CPU runs)
     width: float = 1.0
-    #: ResNets: channels-last memory format (faster convolutions on GPUs with tensor cores)
-    channels_last: bool = False
+    #: ResNets: channels-last memory format (faster convolutions on GPUs with tensor cores):
+    #: auto (on CUDA devices) | true | false
+    channels_last: Any = "auto"
     #: transformers: override the preset's dropout (null = the preset's)
     dropout: Optional[float] = None
 
@@ -116,7 +119,7 @@ class OptimConfig:
 
 @dataclass
 class AlgorithmConfig:
-    #: allreduce | local_sgd | sgp | osgp (synchronous) | asgd | nag_asgd | dana | dana_slim (asynchronous)
+    #: a name of the algorithm table, slowmo_train/registry.py (synchronous or asynchronous)
     name: str = "allreduce"
     #: Local SGD: average parameters every ``period`` steps (H)
     period: int = 12
@@ -130,7 +133,7 @@ class AlgorithmConfig:
     nprocs_per_node: Optional[int] = None
     #: gossip algorithms: log the consensus distance every N steps (0 = only at SlowMo outer steps)
     consensus_every: int = 100
-    #: asynchronous algorithms (asgd | nag_asgd | dana | dana_slim), see slowmo_train/asynchronous:
+    #: asynchronous algorithms (kind "async" in slowmo_train/registry.py), see slowmo_train/asynchronous:
     #: simulated (one process plays sim_workers workers with random compute times) | real (parameter
     #: server rank(s) + worker ranks over torch.distributed point-to-point)
     mode: str = "simulated"
@@ -185,6 +188,9 @@ class TrainConfig:
     progress: str = "auto"
     #: fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
     precision: str = "fp32"
+    #: GPUs with TF32 tensor cores (Ampere and newer) run fp32 matmuls and convolutions in TF32
+    #: (10-bit mantissa products, fp32 accumulation); false: full fp32 (the paper's V100s had no TF32)
+    tf32: bool = True
     #: non-finite loss or parameters: stop (one error line; the last checkpoint stays good) | skip
     #: (drop that step's update on every rank; costs one small all-reduce per step)
     nonfinite: str = "stop"
@@ -248,11 +254,13 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
 
 
-TASK_NAMES = ("cifar10", "imagenet", "wmt16")
+# Allowed values. Algorithm names: slowmo_train/registry.py; task names: slowmo_train/tasks/__init__.py
+# (checked by cli.preflight, since the tasks import torch).
 DOWNLOAD_MODES = ("auto", "true", "false")
-ALGORITHM_NAMES = ("allreduce", "local_sgd", "sgp", "osgp", "asgd", "nag_asgd", "dana", "dana_slim")
-#: the asynchronous ones (run by slowmo_train/asynchronous, not the synchronous Trainer)
-ASYNC_ALGORITHM_NAMES = ("asgd", "nag_asgd", "dana", "dana_slim")
+#: the SlowMo options' values, read by algorithms/slowmo.py too
+BASE_BUFFER_MODES = ("reset", "keep", "average")
+LR_COUPLINGS = ("coupled", "decoupled")
+OUTER_DTYPES = ("float32", "bfloat16", "float16")
 GRAPH_NAMES = ("exponential", "nonregular_exponential")
 OPTIM_NAMES = ("sgd", "adam")
 SCHEDULE_NAMES = ("step", "inverse_sqrt", "constant")
@@ -277,9 +285,11 @@ def _one_of(key: str, value: str, names) -> None:
 
 
 def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = True) -> None:
-    """Check values and ranges. ``world_size`` (when known) checks divisibility constraints."""
-    _one_of("task", job.task.name, TASK_NAMES)
+    """Check values and ranges. ``world_size`` (when known) checks divisibility constraints. The task
+    name and the architecture are checked by ``cli.preflight``, which knows the tasks."""
     _check(job.model.width > 0, "model.width", job.model.width, "must be > 0")
+    _check(job.model.channels_last in ("auto", True, False), "model.channels_last", job.model.channels_last,
+           "must be auto, true or false")
     _check(job.model.dropout is None or 0 <= job.model.dropout < 1, "model.dropout", job.model.dropout,
            "must be null (the preset's) or in [0, 1)")
     o = job.optim
@@ -298,10 +308,11 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _check(all(0 < m <= o.milestone_epochs_of for m in o.milestones), "optim.milestones", list(o.milestones),
            f"epochs in (0, optim.milestone_epochs_of={o.milestone_epochs_of}]")
     if o.nesterov and o.name == "sgd":
-        _check(o.momentum > 0, "optim.momentum", o.momentum, "Nesterov SGD needs momentum > 0 (or set optim.nesterov=false)")
+        _check(o.momentum > 0, "optim.momentum", o.momentum,
+               "Nesterov SGD needs momentum > 0 (or set optim.nesterov=false)")
 
     a = job.algorithm
-    _one_of("algorithm", a.name, ALGORITHM_NAMES)
+    _one_of("algorithm", a.name, registry.names())
     _one_of("algorithm.graph", a.graph, GRAPH_NAMES)
     _check(a.period >= 1, "algorithm.period", a.period, "must be an integer >= 1")
     _check(a.peers_per_itr >= 1, "algorithm.peers_per_itr", a.peers_per_itr, "must be an integer >= 1")
@@ -310,21 +321,21 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _check(a.nprocs_per_node is None or a.nprocs_per_node >= 1, "algorithm.nprocs_per_node", a.nprocs_per_node,
            "must be null (automatic) or an integer >= 1")
 
-    if a.name in ASYNC_ALGORITHM_NAMES:
+    if registry.ALGORITHM_SPECS[a.name].kind == registry.ASYNC:
         _validate_async(job, world_size)
 
     s = job.slowmo
     _check(s.alpha > 0, "slowmo.alpha", s.alpha, "must be > 0")
     _check(0 <= s.beta < 1, "slowmo.beta", s.beta, "must be in [0, 1)")
     _check(s.tau >= 1, "slowmo.tau", s.tau, "must be an integer >= 1")
-    _one_of("slowmo.base_buffers", s.base_buffers, ("reset", "keep", "average"))
-    _one_of("slowmo.lr_coupling", s.lr_coupling, ("coupled", "decoupled"))
+    _one_of("slowmo.base_buffers", s.base_buffers, BASE_BUFFER_MODES)
+    _one_of("slowmo.lr_coupling", s.lr_coupling, LR_COUPLINGS)
     _check(not (s.nesterov and s.lr_coupling == "coupled"), "slowmo.nesterov", s.nesterov,
            "Nesterov outer momentum needs slowmo.lr_coupling=decoupled")
     if s.enabled and a.name == "local_sgd":
         _check(s.tau % a.period == 0, "slowmo.tau", s.tau,
                f"must be a multiple of algorithm.period={a.period} when SlowMo wraps Local SGD")
-    _one_of("slowmo.outer_dtype", s.outer_dtype, ("float32", "bfloat16", "float16"))
+    _one_of("slowmo.outer_dtype", s.outer_dtype, OUTER_DTYPES)
     _check(s.fragments >= 1 and s.tau % s.fragments == 0, "slowmo.fragments", s.fragments,
            f"must be an integer >= 1 dividing slowmo.tau={s.tau}")
     _check(0 <= s.overlap_steps < s.tau, "slowmo.overlap_steps", s.overlap_steps,
@@ -408,7 +419,8 @@ def _validate_async(job: JobConfig, world_size: int | None) -> None:
     _check(job.train.precision == "fp32", "train.precision", job.train.precision,
            f"algorithm={a.name} runs in fp32 only; set train.precision=fp32")
     _check(job.train.total_batch is None, "train.total_batch", job.train.total_batch,
-           f"algorithm={a.name} has no total batch per step; set train.batch_size (per worker) and train.total_batch=null")
+           f"algorithm={a.name} has no total batch per step; set train.batch_size (per worker) and "
+           "train.total_batch=null")
     _check(job.resume == "none", "resume", job.resume,
            f"algorithm={a.name} cannot resume from a checkpoint (not implemented); set resume=none")
     _check(job.launcher.max_restarts == 0, "launcher.max_restarts", job.launcher.max_restarts,

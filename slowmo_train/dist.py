@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from slowmo_train import control
+from slowmo_train.faults import RunError
+
 log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
@@ -54,20 +57,45 @@ def pick_backend(requested: str = "auto") -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+class DeviceError(RunError):
+    """The processes and the GPUs of a node do not match; ``str()`` is one line."""
+
+
 def device_for(env: DistEnv, backend: str) -> torch.device:
-    """One device per local rank: cuda:LOCAL_RANK with NCCL, else the CPU."""
-    if backend == "nccl" and torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """One device per local rank: cuda:LOCAL_RANK with NCCL, else the CPU. Two local ranks never
+    share a GPU: NCCL would deadlock or fail in its first collective, long after start-up."""
+    if backend != "nccl":
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise DeviceError("launcher.backend=nccl needs CUDA GPUs and this machine has none: "
+                          "use launcher.backend=gloo (or auto)")
+    if env.local_world_size > count:
+        raise DeviceError(f"{env.local_world_size} processes on this node but {count} GPU(s): local ranks "
+                          f"{count} and 0 would share cuda:0; start at most {count} per node "
+                          "(torchrun --nproc_per_node, launcher.nproc_per_node) or use launcher.backend=gloo")
+    torch.cuda.set_device(env.local_rank)
+    return torch.device("cuda", env.local_rank)
 
 
-def init_process_group(env: DistEnv, backend: str, timeout_s: float = 1800.0) -> None:
-    """Join the default process group. A single process gets a private in-memory group so that
-    every algorithm can use the same collectives at world size 1."""
+def default_group_backend(backend: str) -> str:
+    """The default group's backend: under NCCL it also gets gloo for CPU tensors, so that a stray
+    host collective (a bug: host values belong on the control plane) cannot crash a run."""
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+
+
+def init_process_group(env: DistEnv, backend: str, timeout_s: float = 1800.0,
+                       device: torch.device | None = None) -> None:
+    """Join the default process group and create the control plane's gloo group
+    (slowmo_train/control.py). A single process gets a private in-memory group so that every
+    algorithm can use the same collectives at world size 1."""
+    global _timeout
     if dist.is_initialized():
         return
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = _timeout = datetime.timedelta(seconds=timeout_s)
+    kwargs = {"backend": default_group_backend(backend), "timeout": timeout}
+    if device is not None and device.type == "cuda":
+        kwargs["device_id"] = device  # NCCL binds its communicator to this GPU at once
     if env.under_launcher and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # The elastic agent's store outlives a restart (torchrun --max-restarts, launcher.max_restarts):
         # without a per-attempt prefix, restarted workers can read the dead workers' Gloo addresses.
@@ -75,15 +103,55 @@ def init_process_group(env: DistEnv, backend: str, timeout_s: float = 1800.0) ->
         agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
                                     is_master=False, timeout=timeout)
         store = dist.PrefixStore(f"slowmo-train/attempt{attempt}", agent_store)
-        dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size,
-                                timeout=timeout)
+        dist.init_process_group(store=store, rank=env.rank, world_size=env.world_size, **kwargs)
     elif env.under_launcher:
-        dist.init_process_group(backend=backend, timeout=timeout)
+        dist.init_process_group(**kwargs)
     else:
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+    init_control_plane(timeout_s)
+
+
+def init_control_plane(timeout_s: float = 1800.0) -> None:
+    """Give the control plane a gloo group over all ranks (collective; none at world size 1).
+    A group of its own, even under gloo, so that a host message never waits behind training traffic."""
+    group = None
+    if dist.get_world_size() > 1:
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    control.set_group(group)
+
+
+# --- the training process groups (the data plane's; slowmo_train/algorithms/comm.py) ------------------
+_training_world: dist.ProcessGroup | None = None
+_training_backend: str | None = None
+#: every group's timeout (launcher.timeout_s): a hung peer must fail any collective, not only the default group's
+_timeout: datetime.timedelta | None = None
+
+
+def set_training_world(group: dist.ProcessGroup | None, backend: str | None = None) -> None:
+    """Use ``group`` instead of the default group for the training traffic over all ranks, and
+    ``backend`` for the training groups created later (node, leader, gossip, outer groups). Tests
+    use it to run real training on gloo groups while the default group accepts no CPU tensor, so
+    that any host value sent on the default group fails as it would under NCCL."""
+    global _training_world, _training_backend
+    _training_world, _training_backend = group, backend
+
+
+def training_world() -> dist.ProcessGroup:
+    """The process group of all ranks that carries device tensors (the default group)."""
+    return _training_world if _training_world is not None else dist.group.WORLD
+
+
+def new_training_group(ranks: list[int] | None = None) -> dist.ProcessGroup:
+    """A training process group over ``ranks`` (all ranks when None). Collective over ALL ranks,
+    members or not, in the same order on every rank. Work that must overlap other traffic (gossip,
+    SlowMo's outer messages) gets a group of its own: NCCL runs one group's collectives in order
+    on one stream, so traffic sharing a group queues behind DDP's gradient buckets."""
+    return dist.new_group(ranks, backend=_training_backend, timeout=_timeout)
 
 
 def destroy_process_group() -> None:
+    control.set_group(None)
+    set_training_world(None)
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -159,20 +227,11 @@ def build_topology(procs_per_node: int, rank: int | None = None, world_size: int
         )
     topo = Topology(rank=rank, world_size=world_size, procs_per_node=procs_per_node)
     if procs_per_node == 1:
-        topo.leader_group = dist.group.WORLD
+        topo.leader_group = training_world()
         return topo
     node_ranks = [list(range(n * procs_per_node, (n + 1) * procs_per_node)) for n in range(topo.workers)]
-    topo.node_group, _ = dist.new_subgroups_by_enumeration(node_ranks)
+    topo.node_group, _ = dist.new_subgroups_by_enumeration(node_ranks, backend=_training_backend, timeout=_timeout)
     leaders = [topo.leader_rank(n) for n in range(topo.workers)]
-    leader_group = dist.new_group(leaders)
+    leader_group = new_training_group(leaders)
     topo.leader_group = leader_group if topo.is_leader else None
     return topo
-
-
-def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from ``src`` to every rank (e.g. the run directory)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

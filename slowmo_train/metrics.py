@@ -11,7 +11,12 @@ import json
 import logging
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+
+from slowmo_train import control
 
 log = logging.getLogger("slowmo_train")
 
@@ -86,6 +91,97 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+class TrainLog:
+    """The training side of the metrics: what accumulates between two log lines and when a line is
+    due (every ``every`` steps and at the last step).
+
+    Between lines: the loss (summed on the device: reading it every step would synchronise with
+    the GPU), the units processed, this rank's communication counters, and the algorithm's extra
+    per-rank metrics (device scalars such as the consensus distance). At a line, one control-plane
+    reduction gives the mean loss and the total throughput over ranks, and one more the means of
+    the extra metrics, each written at the step that measured it. Time spent in :meth:`paused`
+    regions (evaluation, checkpoints) is not training time and does not count in the rate."""
+
+    def __init__(self, writer: "MetricsWriter", progress: "Progress", every: int, steps_per_epoch: int, unit: str,
+                 device: torch.device):
+        self.writer, self.progress, self.every = writer, progress, every
+        self.steps_per_epoch, self.unit, self.device = steps_per_epoch, unit, device
+        self.loss_sum = torch.zeros((), device=device)
+        self.loss_steps = 0
+        self._pending: list[tuple[int, dict]] = []
+        self._new_interval()
+
+    def _new_interval(self) -> None:
+        self.units, self.comm = 0, {}
+        self._start = time.perf_counter()
+
+    def add_step(self, step: int, loss: torch.Tensor, units: int, applied: bool, comm: dict, extra: dict) -> None:
+        if applied:  # a skipped step (train.nonfinite=skip) leaves the loss mean alone
+            self.loss_sum += loss.float()
+            self.loss_steps += 1
+        self.units += units
+        for key, value in comm.items():
+            self.comm.setdefault(key, MeanMeter()).add(value)
+        if extra:
+            self._pending.append((step, extra))
+
+    def should_log(self, step: int, done: bool) -> bool:
+        return step % self.every == 0 or done
+
+    def write(self, step: int, lr: float, fields: dict | None = None) -> dict:
+        """The ``train`` record of ``step`` (collective): mean loss over ranks, throughput, mean
+        communication per step, this step's extra metrics and ``fields``."""
+        elapsed = time.perf_counter() - self._start
+        loss, units = control.mean([self.loss_sum.item() / max(1, self.loss_steps), self.units])
+        rate = units * control.world_size() / max(elapsed, 1e-9)
+        record = {"epoch": round(step / self.steps_per_epoch, 4), "loss": loss, "lr": lr, f"{self.unit}_per_s": rate,
+                  **{f"comm_{key}_per_step": m.mean() for key, m in self.comm.items()},
+                  **self.write_pending(merge_step=step), **(fields or {})}
+        self.writer.write("train", step, **record)
+        self.progress.update(step, f"loss {loss:.3f} lr {lr:.3g} {rate:.0f} {self.unit}/s", force_line=True)
+        if step % self.every == 0:
+            # a line only because train.max_steps ends the run here keeps the loss interval open, so
+            # a run resumed past the cap logs the same means as one that never stopped
+            self.loss_sum, self.loss_steps = torch.zeros((), device=self.device), 0
+        self._new_interval()
+        return record
+
+    def write_pending(self, merge_step: int | None = None) -> dict[str, float]:
+        """Write the buffered extra metrics as their means over ranks (collective: one host read
+        and one control all-reduce for all of them). The values of ``merge_step`` are returned, to
+        join that step's record, instead of being written."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return {}
+        values = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for _, extra in pending for v in extra.values()]
+        means = iter(control.mean(torch.stack([v.to(values[0].device) for v in values]).cpu()))
+        merged: dict[str, float] = {}
+        for step, extra in pending:
+            record = {key: next(means) for key in extra}
+            if step == merge_step:
+                merged.update(record)
+            else:
+                self.writer.write("train", step, **record)
+        return merged
+
+    @contextmanager
+    def paused(self):
+        """Time inside is not training time (evaluation, checkpoints)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._start += time.perf_counter() - start
+
+    def state_dict(self) -> dict:
+        """The loss since the last line: a resumed run then logs the same means."""
+        return {"loss_sum": self.loss_sum.detach().cpu(), "loss_steps": self.loss_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.loss_steps = int(state["loss_steps"])
 
 
 class Progress:

@@ -53,10 +53,14 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.opti
 
 
 class LrSchedule:
-    """Multiplier of each parameter group's base lr as a function of the optimizer step."""
+    """The learning rate as a function of the step: ``peak * factor(step)``. ``total_steps`` (if
+    given) is the run's length; a step past its end gets the last step's rate (an asynchronous
+    worker reads the parameters once more after the final update)."""
 
-    def __init__(self, cfg: OptimConfig, steps_per_epoch: int, epochs: float):
+    def __init__(self, cfg: OptimConfig, steps_per_epoch: int, epochs: float, peak: float = 1.0,
+                 total_steps: int | None = None):
         self.kind = cfg.schedule
+        self.peak, self.total_steps = peak, total_steps
         scale = epochs / cfg.milestone_epochs_of
         if cfg.warmup_steps is not None:
             self.warmup_steps = cfg.warmup_steps
@@ -77,10 +81,15 @@ class LrSchedule:
             return (step + 1) / self.warmup_steps
         return self.decay ** sum(step >= m for m in self.milestones)
 
+    def lr(self, step: int, base: float | None = None) -> float:
+        """The learning rate of ``step`` for a base (peak) rate ``base``, by default ``peak``."""
+        if self.total_steps is not None:
+            step = min(step, self.total_steps - 1)
+        return (self.peak if base is None else base) * self.factor(step)
+
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Set every group's lr for ``step``; returns the first group's lr."""
-        f = self.factor(step)
+        """Set every group's lr for ``step`` (each group keeps its own base rate); returns the first
+        group's lr."""
         for group in optimizer.param_groups:
-            group.setdefault("base_lr", group["lr"])
-            group["lr"] = group["base_lr"] * f
+            group["lr"] = self.lr(step, group.setdefault("base_lr", group["lr"]))
         return optimizer.param_groups[0]["lr"]

@@ -28,6 +28,21 @@ import torch
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def configure_device_math(device: torch.device, tf32: bool) -> str:
+    """The GPU settings a practitioner expects, set once per process (no-ops on the CPU):
+    cuDNN picks the fastest convolution algorithm for each shape (``cudnn.benchmark``: the shapes
+    of image batches repeat), and fp32 matmuls/convolutions use TF32 tensor cores where the GPU
+    has them (``train.tf32``). Returns a description for the log."""
+    if device.type != "cuda":
+        return "cpu"
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    has_tf32 = torch.cuda.get_device_capability(device)[0] >= 8
+    return (f"{torch.cuda.get_device_name(device)}, cudnn.benchmark on, "
+            f"TF32 {'on' if tf32 and has_tf32 else 'off'}{'' if has_tf32 else ' (not on this GPU)'}")
+
+
 class Precision:
     def __init__(self, mode: str, device: torch.device):
         if mode not in DTYPES:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from slowmo_train.scripting import read_metrics
+
 RUN_FILE = "metrics.jsonl"
 #: differ between every run by construction; not what distinguishes the runs
 IGNORED_KEYS = {"output_dir", "resume"}
@@ -52,7 +54,8 @@ def find_runs(paths: list[str]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if not path.is_dir():
-            raise ReportError(f"{raw} is not a directory; pass run directories (holding {RUN_FILE}) or a folder above them")
+            raise ReportError(f"{raw} is not a directory; pass run directories (holding {RUN_FILE}) "
+                              "or a folder above them")
         if (path / RUN_FILE).exists():
             found.append(path)
             continue
@@ -72,21 +75,12 @@ def _natural_key(path: Path) -> list:
 def load_run(path: Path) -> Run:
     config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else {}
-    train, evals = [], []
-    for n, line in enumerate((path / RUN_FILE).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            # a run killed mid-write leaves a partial last line; anything else is corruption
-            if n == len((path / RUN_FILE).read_text().splitlines()):
-                continue
-            raise ReportError(f"{path / RUN_FILE}: line {n} is not JSON") from None
-        if event.get("event") == "train" and "loss" in event:
-            train.append(event)
-        elif event.get("event") == "eval":
-            evals.append(event)
+    try:
+        events = read_metrics(path / RUN_FILE)  # a torn last line (a run killed mid-write) is dropped
+    except ValueError as err:
+        raise ReportError(str(err)) from None
+    train = [e for e in events if e.get("event") == "train" and "loss" in e]
+    evals = [e for e in events if e.get("event") == "eval"]
     if not summary.get("metric") and evals:
         summary["metric"] = "top1" if "top1" in evals[-1] else None
     return Run(path, config or {}, summary, train, evals)

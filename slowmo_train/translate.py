@@ -23,8 +23,8 @@ from omegaconf import OmegaConf
 from slowmo_train.beam_search import beam_search
 from slowmo_train.config import JobConfig, to_job_config
 from slowmo_train.data import subword
+from slowmo_train.data.vocab import EOS, PAD
 from slowmo_train.models import build_model
-from slowmo_train.models.transformer import EOS, PAD
 
 FINAL_MODEL = "model_final.pt"
 

@@ -17,6 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from slowmo_train import control
+from slowmo_train.dist import destroy_process_group, init_control_plane
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -24,16 +27,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue, env):
+def _worker(rank, world_size, port, fn, args, queue, env, backend):
     os.environ.update(env)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "LOCAL_RANK": str(rank)})
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        init_control_plane()  # as slowmo_train.dist.init_process_group does in a real run
         result = fn(rank, world_size, *args)
-        dist.barrier()
+        control.barrier()
         # Serialise to bytes: tensors sent through a torch queue would be shared-memory handles
         # that die with this process.
         buffer = io.BytesIO()
@@ -42,16 +46,17 @@ def _worker(rank, world_size, port, fn, args, queue, env):
     except BaseException:  # report to the parent instead of hanging it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, args: tuple = (), env: dict | None = None, timeout: float = 300.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank."""
+def run_distributed(fn, world_size: int, args: tuple = (), env: dict | None = None, timeout: float = 300.0,
+                    backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks (the default group's ``backend``,
+    gloo unless a test asks for another); return results by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, env or {}), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, env or {}, backend), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -73,3 +78,13 @@ def run_distributed(fn, world_size: int, args: tuple = (), env: dict | None = No
     if errors:
         raise RuntimeError("distributed test failed\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def mean_over_ranks(per_rank: dict) -> dict:
+    """Collective: the mean over ranks of each per-rank scalar (device tensors or floats), as the
+    trainer logs the algorithms' extra metrics (e.g. the consensus distance)."""
+    keys = list(per_rank)
+    if not keys:
+        return {}
+    values = torch.stack([torch.as_tensor(per_rank[k], dtype=torch.float64).reshape(()).cpu() for k in keys])
+    return dict(zip(keys, control.mean(values)))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from slowmo_train.asynchronous.server import shard_bounds
+from slowmo_train.scripting import read_metrics
 from tests.distributed_helpers import run_distributed
 
 pytestmark = pytest.mark.multiproc
@@ -51,7 +52,7 @@ def test_one_server_two_workers_trains_with_staleness_about_one(torchvision_cifa
     # it learns: the test loss is below that of a uniform guess over 10 classes, ln 10 = 2.30 (the
     # arrival order, hence the exact figure, depends on timing)
     assert summary["final_eval"]["loss"] < 2.2, summary["final_eval"]
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(out)
     evals = [r for r in lines if r["event"] == "eval"]
     assert len(evals) == 3  # after epochs 1 and 2, and the final one
     assert all("staleness_mean" in r and "updates_per_s" in r for r in lines if r["event"] == "train")

@@ -3,8 +3,6 @@ scripts/bench_streaming.py's plan, expected bytes, table and goal check (no clus
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 import subprocess
 import sys
@@ -12,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts import bench_streaming as bs
+from slowmo_train.scripting import launch_env
 from tests.conftest import write_image_folder_cifar
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_allreduce.py"
@@ -21,9 +21,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_allreduce.py"
 @pytest.mark.slow
 def test_bench_prints_both_throughputs_and_the_ratio(tmp_path):
     root = write_image_folder_cifar(tmp_path / "cifar", n_train=200, n_test=20)
-    env = dict(os.environ)
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    env = launch_env()
     cmd = [sys.executable, str(SCRIPT), "--data-root", str(root), "--cache-dir", str(tmp_path / "cache"),
            "--width", "0.125", "--batch-size", "8", "--warmup", "2", "--steps", "4", "--log-every", "2",
            "--rounds", "1", "--timeout", "240"]
@@ -37,17 +35,7 @@ def test_bench_prints_both_throughputs_and_the_ratio(tmp_path):
     assert ratio and float(ratio.group(1)) > 0, out
 
 
-def _load_streaming():
-    path = SCRIPT.parent / "bench_streaming.py"
-    spec = importlib.util.spec_from_file_location("bench_streaming", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)  # puts scripts/ on sys.path for its bench_speed import
-    return module
-
-
 def test_bench_streaming_plan_is_the_issue_matrix():
-    bs = _load_streaming()
     plan = bs.build_plan(["local_sgd", "sgp"], quick=False)
     for algorithm, tau in (("local_sgd", 12), ("sgp", 48)):
         mine = [v for v in plan if v.algorithm == algorithm]
@@ -72,7 +60,6 @@ def test_bench_streaming_plan_is_the_issue_matrix():
 
 
 def test_bench_streaming_rows_bytes_and_goal_check():
-    bs = _load_streaming()
     p, b, n = 4_000_000.0, 10_000.0, 2
     base = bs.Measured(100.0, 20.0, 0.0, (p + b) / 12)
     lsgd = {v.name: v for v in bs.build_plan(["local_sgd"], quick=False)}
@@ -111,7 +98,6 @@ def test_bench_streaming_rows_bytes_and_goal_check():
 
 
 def test_bench_streaming_sharded_plan_and_bytes():
-    bs = _load_streaming()
     plan = bs.build_plan(["local_sgd", "sgp"], quick=False, sharded=True)
     for algorithm in ("local_sgd", "sgp"):
         mine = [v for v in plan if v.algorithm == algorithm]

@@ -8,7 +8,6 @@ any worker starts, or, for what only a worker can find (a corrupt checkpoint fil
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from slowmo_train.scripting import compose_config, launch_env
+
 TINY = ["task=cifar10", "model.width=0.125", "train.batch_size=16", "train.eval_batch_size=50", "train.progress=log",
         "launcher.threads_per_worker=1"]
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLOWMO_TRAIN_FAULTS")}
+    env = launch_env(drop=["SLOWMO_TRAIN_FAULTS"])
     return subprocess.run([sys.executable, "-m", "slowmo_train", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=240)
 
@@ -38,7 +39,8 @@ def _one_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["model.arch=resnet50"], "model.arch='resnet50' is invalid: not an architecture of task cifar10; choose one of resnet18"),
+    (["model.arch=resnet50"],
+     "model.arch='resnet50' is invalid: not an architecture of task cifar10; choose one of resnet18"),
     (["algorithm=sgp", "algorithm.peers_per_itr=5", "launcher.nproc_per_node=2"],
      "algorithm.peers_per_itr=5 is invalid"),
     (["train.batch_size=100000", "launcher.nproc_per_node=2"],
@@ -61,16 +63,11 @@ def test_unwritable_output_dir(tmp_path, torchvision_cifar):
 
 def _job_dict(overrides: list[str]) -> dict:
     """The resolved config the CLI would build for ``overrides``."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from slowmo_train.cli import config_dir
-    from slowmo_train.config import register_configs, to_job_config
+    from slowmo_train.config import to_job_config
 
-    register_configs()
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_container(OmegaConf.structured(to_job_config(cfg)), resolve=True)
+    return OmegaConf.to_container(OmegaConf.structured(to_job_config(compose_config(overrides))), resolve=True)
 
 
 def _fake_checkpoint(run_dir: Path, step: int, world_size: int, config: dict) -> Path:

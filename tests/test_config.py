@@ -7,22 +7,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from slowmo_train import cli
-from slowmo_train.config import ASYNC_ALGORITHM_NAMES, ConfigError, register_configs, to_job_config, validate
+from slowmo_train import cli, registry
+from slowmo_train.config import ConfigError, JobConfig, to_job_config, validate
+from slowmo_train.scripting import compose_config
 
 CONFIG_DIR = cli.config_dir()
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "exp").glob("*.yaml"))
 GROUPS = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml"))
-          for g in ("task", "algorithm", "slowmo", "optim", "launcher")}
+          for g in ("task", "algorithm", "slowmo", "optim", "launcher", "checkpoint")}
 
 
 def compose_job(*overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 def test_defaults_compose_and_validate(tmp_path):
@@ -35,7 +33,7 @@ def test_defaults_compose_and_validate(tmp_path):
 def test_every_group_option_composes(group, option, tmp_path):
     job = to_job_config(compose_job(f"{group}={option}", f"data.root={tmp_path}"))
     # simulated asynchronous training runs all its workers in one process
-    simulated = job.algorithm.name in ASYNC_ALGORITHM_NAMES and job.algorithm.mode == "simulated"
+    simulated = job.algorithm.name in registry.names(registry.ASYNC) and job.algorithm.mode == "simulated"
     validate(job, world_size=1 if simulated else 2)
 
 
@@ -43,6 +41,55 @@ def test_every_group_option_composes(group, option, tmp_path):
 def test_every_experiment_composes(exp, tmp_path):
     job = to_job_config(compose_job(f"+exp={exp}", f"data.root={tmp_path}"))
     validate(job, world_size=job.launcher.nproc_per_node)
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_smoke_before_or_after_the_experiment_composes_the_same(exp):
+    """exp and smoke sit in config.yaml's defaults list, smoke last: the command line's order does not
+    matter, the smoke always shrinks the experiment, and both spellings (+exp= and exp=) work."""
+    after = OmegaConf.to_yaml(compose_job(f"+exp={exp}", "+smoke=tiny"))
+    assert OmegaConf.to_yaml(compose_job("+smoke=tiny", f"+exp={exp}")) == after
+    assert OmegaConf.to_yaml(compose_job("smoke=tiny", f"exp={exp}")) == after
+    job = to_job_config(compose_job("+smoke=tiny", f"+exp={exp}"))
+    assert (job.model.width, job.train.batch_size, job.train.max_steps, job.slowmo.tau) == (0.125, 8, 4, 2)
+
+
+def test_the_plus_spelling_of_the_defaults_list_groups_is_accepted():
+    assert cli.plain_group_overrides(["+exp=a", "+smoke=tiny", "exp=b", "+train.tf=1", "optim.lr=0.2"]) == [
+        "exp=a", "smoke=tiny", "exp=b", "+train.tf=1", "optim.lr=0.2"]
+
+
+def test_slowmo_experiments_are_their_base_plus_slowmo():
+    for exp in (e for e in EXPERIMENTS if e.endswith("_slowmo")):
+        base = to_job_config(compose_job(f"+exp={exp.removesuffix('_slowmo')}"))
+        slow = to_job_config(compose_job(f"+exp={exp}"))
+        assert slow.slowmo.enabled and not base.slowmo.enabled
+        base.slowmo, base.name = slow.slowmo, slow.name
+        assert base == slow, exp
+
+
+def test_group_files_set_only_what_differs_from_the_schema():
+    """The defaults live in slowmo_train/config.py; a group option changes at most what it is about."""
+    schema = OmegaConf.to_container(OmegaConf.structured(JobConfig))
+    for group, options in GROUPS.items():
+        for option in options:
+            node = OmegaConf.load(Path(CONFIG_DIR) / group / f"{option}.yaml")
+            tree = OmegaConf.to_container(node) if group in ("task", "smoke") else {group: OmegaConf.to_container(node)}
+            same = [f"{section}.{key}" for section, values in (tree or {}).items() for key, value in values.items()
+                    if key != "name" and schema[section][key] == value]
+            assert same == [], f"{group}/{option}.yaml repeats the schema's defaults: {same}"
+
+
+def test_algorithm_and_task_tables_agree():
+    from slowmo_train.algorithms import ALGORITHMS
+    from slowmo_train.asynchronous.rules import RULES
+    from slowmo_train.tasks import TASKS
+
+    assert set(ALGORITHMS) | set(RULES) == set(registry.ALGORITHM_SPECS)
+    assert {p.stem for p in (Path(CONFIG_DIR) / "algorithm").glob("*.yaml")} == set(registry.ALGORITHM_SPECS)
+    assert {p.stem for p in (Path(CONFIG_DIR) / "task").glob("*.yaml")} == set(TASKS)
+    with pytest.raises(RuntimeError, match=r"missing \['allreduce'\]"):
+        registry.check_table([n for n in ALGORITHMS if n != "allreduce"], registry.SYNC, "a table")
 
 
 def test_user_keys_reach_the_job(tmp_path):
@@ -68,6 +115,9 @@ INVALID = [
     ("algorithm.peers_per_itr=0", "algorithm.peers_per_itr"),
     ("slowmo.base_buffers=forget", "slowmo.base_buffers"),
     ("algorithm.nprocs_per_node=2", "algorithm.nprocs_per_node"),  # 2 does not divide 3
+    ("slowmo.lr_coupling=loose", "slowmo.lr_coupling"),
+    ("slowmo.outer_dtype=int8", "slowmo.outer_dtype"),
+    ("slowmo.fragments=5", "slowmo.fragments"),  # 5 does not divide slowmo.tau=12
 ]
 
 
@@ -86,6 +136,16 @@ def test_tau_must_be_a_multiple_of_the_local_sgd_period(tmp_path):
     job = to_job_config(compose_job("algorithm=local_sgd", "algorithm.period=5", "slowmo.enabled=true",
                                     "slowmo.tau=12", f"data.root={tmp_path}"))
     with pytest.raises(ConfigError, match="slowmo.tau=12 .*multiple of algorithm.period=5"):
+        validate(job, world_size=2)
+
+
+def test_gossip_bases_take_fragments_and_local_sgd_needs_them_to_divide_tau(tmp_path):
+    job = to_job_config(compose_job("algorithm=sgp", "slowmo.enabled=true", "slowmo.tau=4", "slowmo.fragments=2",
+                                    f"data.root={tmp_path}"))
+    validate(job, world_size=2)
+    job = to_job_config(compose_job("algorithm=local_sgd", "algorithm.period=1", "slowmo.enabled=true",
+                                    "slowmo.tau=4", "slowmo.fragments=3", f"data.root={tmp_path}"))
+    with pytest.raises(ConfigError, match="slowmo.fragments"):
         validate(job, world_size=2)
 
 

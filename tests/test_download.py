@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 import tarfile
@@ -15,6 +14,7 @@ from slowmo_train.config import DataConfig
 from slowmo_train.data.cifar10 import load_cifar10
 from slowmo_train.data.download import extract_tar, fetch_file, md5sum
 from slowmo_train.data.errors import DatasetError
+from slowmo_train.scripting import launch_env
 from tests.conftest import write_torchvision_cifar
 
 
@@ -83,7 +83,7 @@ def test_download_accepts_yaml_booleans():
 def test_quickstart_needs_no_data_root(tmp_path):
     """The README's two commands: with no data.root, the quickstart fetches CIFAR-10 into data/cifar10."""
     archive = _cifar_archive(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env = launch_env()
     env.update(SLOWMO_TRAIN_CIFAR10_URL=archive.as_uri(), SLOWMO_TRAIN_CIFAR10_MD5=md5sum(archive),
                XDG_CACHE_HOME=str(tmp_path / "cache"))
     work = tmp_path / "fresh"

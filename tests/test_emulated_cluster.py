@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from slowmo_train.scripting import launch_env, read_metrics
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "emulated_cluster.sh"
 # a prefix, subnet and port of its own, so the test can run next to a benchmark on the default ones
 PREFIX, SUBNET, PORT = "smtt", "10.77.1", "29531"
@@ -49,9 +51,7 @@ def _our_namespaces() -> list[str]:
 
 
 def _cluster(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = launch_env()
     env["XDG_CACHE_HOME"] = str(Path(env.get("PYTEST_TMP", "/tmp")) / "slowmo-test-cache")
     cmd = ["bash", str(SCRIPT), "--prefix", PREFIX, "--subnet", SUBNET, "--port", PORT,
            "--python", sys.executable, *args]
@@ -80,11 +80,10 @@ def test_two_nodes_two_processes_with_hierarchy(tmp_path, folder_cifar):
     for rank in range(4):
         assert (run_dir / "logs" / f"rank{rank}.log").exists()
     # node leaders (ranks 0, 2) gossip across the link; their node mates only receive the leader's copy
-    def last_train(name: str) -> dict:
-        events = [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
-        return [e for e in events if e["event"] == "train" and "loss" in e][-1]
+    def last_train(rank: int) -> dict:
+        return [e for e in read_metrics(run_dir, "train", rank=rank) if "loss" in e][-1]
 
-    leader, mate = last_train("metrics.jsonl"), last_train("metrics.rank1.jsonl")
+    leader, mate = last_train(0), last_train(1)
     assert leader["comm_bytes_sent_per_step"] > 0
     assert mate["comm_bytes_sent_per_step"] < leader["comm_bytes_sent_per_step"]
     assert _our_namespaces() == []

@@ -4,12 +4,13 @@ both layouts, checking the run directory a user gets."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from slowmo_train.scripting import launch_env, read_metrics
 
 pytestmark = pytest.mark.multiproc
 
@@ -20,9 +21,7 @@ SMALL = ["task=cifar10", "model.width=0.125", "train.batch_size=16", "train.max_
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    env = launch_env()
     env["XDG_CACHE_HOME"] = str(Path(env.get("PYTEST_TMP", "/tmp")) / "slowmo-test-cache")
     return env
 
@@ -37,7 +36,7 @@ def _check_run_dir(run_dir: Path, world_size: int) -> None:
     assert (run_dir / "config.yaml").exists()
     for rank in range(world_size):
         assert (run_dir / "logs" / f"rank{rank}.log").exists()
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = read_metrics(run_dir)
     train = [e for e in events if e["event"] == "train"]
     evals = [e for e in events if e["event"] == "eval"]
     assert [e["step"] for e in train] == [2, 4, 6]
@@ -87,5 +86,5 @@ def test_slowmo_over_base_algorithms_through_the_cli(algorithm, tmp_path, folder
           "algorithm.consensus_every=2", "slowmo.enabled=true", "slowmo.tau=2", "slowmo.sharded=true",
           "launcher.nproc_per_node=2", f"data.root={folder_cifar}", f"output_dir={run_dir}"], cwd=tmp_path)
     _check_run_dir(run_dir, 2)
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = read_metrics(run_dir)
     assert any("consensus_distance" in e for e in events if e["event"] == "train")

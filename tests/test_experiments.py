@@ -6,7 +6,6 @@ The default run smokes one experiment per task; ``-m slow`` smokes all 24."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from slowmo_train.config import to_job_config, validate
-from tests.conftest import write_image_folder_imagenet, write_image_folder_cifar, write_parallel_text
+from slowmo_train.scripting import launch_env, read_metrics
+from tests.conftest import write_image_folder_cifar, write_image_folder_imagenet, write_parallel_text
 from tests.test_config import EXPERIMENTS, compose_job
 
 TASKS = ("cifar10", "imagenet", "wmt16")
@@ -64,8 +64,7 @@ def _data_for(task: str, tmp_path: Path) -> Path:
 
 def _smoke(name: str, tmp_path: Path) -> dict:
     task = to_job_config(compose_job(f"+exp={name}", f"data.root={tmp_path}")).task.name
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    env = launch_env(XDG_CACHE_HOME=str(tmp_path / "cache"))
     run_dir = tmp_path / name
     overrides = [f"+exp={name}", "+smoke=tiny", f"data.root={_data_for(task, tmp_path)}", f"output_dir={run_dir}"]
     if task == "wmt16":
@@ -76,7 +75,7 @@ def _smoke(name: str, tmp_path: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4
     assert summary["metric"] in summary["final_eval"]
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = read_metrics(run_dir)
     assert any(e["event"] == "train" and e["loss"] > 0 for e in events)
     return summary
 

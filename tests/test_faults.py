@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from slowmo_train.scripting import launch_env, read_metrics
+
 pytestmark = pytest.mark.multiproc
 
 SMALL = ["task=cifar10", "model.width=0.125", "train.batch_size=16", "train.log_every=2", "train.eval_batch_size=50",
@@ -30,9 +32,7 @@ SMALL = ["task=cifar10", "model.width=0.125", "train.batch_size=16", "train.log_
 
 
 def _env(faults: str | None = None) -> dict:
-    env = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT", "SLOWMO_TRAIN_FAULTS"):
-        env.pop(key, None)
+    env = launch_env(drop=["SLOWMO_TRAIN_FAULTS"])
     if faults:
         env["SLOWMO_TRAIN_FAULTS"] = faults
     return env
@@ -45,7 +45,7 @@ def _launch(args: list[str], run_dir: Path, data: Path, faults: str | None = Non
 
 
 def _train_steps(run_dir: Path) -> list[int]:
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = read_metrics(run_dir)
     return [e["step"] for e in events if e["event"] == "train" and "loss" in e]
 
 
@@ -225,7 +225,7 @@ def test_nan_skip_drops_the_update_everywhere_and_counts_it(tmp_path, data):
     result = _launch(["algorithm=sgp", "train.max_steps=6", "train.nonfinite=skip", "train.log_every=1"], run, data,
                      faults="nan@step=3,rank=1")
     assert result.returncode == 0, result.stderr[-3000:]
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    events = read_metrics(run)
     skips = [e["nonfinite_skips"] for e in events if e["event"] == "train" and "loss" in e]
     assert skips == [0, 0, 1, 1, 1, 1]
     assert all(e["loss"] == e["loss"] for e in events if "loss" in e)  # no NaN was logged
@@ -269,7 +269,7 @@ def test_max_steps_then_resume_equals_one_run(tmp_path, data):
             assert _equal(a[key], b[key]), (rank, key)
 
     def losses(run):
-        events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        events = read_metrics(run)
         return {e["step"]: e["loss"] for e in events if e["event"] == "train" and "loss" in e}
 
     ref, got = losses(straight), losses(split)

@@ -8,7 +8,6 @@ runs through the CLI.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -22,13 +21,23 @@ from PIL import Image
 
 from slowmo_train.config import DataConfig, EvalConfig, ModelConfig, OptimConfig
 from slowmo_train.data.errors import DatasetError
-from slowmo_train.data.imagenet import (CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, DeviceNormalise, EvalTransform,
-                                        ImageNetStream, TrainTransform, list_split, load_rgb,
-                                        random_resized_crop_box)
+from slowmo_train.data.imagenet import (
+    CROP_RATIO,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DeviceNormalise,
+    EvalTransform,
+    ImageNetStream,
+    TrainTransform,
+    list_split,
+    load_rgb,
+    random_resized_crop_box,
+)
 from slowmo_train.data.samplers import SampleKey, ShardedBatchSampler, sample_rng
 from slowmo_train.models import build_model
 from slowmo_train.optim import build_optimizer
-from slowmo_train.tasks import DATA_CHECKS, TASKS, TRAIN_SIZES, TaskArgs, WorkerInfo
+from slowmo_train.scripting import launch_env, read_metrics
+from slowmo_train.tasks import TASKS, TaskArgs, WorkerInfo
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet_sample"
 CLASSES = ["n01", "n02", "n03"]
@@ -97,8 +106,9 @@ def test_random_resized_crop_box_stays_inside_and_respects_ranges():
         assert 0.08 * 500 * 375 * 0.95 <= w * h <= 500 * 375
         assert CROP_RATIO[0] * 0.95 <= w / h <= CROP_RATIO[1] * 1.05
     # the same generator state gives the same box (augmentation is reproducible per sample)
-    assert random_resized_crop_box(500, 375, sample_rng(0, 1, 7)) == random_resized_crop_box(500, 375, sample_rng(0, 1, 7))
-    assert random_resized_crop_box(500, 375, sample_rng(0, 1, 7)) != random_resized_crop_box(500, 375, sample_rng(0, 2, 7))
+    box = random_resized_crop_box(500, 375, sample_rng(0, 1, 7))
+    assert box == random_resized_crop_box(500, 375, sample_rng(0, 1, 7))
+    assert box != random_resized_crop_box(500, 375, sample_rng(0, 2, 7))
 
 
 def test_device_normalise_matches_torchvision_normalize_and_sets_channels_last():
@@ -129,20 +139,21 @@ def test_missing_layout_says_imagenet_is_never_downloaded(tmp_path):
     (tmp_path / "train").mkdir()
     for download in ("auto", "true", "false"):
         with pytest.raises(DatasetError) as err:
-            DATA_CHECKS["imagenet"](DataConfig(root=str(tmp_path), download=download))
+            TASKS["imagenet"].check_data(DataConfig(root=str(tmp_path), download=download))
         message = str(err.value)
         assert "val/" in message and "never downloaded" in message and "train/<wnid>" in message
         assert "\n" not in message
 
 
 def test_data_check_accepts_a_tree(tree):
-    DATA_CHECKS["imagenet"](DataConfig(root=str(tree)))
+    TASKS["imagenet"].check_data(DataConfig(root=str(tree)))
 
 
 def test_train_size_counts_file_names_before_workers_start(tree, tmp_path):
-    assert TRAIN_SIZES["imagenet"](DataConfig(root=str(tree))) == 24
-    assert TRAIN_SIZES["imagenet"](DataConfig(root=str(tree), train_subset=10)) == 10
-    assert TRAIN_SIZES["imagenet"](DataConfig(root=str(tmp_path / "none"))) is None
+    train_size = TASKS["imagenet"].train_size
+    assert train_size(DataConfig(root=str(tree))) == 24
+    assert train_size(DataConfig(root=str(tree), train_subset=10)) == 10
+    assert train_size(DataConfig(root=str(tmp_path / "none"))) is None
 
 
 # --- sampler ----------------------------------------------------------------------------------------
@@ -287,12 +298,12 @@ SMOKE = ["task=imagenet", "model.width=0.125", "data.image_size=32", "train.batc
 
 
 def _cli(args: list[str], cwd: Path, timeout: float = 300) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = launch_env()
     run_dir = cwd / "run"
     result = subprocess.run([sys.executable, "-m", "slowmo_train", *args, f"output_dir={run_dir}"], cwd=cwd,
                             env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = read_metrics(run_dir)
     return {"train": [e for e in events if e["event"] == "train"], "eval": [e for e in events if e["event"] == "eval"],
             "summary": json.loads((run_dir / "summary.json").read_text()), "log": result.stdout + result.stderr}
 
@@ -323,7 +334,7 @@ def test_two_workers_mixed_precision_channels_last(tree, tmp_path, precision, al
 @pytest.mark.slow
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason="the shared ImageNet sample is not present")
 def test_real_sample_sgp_slowmo_two_loader_workers(tmp_path):
-    """The issue's done-when run at smoke size, on the 600 real images."""
+    """SGP + SlowMo on ImageNet at smoke size, on the 600 real images with two loader workers."""
     out = _cli(["task=imagenet", "algorithm=sgp", "slowmo.enabled=true", "model.width=0.125", "data.image_size=64",
                 "data.workers=2", "train.batch_size=8", "train.max_steps=12", "train.log_every=4",
                 "train.eval_batch_size=50", "train.progress=log", "launcher.nproc_per_node=2",
@@ -344,16 +355,18 @@ def test_resumed_run_equals_uninterrupted_one_mid_epoch(tree, tmp_path):
     whole = _cli([*common, "train.max_steps=9"], tmp_path / "a")
     _cli([*common, "train.max_steps=5"], tmp_path / "b")
     resumed = _cli([*common, "train.max_steps=9", "resume=auto"], tmp_path / "b")
-    assert [(e["step"], e["loss"]) for e in whole["train"]][5:] == [(e["step"], e["loss"]) for e in resumed["train"]][-4:]
+    whole_losses = [(e["step"], e["loss"]) for e in whole["train"]]
+    resumed_losses = [(e["step"], e["loss"]) for e in resumed["train"]]
+    assert whole_losses[5:] == resumed_losses[-4:]
     assert whole["eval"][-1]["loss"] == resumed["eval"][-1]["loss"]
 
 
 @pytest.mark.slow
 def test_pipeline_benchmark_reports_both_rates(tree, tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_imagenet_pipeline.py"
-    result = subprocess.run([sys.executable, str(script), "--root", str(tree), "--image-size", "32", "--batch-size", "4",
-                             "--workers", "0,1", "--batches", "3", "--width", "0.125", "--model-batch", "2",
-                             "--model-steps", "1", "--json", str(tmp_path / "bench.json")],
+    result = subprocess.run([sys.executable, str(script), "--root", str(tree), "--image-size", "32",
+                             "--batch-size", "4", "--workers", "0,1", "--batches", "3", "--width", "0.125",
+                             "--model-batch", "2", "--model-steps", "1", "--json", str(tmp_path / "bench.json")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads((tmp_path / "bench.json").read_text())

@@ -19,7 +19,7 @@ from torch import nn
 from slowmo_train.algorithms import build_algorithm
 from slowmo_train.config import AlgorithmConfig, SlowMoConfig
 from slowmo_train.dist import build_topology
-from tests.distributed_helpers import run_distributed
+from tests.distributed_helpers import mean_over_ranks, run_distributed
 from tests.reference import (
     DTYPE, HIDDEN, IN, OUT, PARAM_GROUPS, STAT_MOMENTUM, Case, Simulator, batch, group_lrs, initial_parameters,
     out_peers, simulate, with_slowmo,
@@ -172,6 +172,7 @@ def train_case(case: Case, topology, rank: int) -> dict:
         params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone())
         stats.append(model.stat.running_mean.detach().clone())
     algorithm.close()
+    consensus = mean_over_ranks(consensus)  # each rank reports its own distance; the metric is their mean
     return {"params": torch.stack(params), "stats": torch.stack(stats), "sent": sent, "consensus": consensus,
             "error": None}
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slowmo_train.report import main, report
+from slowmo_train.report import main
+from slowmo_train.scripting import launch_env
 
 
 def _write_run(path: Path, beta: float, seconds_per_step: float, top1: list[float], sent: float) -> Path:
@@ -80,7 +80,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 @pytest.mark.multiproc
 def test_report_of_a_real_hydra_multirun(tmp_path, torchvision_cifar):
     """`slowmo-train -m ... slowmo.beta=0.4,0.8` then `slowmo-train-report` on the sweep folder."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = launch_env()
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "slowmo_train", "-m", "task=cifar10", "algorithm=local_sgd", "slowmo.enabled=true",

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,11 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scripts import reproduce as rp
+
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
-rp = importlib.util.module_from_spec(_spec)
-sys.modules["reproduce"] = rp
-_spec.loader.exec_module(rp)
 
 
 # --- plan --------------------------------------------------------------------------------------------
@@ -69,7 +66,8 @@ def test_dry_run_prints_commands_and_marks_finished_runs(tmp_path, capsys):
     (done / "summary.json").write_text("{}")
     assert rp.main(["translation", "--dry-run", "--runs-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == len(rp.plan("translation")) and lines[0].startswith("# done: ") and not lines[1].startswith("#")
+    assert len(lines) == len(rp.plan("translation"))
+    assert lines[0].startswith("# done: ") and not lines[1].startswith("#")
     assert not (tmp_path / "translation" / "machine.json").exists()  # a dry run writes nothing
 
 

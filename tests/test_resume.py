@@ -14,12 +14,12 @@ in tests/test_faults.py.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from slowmo_train.scripting import read_metrics
 from tests.distributed_helpers import run_distributed
 
 pytestmark = pytest.mark.multiproc
@@ -78,7 +78,7 @@ def _train(job_dict: dict, run_dir: Path) -> dict:
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = read_metrics(run_dir)
     return [(e["step"], e["loss"]) for e in events if e["event"] == "train" and "loss" in e]
 
 

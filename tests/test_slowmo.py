@@ -13,7 +13,8 @@ from torch import nn
 
 from slowmo_train.algorithms.allreduce import AllReduce
 from slowmo_train.algorithms.local_sgd import LocalSGD
-from slowmo_train.algorithms.slowmo import SlowMo, build_slow_groups
+from slowmo_train.algorithms.outer_layout import build_slow_groups
+from slowmo_train.algorithms.slowmo import SlowMo
 from slowmo_train.config import AlgorithmConfig, SlowMoConfig
 from slowmo_train.dist import Topology
 

@@ -114,21 +114,17 @@ def test_sbatch_outside_slurm_is_one_clear_error(tmp_path):
 def test_submitit_launcher_config_renders_the_slurm_array(tmp_path, monkeypatch):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'slowmo-train[slurm]'")
     import submitit
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from slowmo_train.cli import config_dir
-    from slowmo_train.config import register_configs
+    from slowmo_train.scripting import compose_config
 
-    register_configs()
     env, _ = _fake_bin(tmp_path)
     monkeypatch.setenv("PATH", env["PATH"])  # submitit looks for srun before it renders anything
     sweep_dir = tmp_path / "multirun" / "beta"
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        cfg = compose("config", return_hydra_config=True, overrides=[
-            "hydra/launcher=slowmo_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=8",
-            f"hydra.sweep.dir={sweep_dir}", "hydra.job.name=sweep", "+exp=cifar10_localsgd_slowmo",
-        ])
+    cfg = compose_config(return_hydra_config=True, overrides=[
+        "hydra/launcher=slowmo_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=8",
+        f"hydra.sweep.dir={sweep_dir}", "hydra.job.name=sweep", "+exp=cifar10_localsgd_slowmo",
+    ])
     launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=None, task_function=None, config=cfg)
 
@@ -166,3 +162,28 @@ def test_submitit_launcher_config_renders_the_slurm_array(tmp_path, monkeypatch)
         assert line in sbatch, captured["sbatch"]
     assert any(line.startswith("srun ") and "submitit.core._submit" in line for line in sbatch)
     assert str(sweep_dir / ".submitit") in captured["sbatch"]
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ({}, {"GLOO_SOCKET_IFNAME": "", "NCCL_SOCKET_IFNAME": ""}),
+    ({"SOCKET_IFNAME": "ib0"}, {"GLOO_SOCKET_IFNAME": "ib0", "NCCL_SOCKET_IFNAME": "ib0"}),
+    ({"SOCKET_IFNAME": "ib0", "NCCL_SOCKET_IFNAME": "mlx5_0"}, {"GLOO_SOCKET_IFNAME": "ib0",
+                                                                "NCCL_SOCKET_IFNAME": "mlx5_0"}),
+    ({"GLOO_SOCKET_IFNAME": "eno1"}, {"GLOO_SOCKET_IFNAME": "eno1", "NCCL_SOCKET_IFNAME": ""}),
+])
+def test_sbatch_passes_the_network_interfaces_to_every_node(tmp_path, given, expected):
+    """SOCKET_IFNAME sets both GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME; each may be set on its own."""
+    env, log = _fake_bin(tmp_path)
+    recorder = tmp_path / "bin" / "envpython"
+    recorder.write_text('#!/bin/bash\n'
+                        'echo "${GLOO_SOCKET_IFNAME:-} ${NCCL_SOCKET_IFNAME:-}" > "$FAKE_LOG/node$SLURM_NODEID.if"\n')
+    recorder.chmod(recorder.stat().st_mode | stat.S_IEXEC)
+    env.update(PYTHON=str(recorder), **given)
+    result = subprocess.run(["bash", str(SBATCH), "task=cifar10"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for node in range(3):
+        gloo, _, nccl = (log / f"node{node}.if").read_text().rstrip("\n").partition(" ")
+        assert {"GLOO_SOCKET_IFNAME": gloo, "NCCL_SOCKET_IFNAME": nccl} == expected
+    gloo, nccl = (expected[k] or "auto" for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"))
+    assert f"interfaces gloo {gloo} nccl {nccl}" in result.stdout

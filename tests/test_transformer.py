@@ -10,8 +10,9 @@ import torch
 
 from slowmo_train.beam_search import beam_search
 from slowmo_train.config import ModelConfig
+from slowmo_train.data.vocab import BOS, EOS, PAD
 from slowmo_train.models import build_model
-from slowmo_train.models.transformer import BOS, EOS, PAD, PRESETS, Transformer, scaled_shape, transformer
+from slowmo_train.models.transformer import PRESETS, Transformer, scaled_shape, transformer
 from slowmo_train.tasks.wmt16 import corpus_bleu
 
 VOCAB = 40

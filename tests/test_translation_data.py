@@ -20,9 +20,16 @@ from slowmo_train.config import DataConfig
 from slowmo_train.data import subword
 from slowmo_train.data.cifar10 import DatasetError
 from slowmo_train.data.token_batches import TokenBatches, collate, pack
-from slowmo_train.data.translation import (MULTI30K_FILES, MULTI30K_URL_ENV, EncodedSide, ParallelCorpus,
-                                           encode_or_load, ensure_text, training_indices)
-from slowmo_train.models.transformer import BOS, EOS, PAD
+from slowmo_train.data.translation import (
+    MULTI30K_FILES,
+    MULTI30K_URL_ENV,
+    EncodedSide,
+    ParallelCorpus,
+    encode_or_load,
+    ensure_text,
+    training_indices,
+)
+from slowmo_train.data.vocab import BOS, EOS, PAD
 from slowmo_train.tasks.wmt16 import check_wmt16_data
 from tests.distributed_helpers import run_distributed
 

@@ -15,27 +15,12 @@ from slowmo_train.algorithms.local_sgd import LocalSGD
 from slowmo_train.algorithms.slowmo import SlowMo
 from slowmo_train.config import AlgorithmConfig, SlowMoConfig
 from slowmo_train.dist import Topology
+from slowmo_train.registry import SYNC, check_table
 
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    "allreduce": AllReduce,
-    "local_sgd": LocalSGD,
-    "sgp": SGP,
-    "osgp": OSGP,
-}
-
-#: algorithm name -> the loop that runs it: "sync" (slowmo_train.trainer.Trainer, with an algorithm
-#: from ALGORITHMS) or "async" (slowmo_train.asynchronous.runner.AsyncRunner, with a master rule from
-#: slowmo_train.asynchronous.rules.RULES). cli.worker_main picks the loop from this table.
-RUNNERS: dict[str, str] = {
-    "allreduce": "sync",
-    "local_sgd": "sync",
-    "sgp": "sync",
-    "osgp": "sync",
-    "asgd": "async",
-    "nag_asgd": "async",
-    "dana": "async",
-    "dana_slim": "async",
-}
+#: the synchronous algorithms' classes (kind "sync" in slowmo_train/registry.py, which names them all
+#: and routes the asynchronous ones to slowmo_train/asynchronous)
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (AllReduce, LocalSGD, SGP, OSGP)}
+check_table(ALGORITHMS, SYNC, "slowmo_train.algorithms.ALGORITHMS")
 
 
 def build_algorithm(
@@ -60,4 +45,4 @@ def build_algorithm(
     return base
 
 
-__all__ = ["ALGORITHMS", "RUNNERS", "Algorithm", "build_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "build_algorithm"]

@@ -21,9 +21,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from slowmo_train.algorithms import comm
 from slowmo_train.algorithms.comm import CommStats, floating_buffers
 from slowmo_train.dist import Topology
 
@@ -40,7 +40,7 @@ class Algorithm:
         self.model = model
         self.optimizer = optimizer
         self.topology = topology
-        self.comm = CommStats()
+        self.comm = CommStats(cuda=any(p.is_cuda for p in model.parameters()))
 
     # --- the training step -------------------------------------------------------------------
     @property
@@ -96,8 +96,10 @@ class Algorithm:
             for index, start, stop, values in slices:
                 write_slice(params[index].data, start, stop, values)
 
-    def pop_metrics(self) -> dict[str, float]:
-        """Extra scalars measured since the last call (e.g. ``consensus_distance``), for metrics."""
+    def pop_metrics(self) -> dict[str, torch.Tensor]:
+        """Extra per-rank scalars measured since the last call (e.g. ``consensus_distance``), as
+        device tensors: the trainer reads them at its next log point and logs their mean over ranks,
+        so that measuring them adds no host synchronisation to the step."""
         out, self.extra_metrics = getattr(self, "extra_metrics", {}), {}
         return out
 
@@ -127,14 +129,14 @@ def exact_average(algorithm: Algorithm, stats: CommStats | None = None, group=No
     ref = numerators[0]
     w = weight.reshape(1).to(ref.dtype) if weight is not None else torch.ones(1, dtype=ref.dtype, device=ref.device)
     flat = torch.cat([n.reshape(-1) for n in numerators] + [w])
-    world = dist.get_world_size(group)
+    world = comm.world_size(group)
     if world > 1:
         if stats is not None:
             stats.add_allreduce(flat.numel() * flat.element_size(), world)
             with stats.blocking():
-                dist.all_reduce(flat, group=group)
+                comm.all_reduce(flat, group)
         else:
-            dist.all_reduce(flat, group=group)
+            comm.all_reduce(flat, group)
     total_weight = flat[-1]
     out, offset = [], 0
     for n in numerators:
@@ -143,13 +145,14 @@ def exact_average(algorithm: Algorithm, stats: CommStats | None = None, group=No
     return out
 
 
-def consensus_distance(local: list[torch.Tensor], average: list[torch.Tensor], group=None) -> float:
-    """Mean over ranks of ||x_i - x_avg|| (collective; one scalar all-reduce, not counted as payload)."""
-    sq = sum(float((a - b).double().pow(2).sum()) for a, b in zip(local, average))
-    value = torch.tensor([sq**0.5], dtype=torch.float64)
-    if dist.get_world_size(group) > 1:
-        dist.all_reduce(value, group=group)
-    return float(value) / dist.get_world_size(group)
+def local_distance(local: list[torch.Tensor], average: list[torch.Tensor]) -> torch.Tensor:
+    """``||x_i - x_avg||`` of this rank, a float64 scalar on the parameters' device (no host sync;
+    the consensus distance the trainer logs is its mean over ranks, taken on the control plane)."""
+    sq = None
+    for a, b in zip(local, average):
+        term = (a - b).double().pow(2).sum()
+        sq = term if sq is None else sq + term
+    return sq.sqrt()
 
 
 @contextmanager
@@ -159,14 +162,15 @@ def averaged_model(algorithm: Algorithm, model: nn.Module):
 
     The average is of the de-biased parameters the ranks hold now; in-flight gossip is not waited
     for, so evaluating does not change the training trajectory."""
-    if algorithm.replicas_identical or dist.get_world_size() == 1:
+    world = comm.world_size()
+    if algorithm.replicas_identical or world == 1:
         yield model
         return
     tensors = [p.data for p in model.parameters()] + floating_buffers(model)
     saved = [t.clone() for t in tensors]
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
+    comm.all_reduce(flat)
+    flat.div_(world)
     offset = 0
     with torch.no_grad():
         for t in tensors:

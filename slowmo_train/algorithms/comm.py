@@ -1,10 +1,23 @@
-"""Communication helpers shared by the algorithms: byte/time accounting, flat parameter buffers and
-exact averaging.
+"""The data plane: device tensors between ranks (gradients, parameters, gossip, outer messages) on the
+training process groups, plus the byte/time accounting and flat parameter buffers the algorithms share.
+
+Every ``torch.distributed`` call that moves a training tensor goes through the functions here; host
+values (flags, losses to log, evaluation totals, metadata) go through ``slowmo_train/control.py`` on
+a gloo group instead. ``group=None`` means the training group of all ranks
+(:func:`slowmo_train.dist.training_world`, the default group in a real run). Under NCCL a tensor
+that is not on the GPU is rejected here with a message naming the call, instead of NCCL's error in
+the middle of a run.
 
 Byte accounting counts *payload*: the tensor bytes an algorithm asks the network to move for this
 rank. Point-to-point messages count their size; an all-reduce of ``B`` bytes over ``n`` ranks counts
 the ring algorithm's ``2 (n - 1) / n * B`` sent and as many received (what NCCL and Gloo's ring
 implementation move per rank), so figures are comparable across algorithms.
+
+Timing: on the CPU (gloo) the host clock measures communication; on a GPU the host only enqueues
+work, so :class:`CommStats` records CUDA events instead and reads them once they have completed
+(``Event.query``, no host sync), which gives ``blocking_s`` / ``overlapped_s`` the same meaning on
+both backends: time the training stream waited on communication, and time communication spent in
+flight behind compute.
 """
 
 from __future__ import annotations
@@ -17,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from slowmo_train.dist import training_world
+
 
 COUNTERS = ("bytes_sent", "bytes_received", "blocking_s", "overlapped_s",
             "outer_bytes_sent", "outer_blocking_s", "outer_overlapped_s")
@@ -28,7 +43,11 @@ class CommStats:
 
     The ``outer_*`` counters repeat the part of the others spent inside :meth:`outer` regions
     (SlowMo's outer step), so SlowMo's own stall is measured directly rather than as a difference
-    between two noisy runs."""
+    between two noisy runs.
+
+    ``cuda=True`` times with CUDA events on the current stream (module docstring): an interval is
+    counted by the first :meth:`pop` after its end event has completed, so a step's time may show
+    up one step late, never lost; :meth:`settle` waits for all of them (at the end of a run)."""
 
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -38,7 +57,10 @@ class CommStats:
     outer_blocking_s: float = 0.0
     outer_overlapped_s: float = 0.0
     totals: dict = field(default_factory=lambda: {key: 0 for key in COUNTERS})
+    cuda: bool = False
     _outer_depth: int = 0
+    #: CUDA intervals not yet read: (counter, start event, end event, inside an outer region)
+    _intervals: list = field(default_factory=list)
 
     @contextmanager
     def outer(self):
@@ -62,11 +84,35 @@ class CommStats:
         moved = 2 * (group_size - 1) * nbytes // group_size
         self.add_bytes(moved, moved)
 
-    def wait(self, works, posted_at: float, overlapped: bool) -> None:
-        """Wait for non-blocking operations posted at ``posted_at`` (a ``time.perf_counter()``):
-        their time in flight so far counts as overlapped (when ``overlapped``), the wait as blocking."""
+    # --- time ----------------------------------------------------------------------------------
+    def mark(self):
+        """Now: the host clock on the CPU, a CUDA event recorded on the current stream on a GPU."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _add_interval(self, counter: str, start, end) -> None:
+        if self.cuda:
+            self._intervals.append((counter, start, end, self._outer_depth > 0))
+        else:
+            self._add_seconds(counter, end - start, self._outer_depth > 0)
+
+    def _add_seconds(self, counter: str, seconds: float, outer: bool) -> None:
+        setattr(self, counter, getattr(self, counter) + seconds)
+        if outer:
+            setattr(self, f"outer_{counter}", getattr(self, f"outer_{counter}") + seconds)
+
+    def add_overlapped_since(self, posted) -> None:
+        """Count the time from ``posted`` (a :meth:`mark`) until now as overlapped."""
+        self._add_interval("overlapped_s", posted, self.mark())
+
+    def wait(self, works, posted_at, overlapped: bool) -> None:
+        """Wait for non-blocking operations posted at ``posted_at`` (a :meth:`mark`): their time in
+        flight so far counts as overlapped (when ``overlapped``), the wait as blocking."""
         if overlapped:
-            self.add_overlapped(time.perf_counter() - posted_at)
+            self.add_overlapped_since(posted_at)
         with self.blocking():
             for work in works:
                 work.wait()
@@ -74,22 +120,31 @@ class CommStats:
     @contextmanager
     def blocking(self):
         """Time a region during which this rank waits on communication."""
-        start = time.perf_counter()
+        start = self.mark()
         try:
             yield
         finally:
-            seconds = time.perf_counter() - start
-            self.blocking_s += seconds
-            if self._outer_depth:
-                self.outer_blocking_s += seconds
+            self._add_interval("blocking_s", start, self.mark())
 
-    def add_overlapped(self, seconds: float) -> None:
-        self.overlapped_s += seconds
-        if self._outer_depth:
-            self.outer_overlapped_s += seconds
+    def _read_intervals(self, block: bool) -> None:
+        waiting = []
+        for counter, start, end, outer in self._intervals:
+            if block:
+                end.synchronize()
+            if end.query():
+                self._add_seconds(counter, start.elapsed_time(end) / 1000.0, outer)
+            else:
+                waiting.append((counter, start, end, outer))
+        self._intervals = waiting
+
+    def settle(self) -> None:
+        """Count every recorded interval (waits for the GPU; call outside the step, e.g. at the end)."""
+        self._read_intervals(block=True)
 
     def pop(self) -> dict:
         """Return this step's counters (and add them to the running totals), then reset them."""
+        if self._intervals:
+            self._read_intervals(block=False)
         step = {key: getattr(self, key) for key in COUNTERS}
         for key, value in step.items():
             self.totals[key] = self.totals.get(key, 0) + value
@@ -140,18 +195,66 @@ class FlatParameters:
         return self.buffer.numel() * self.buffer.element_size()
 
 
+# --- collectives on the training groups ------------------------------------------------------------
+def _group(group):
+    return training_world() if group is None else group
+
+
+def _on_plane(tensor: torch.Tensor, group, what: str) -> torch.Tensor:
+    """Reject a tensor the group's backend cannot move (a host tensor under NCCL)."""
+    if tensor.device.type == "cpu" and "nccl" in str(dist.get_backend(group)):
+        raise ValueError(f"comm.{what}: a CPU tensor {tuple(tensor.shape)} {tensor.dtype} on an NCCL training group; "
+                         "host values belong on the control plane (slowmo_train/control.py)")
+    return tensor
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(_group(group))
+
+
+def all_reduce(tensor: torch.Tensor, group=None, op: str = "sum", async_op: bool = False):
+    """Sum (or max) a device tensor over ``group`` in place; returns the work when ``async_op``."""
+    group = _group(group)
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    return dist.all_reduce(_on_plane(tensor, group, "all_reduce"), op=reduce_op, group=group, async_op=async_op)
+
+
+def all_gather(out: list[torch.Tensor], tensor: torch.Tensor, group=None, async_op: bool = False):
+    """Every rank's ``tensor`` into ``out`` (by group rank); returns the work when ``async_op``."""
+    group = _group(group)
+    return dist.all_gather(out, _on_plane(tensor, group, "all_gather"), group=group, async_op=async_op)
+
+
+def broadcast(tensor: torch.Tensor, src: int, group=None) -> None:
+    """Overwrite ``tensor`` with global rank ``src``'s copy (blocking)."""
+    group = _group(group)
+    dist.broadcast(_on_plane(tensor, group, "broadcast"), src=src, group=group)
+
+
+def exchange(sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tensor, int]], tag: int,
+             group=None) -> list:
+    """Post point-to-point sends ``(tensor, global dst)`` and receives ``(buffer, global src)`` as one
+    batch (no ordering deadlock); returns the works to wait on. The tensors must stay alive until
+    then: the caller keeps them (e.g. in its in-flight message)."""
+    group = _group(group)
+    ops = [dist.P2POp(dist.irecv, _on_plane(buf, group, "exchange"), src, group=group, tag=tag)
+           for buf, src in receives]
+    ops += [dist.P2POp(dist.isend, _on_plane(t, group, "exchange"), dst, group=group, tag=tag) for t, dst in sends]
+    return [w for w in dist.batch_isend_irecv(ops) if w is not None] if ops else []
+
+
 def all_reduce_mean_(tensors: list[torch.Tensor], group, stats: CommStats | None = None) -> None:
     """Average ``tensors`` in place over ``group`` with one flat all-reduce (blocking, counted)."""
-    size = dist.get_world_size(group)
+    size = world_size(group)
     if size == 1 or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1).clone()
     if stats is not None:
         stats.add_allreduce(flat.numel() * flat.element_size(), size)
         with stats.blocking():
-            dist.all_reduce(flat, group=group)
+            all_reduce(flat, group)
     else:
-        dist.all_reduce(flat, group=group)
+        all_reduce(flat, group)
     flat.div_(size)
     offset = 0
     for t in tensors:
@@ -162,7 +265,7 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group, stats: CommStats | None
 
 def broadcast_(tensors: list[torch.Tensor], src: int, group) -> None:
     """Copy ``tensors`` from global rank ``src`` to every rank of ``group`` (in-node mirror)."""
-    if group is None or dist.get_world_size(group) == 1:
+    if group is None or world_size(group) == 1:
         return
     for t in tensors:
-        dist.broadcast(t, src=src, group=group)
+        broadcast(t, src, group)

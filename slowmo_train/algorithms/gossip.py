@@ -17,25 +17,30 @@ SGP uses s = 0 (blocking exchange); OSGP uses s = ``algorithm.synch_freq`` >= 1:
 non-blockingly at step k and waited on and added at step k + s, so communication overlaps the next
 s forward/backward passes, staleness is bounded by s, and the result is deterministic.
 
-Node hierarchy: with ``procs_per_node`` > 1, gradients are averaged inside the node every step, only
-the node's leader gossips with the other leaders, then broadcasts its (x, w) to the node.
+Node hierarchy: with ``procs_per_node`` > 1, gradients are averaged inside the node every step (DDP
+on the node group, during the backward pass), only the node's leader gossips with the other
+leaders, then broadcasts its (x, w) to the node.
+
+Gossip travels on a process group of its own (the leaders): NCCL runs the collectives of one group
+in order on one stream, so OSGP's in-flight messages would otherwise queue behind and in front of
+other training traffic and lose their overlap.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from slowmo_train.algorithms.base import Algorithm, consensus_distance
-from slowmo_train.algorithms.comm import FlatParameters, all_reduce_mean_
+from slowmo_train.algorithms import comm
+from slowmo_train.algorithms.allreduce import node_data_parallel
+from slowmo_train.algorithms.base import Algorithm, local_distance
+from slowmo_train.algorithms.comm import FlatParameters
 from slowmo_train.algorithms.graphs import build_graph
 from slowmo_train.config import AlgorithmConfig
-from slowmo_train.dist import Topology
+from slowmo_train.dist import Topology, new_training_group
 
 #: Point-to-point tags cycle with this period; a pair never has more than ``synch_freq + 1``
 #: messages in flight, so tags stay unambiguous on backends that match by tag (Gloo).
@@ -53,7 +58,8 @@ class _StepMessages:
     send_buffer: torch.Tensor | None = None
     #: one (x, w) message per in-peer, in ascending sender order
     received: list[torch.Tensor] = field(default_factory=list)
-    posted_at: float = 0.0
+    #: when they were posted (CommStats.mark: a host time or a CUDA event)
+    posted_at: object = None
 
 
 class PushSumGossip(Algorithm):
@@ -94,12 +100,17 @@ class PushSumGossip(Algorithm):
         # flush() knows (without communicating) whether the node must re-mirror the leader
         self._unflushed = False
         self._steps_done = 0
-        self.extra_metrics: dict[str, float] = {}
+        self.extra_metrics: dict[str, torch.Tensor] = {}
+        self._train_model = node_data_parallel(model, topology, self.comm, device)
 
-        if dist.get_world_size() > 1 and self.graph.n > 1:
-            # NCCL creates a group's communicator at its first collective, which every rank must
-            # join; the first batch_isend_irecv involves only leaders, so initialise it here.
-            dist.all_reduce(torch.zeros(1, device=self._buffer.device))
+        self._group = None
+        if comm.world_size() > 1 and self.graph.n > 1:
+            # created by every rank (a collective), used by the leaders only
+            self._group = new_training_group([topology.leader_rank(n) for n in range(topology.workers)])
+            if self._gossips:
+                # NCCL creates a group's communicator at its first collective, which every member
+                # must join: make it a collective rather than the first batch of point-to-point ops
+                comm.all_reduce(torch.zeros(1, device=self._buffer.device), self._group)
 
     @staticmethod
     def _staleness(cfg: AlgorithmConfig) -> int:
@@ -136,11 +147,9 @@ class PushSumGossip(Algorithm):
         torch.div(self.numerators, self.weight, out=self._param_buffer())
 
     # --- the training step -------------------------------------------------------------------
-    def after_backward(self, step: int) -> None:
-        if self.topology.hierarchical:
-            # all ranks of a node then take identical optimizer steps
-            grads = [p.grad for p in self._params if p.grad is not None]
-            all_reduce_mean_(grads, self.topology.node_group, self.comm)
+    @property
+    def train_model(self) -> nn.Module:
+        return self._train_model
 
     def after_optimizer_step(self, step: int, exact_average_follows: bool = False,
                              outer_sync_follows: bool = False) -> None:
@@ -162,7 +171,7 @@ class PushSumGossip(Algorithm):
         self._debias()
         self._steps_done = step + 1
         if self.consensus_every > 0 and (step + 1) % self.consensus_every == 0:
-            self.extra_metrics["consensus_distance"] = self.consensus_distance()
+            self.extra_metrics["consensus_distance"] = self.local_consensus_distance()
 
     def _absorb_local_update(self) -> None:
         """x <- x + (z' - z); z = x / w is recomputed with the very division that set the
@@ -179,14 +188,15 @@ class PushSumGossip(Algorithm):
         # OSGP keeps updating the state while the sends are in flight, so they need their own copy
         send = self._state.clone() if self.staleness > 0 else self._state
         received = [torch.empty_like(send) for _ in senders]
-        tag = step % TAG_PERIOD
         leader = self.topology.leader_rank
-        ops = [dist.P2POp(dist.irecv, buf, leader(src), tag=tag) for src, buf in zip(senders, received)]
-        ops += [dist.P2POp(dist.isend, send, leader(dst), tag=tag) for dst in peers]
         nbytes = send.numel() * send.element_size()
         self.comm.add_bytes(len(peers) * nbytes, len(senders) * nbytes)
-        works = [w for w in dist.batch_isend_irecv(ops) if w is not None] if ops else []
-        self._in_flight.append(_StepMessages(step, works, send, received, time.perf_counter()))
+        posted = self.comm.mark()
+        works = comm.exchange([(send, leader(dst)) for dst in peers],
+                              [(buf, leader(src)) for src, buf in zip(senders, received)], step % TAG_PERIOD,
+                              self._group)
+        # send and receive buffers live in the message until its works are waited for
+        self._in_flight.append(_StepMessages(step, works, send, received, posted))
 
     def _add_due(self, step: int) -> None:
         while self._in_flight and self._in_flight[0].post_step + self.staleness <= step:
@@ -220,7 +230,7 @@ class PushSumGossip(Algorithm):
         else:
             self.comm.add_bytes(0, nbytes)
         with self.comm.blocking():
-            dist.broadcast(self._state, src=src, group=self.topology.node_group)
+            comm.broadcast(self._state, src, self.topology.node_group)
 
     # --- the averaging view ------------------------------------------------------------------
     def flush(self) -> None:
@@ -257,16 +267,17 @@ class PushSumGossip(Algorithm):
                 self.numerators[offset + start:offset + stop].copy_(values.reshape(-1) * self.weight)
             self._debias()
 
-    def consensus_distance(self) -> float:
-        """Mean over ranks of ||z_i - mean_j z_j|| (collective). A diagnostic: it neither waits
-        for in-flight messages nor counts towards CommStats, so it does not change training."""
+    def local_consensus_distance(self) -> torch.Tensor:
+        """This rank's ||z_i - mean_j z_j|| as a device scalar (collective: one all-reduce of the
+        model; the trainer logs the mean over ranks). A diagnostic: it neither waits for in-flight
+        messages nor counts towards CommStats, so it does not change training."""
         params = self._param_buffer()
         average = params.clone()
-        world = dist.get_world_size()
+        world = comm.world_size()
         if world > 1:
-            dist.all_reduce(average)
+            comm.all_reduce(average)
             average.div_(world)
-        return consensus_distance([params], [average])
+        return local_distance([params], [average])
 
     # --- lifecycle ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -300,7 +311,7 @@ class PushSumGossip(Algorithm):
             self.weight.copy_(state["weight"].reshape(1).to(device))
         self._steps_done = int(state["steps_done"])
         self._unflushed = bool(state["unflushed"])
-        now = time.perf_counter()
+        now = self.comm.mark()
         self._in_flight = deque(
             _StepMessages(int(m["post_step"]), received=[t.to(device) for t in m["received"]], posted_at=now)
             for m in state["in_flight"]

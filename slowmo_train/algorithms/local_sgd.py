@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slowmo_train.algorithms.allreduce import node_data_parallel
 from slowmo_train.algorithms.base import Algorithm
 from slowmo_train.algorithms.comm import all_reduce_mean_, floating_buffers
 from slowmo_train.config import AlgorithmConfig
@@ -25,8 +26,9 @@ class LocalSGD(Algorithm):
 
     x_i^{k+1} = x_i^k - lr * d_i^k;  if (k+1) % H == 0: x_i^{k+1} <- mean_j x_j^{k+1}
 
-    With several processes per node the processes of a node average their gradients every step, so
-    they hold identical parameters and act as one worker of the algorithm."""
+    With several processes per node the processes of a node average their gradients every step
+    (DDP on the node group, overlapped with the backward pass), so they hold identical parameters
+    and act as one worker of the algorithm."""
 
     name = "local_sgd"
     replicas_identical = False
@@ -38,14 +40,11 @@ class LocalSGD(Algorithm):
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"algorithm.period must be an integer >= 1, got {period!r}")
         self.period = period
+        self._train_model = node_data_parallel(model, topology, self.comm, device)
 
-    def after_backward(self, step: int) -> None:
-        if not self.topology.hierarchical:
-            return
-        # Parameters with no gradient are skipped; every process of the node runs the same model,
-        # so all of them skip the same ones and the collective stays aligned.
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        all_reduce_mean_(grads, self.topology.node_group, self.comm)
+    @property
+    def train_model(self) -> nn.Module:
+        return self._train_model
 
     def after_optimizer_step(self, step: int, exact_average_follows: bool = False,
                              outer_sync_follows: bool = False) -> None:

@@ -3,7 +3,8 @@
 one-process simulator of N workers or by real parameter-server and worker processes.
 
     rules.py      master update rules (pure tensor math)    simulator.py  reproducible event order
-    runner.py     AsyncRunner: the loops, metrics, evaluation   server.py   real mode over torch.distributed
+    runner.py     AsyncRunner, the simulated loop              server.py     real mode over torch.distributed
+    common.py     what both loops share: flat model, plan (plan.py), interval statistics, checkpoint file
 """
 
 from slowmo_train.asynchronous.rules import RULES, AsyncRule, build_rule

@@ -46,6 +46,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from slowmo_train.registry import ASYNC, check_table
+
 
 class WorkerSide:
     """What a worker sends for a gradient: the gradient itself (ASGD, NAG-ASGD, DANA-Zero)."""
@@ -210,16 +212,19 @@ class DanaSlim(ASGD):
         return MomentumWorker(numel, self.momentum, self.theta.dtype)
 
 
-#: algorithm name -> master rule (the closed table behind ``algorithm=asgd|nag_asgd|dana|dana_slim``)
-RULES: dict[str, type[AsyncRule]] = {"asgd": ASGD, "nag_asgd": NagASGD, "dana": DanaZero, "dana_slim": DanaSlim}
+#: algorithm name -> master rule: the classes of the asynchronous algorithms (kind "async" in
+#: slowmo_train/registry.py, which names them all)
+RULES: dict[str, type[AsyncRule]] = {cls.name: cls for cls in (ASGD, NagASGD, DanaZero, DanaSlim)}
+check_table(RULES, ASYNC, "slowmo_train.asynchronous.rules.RULES")
 
 
 def build_rule(name: str, theta: Tensor, workers: int, momentum: float, nesterov: bool = True) -> AsyncRule:
     """The rule named ``name`` (ASGD ignores ``momentum``; only NAG-ASGD reads ``nesterov``)."""
     if name not in RULES:
         raise ValueError(f"algorithm={name!r} is not asynchronous; choose one of {', '.join(RULES)}")
-    if name == "asgd":
+    cls = RULES[name]
+    if cls is ASGD:
         return ASGD(theta, workers)
-    if name == "nag_asgd":
+    if cls is NagASGD:
         return NagASGD(theta, workers, momentum, nesterov)
-    return RULES[name](theta, workers, momentum)
+    return cls(theta, workers, momentum)

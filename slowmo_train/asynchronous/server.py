@@ -1,6 +1,6 @@
-"""Real asynchronous training: parameter-server rank(s) and worker ranks over torch.distributed
-point-to-point messages on the gloo backend (messages are CPU tensors; NCCL is rejected, since its
-point-to-point calls need GPU buffers and a receive from any source, which NCCL does not offer).
+"""Real asynchronous training: parameter-server rank(s) and worker ranks over point-to-point messages
+on the control plane (slowmo_train/control.py: host tensors on gloo, which offers a receive from any
+source; NCCL does not). The run needs ``launcher.backend=gloo``.
 
     slowmo-train algorithm=dana algorithm.mode=real algorithm.servers=1 launcher.nproc_per_node=3 \
         launcher.threads_per_worker=1 model.width=0.125 data.root=/path/to/cifar10
@@ -38,11 +38,12 @@ import time
 import torch
 import torch.distributed as dist
 
+from slowmo_train import control
+from slowmo_train.algorithms import comm
+from slowmo_train.asynchronous.common import AsyncContext, IntervalStats, endless_batches, save_checkpoint
 from slowmo_train.asynchronous.rules import build_rule
-from slowmo_train.asynchronous.runner import (AsyncRunner, IntervalStats, endless_batches, make_async_plan,
-                                              save_checkpoint)
+from slowmo_train.evaluation import Evaluator
 from slowmo_train.metrics import MetricsWriter, Progress
-from slowmo_train.optim import LrSchedule
 
 log = logging.getLogger("slowmo_train")
 
@@ -62,32 +63,32 @@ def shard_bounds(numel: int, servers: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def evaluate_together(runner: AsyncRunner, bounds, workers: int, shard: torch.Tensor | None, final: bool) -> dict:
+def evaluate_together(runner: AsyncContext, bounds, workers: int, shard: torch.Tensor | None, final: bool) -> dict:
     """Collective over all ranks: assemble the master parameters from the servers' shards, average the
     workers' BatchNorm statistics, evaluate with the task's (collective) evaluation."""
     full = torch.zeros(runner.flat.numel)
     for s, (a, b) in enumerate(bounds):
-        if shard is not None and dist.get_rank() == s:
+        if shard is not None and control.rank() == s:
             full[a:b].copy_(shard)
         piece = full[a:b].clone()
-        dist.broadcast(piece, src=s)
+        control.broadcast_(piece, src=s)
         full[a:b].copy_(piece)
     is_server = shard is not None
     for buf in runner.flat.buffers():
         if is_server:
             buf.zero_()  # servers run no forward passes; only the workers' statistics count
-        dist.all_reduce(buf)
+        comm.all_reduce(buf)  # model buffers: the data plane
         buf.div_(workers)
     return runner.evaluate(full, final)
 
 
-def run_real(runner: AsyncRunner) -> dict:
+def run_real(runner: AsyncContext) -> dict:
     job = runner.job
     servers = job.algorithm.servers
     if dist.get_backend() != "gloo":
         raise ValueError(f"algorithm.mode=real runs on the gloo backend (a server receives from any worker); "
                          f"got {dist.get_backend()}: set launcher.backend=gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = control.rank(), control.world_size()
     workers = world - servers
     if workers < 1:
         raise ValueError(f"algorithm.mode=real needs more ranks than algorithm.servers={servers}; got {world}")
@@ -98,22 +99,19 @@ def run_real(runner: AsyncRunner) -> dict:
     return {}
 
 
-def _serve(runner: AsyncRunner, s: int, servers: int, workers: int, bounds) -> dict:
+def _serve(runner: AsyncContext, s: int, servers: int, workers: int, bounds) -> dict:
     job, task = runner.job, runner.task
     a, b = bounds[s]
-    plan = make_async_plan(job, task, workers, workers * task.steps_per_epoch)
+    plan = runner.plan(workers * task.steps_per_epoch)
     rule = build_rule(job.algorithm.name, runner.flat.vector()[a:b], workers, job.optim.momentum, job.optim.nesterov)
-    schedule = LrSchedule(job.optim, plan.updates_per_epoch, job.train.epochs)
+    schedule = plan.lr_schedule(job.optim)
     lead = s == 0
     if lead:
-        runner.log_plan(plan, f"{servers} server rank(s), {workers} worker rank(s)")
+        runner.log_plan(plan, workers, f"{servers} server rank(s), {workers} worker rank(s)")
     metrics = MetricsWriter(runner.run_dir, 0) if lead else None
-    progress = Progress(job.train.progress if lead else "none", plan.total_updates, 0 if lead else 1)
+    progress = Progress(job.train.progress if lead else "none", plan.total_steps, 0 if lead else 1)
+    evaluator = Evaluator(task.metric, plan.eval_every_steps, plan.steps_per_epoch, metrics, step_word="update")
     stats = IntervalStats()
-    metric = task.metric
-
-    def lr_of(update: int) -> float:
-        return plan.peak_lr * schedule.factor(min(update, plan.total_updates - 1))
 
     inbox = torch.zeros(HEADER + b - a)
     out = [torch.zeros(1 + b - a) for _ in range(workers)]
@@ -130,28 +128,29 @@ def _serve(runner: AsyncRunner, s: int, servers: int, workers: int, bounds) -> d
         settle(i)  # the buffer is ours again
         out[i][0] = flag
         if flag != STOP:
-            out[i][1:].copy_(rule.params_for(i, lr_of(updates)))
+            out[i][1:].copy_(rule.params_for(i, schedule.lr(updates)))
             read_version[i] = updates
-        sends[i] = dist.isend(out[i], dst=servers + i)
+        sends[i] = control.isend(out[i], dst=servers + i)
 
     for i in range(workers):
         reply(i, CONTINUE, 0)
-    updates, best, final = 0, None, {}
+    updates, final = 0, {}
     ready, stopped = set(), set()
-    next_eval = plan.eval_every if plan.eval_every < plan.total_updates else math.inf
+    every = plan.eval_every_steps
+    next_eval = every if every < plan.total_steps else math.inf
     evals_started = False  # server 0: EVAL answers are being handed out
     try:
         while True:
-            src = dist.recv(inbox)
+            src = control.recv(inbox)
             i = src - servers
             kind = inbox[0].item()
             if kind == GRAD:
-                lr = lr_of(updates)
+                lr = schedule.lr(updates)
                 rule.master_update(i, inbox[HEADER:], lr)
                 stats.add(inbox[1].item(), int(inbox[2].item()), updates - read_version[i])
                 updates += 1
                 if lead and updates % job.train.log_every == 0:
-                    record = {"epoch": round(updates / plan.updates_per_epoch, 4), "lr": lr, **stats.record(task.unit)}
+                    record = {"epoch": round(updates / plan.steps_per_epoch, 4), "lr": lr, **stats.record(task.unit)}
                     metrics.write("train", updates, **record)
                     progress.update(updates, f"loss {record['loss']:.3f} staleness {record['staleness_mean']:.1f} "
                                     f"{record['updates_per_s']:.1f} updates/s", force_line=True)
@@ -163,7 +162,7 @@ def _serve(runner: AsyncRunner, s: int, servers: int, workers: int, bounds) -> d
                     evals_started = True
                     reply(i, EVAL, updates)
                     ready.add(i)
-                elif updates >= plan.total_updates or i in stopped:
+                elif updates >= plan.total_steps or i in stopped:
                     reply(i, STOP, updates)
                     stopped.add(i)
                 else:
@@ -176,44 +175,39 @@ def _serve(runner: AsyncRunner, s: int, servers: int, workers: int, bounds) -> d
                 for i in range(workers):
                     settle(i)
                 eval_start = time.perf_counter()
-                final = _eval_and_log(runner, bounds, workers, rule, updates, plan, metrics, progress, False, s)
+                final = _evaluate(runner, bounds, workers, rule, updates, evaluator, progress, False, s)
                 stats.start += time.perf_counter() - eval_start  # evaluation is not training throughput
-                best = final[metric.name] if metric.better(final[metric.name], best) else best
                 ready.clear()
                 evals_started = False
-                next_eval = updates + plan.eval_every if updates + plan.eval_every < plan.total_updates else math.inf
+                next_eval = updates + every if updates + every < plan.total_steps else math.inf
                 for i in range(workers):
                     reply(i, CONTINUE, updates)
             if len(stopped) == workers:
                 break
         for i in range(workers):
             settle(i)
-        final = _eval_and_log(runner, bounds, workers, rule, updates, plan, metrics, progress, True, s)
-        best = final[metric.name] if metric.better(final[metric.name], best) else best
+        final = _evaluate(runner, bounds, workers, rule, updates, evaluator, progress, True, s)
     finally:
         progress.close()
         if metrics is not None:
             metrics.close()
     summary = {"mode": "real", "algorithm": job.algorithm.name, "workers": workers, "servers": servers,
-               "steps": updates, "final_eval": final, "metric": metric.name, "best": best, **stats.summary()}
+               "steps": updates, "final_eval": final, "metric": task.metric.name, "best": evaluator.best,
+               **stats.summary()}
     return runner.write_summary(summary) if lead else summary
 
 
-def _eval_and_log(runner, bounds, workers, rule, updates, plan, metrics, progress, final, s) -> dict:
-    start = time.perf_counter()
+def _evaluate(runner: AsyncContext, bounds, workers: int, rule, updates: int, evaluator: Evaluator,
+              progress: Progress, final: bool, s: int) -> dict:
+    """Evaluate with every rank, write this server's checkpoint; server 0's evaluator writes the record."""
     result = evaluate_together(runner, bounds, workers, rule.eval_params(), final)
     name = "checkpoint_async.pt" if len(bounds) == 1 else f"checkpoint_async.server{s}.pt"
     save_checkpoint(runner.run_dir / name, rule, updates)
-    if metrics is not None:
-        metric = runner.task.metric
-        metrics.write("eval", updates, epoch=round(updates / plan.updates_per_epoch, 4), split=metric.split, **result)
-        progress.message(f"epoch {updates / plan.updates_per_epoch:.2f} update {updates}: "
-                         f"{metric.split} {metric.name} {result[metric.name]:.2f} "
-                         f"({time.perf_counter() - start:.1f} s)")
+    evaluator.record(updates, result, progress)
     return result
 
 
-def _work(runner: AsyncRunner, i: int, servers: int, bounds) -> None:
+def _work(runner: AsyncContext, i: int, servers: int, bounds) -> None:
     job, flat = runner.job, runner.flat
     rule_side = build_rule(job.algorithm.name, torch.zeros(1), 1, job.optim.momentum, job.optim.nesterov)
     side = rule_side.worker_side(flat.numel)
@@ -223,7 +217,7 @@ def _work(runner: AsyncRunner, i: int, servers: int, bounds) -> None:
     batches = endless_batches(runner.task)
 
     def receive_all() -> list[float]:
-        for req in [dist.irecv(inbox[s], src=s) for s in range(servers)]:
+        for req in [control.irecv(inbox[s], src=s) for s in range(servers)]:
             req.wait()
         for s, (a, b) in enumerate(bounds):
             if inbox[s][0].item() != STOP:
@@ -237,7 +231,7 @@ def _work(runner: AsyncRunner, i: int, servers: int, bounds) -> None:
         for s, (a, b) in enumerate(bounds):
             outbox[s][0], outbox[s][1], outbox[s][2] = GRAD, loss, units
             outbox[s][HEADER:].copy_(message[a:b])
-        sends = [dist.isend(outbox[s], dst=s) for s in range(servers)]
+        sends = [control.isend(outbox[s], dst=s) for s in range(servers)]
         flags = receive_all()
         for req in sends:
             req.wait()
@@ -247,8 +241,8 @@ def _work(runner: AsyncRunner, i: int, servers: int, bounds) -> None:
         kind = READY if flags[0] == EVAL else QUIT
         for s in range(1, servers):
             outbox[s][0] = kind
-            dist.send(outbox[s], dst=s)
-        evaluate_together(runner, bounds, dist.get_world_size() - servers, None, flags[0] == STOP)
+            control.send(outbox[s], dst=s)
+        evaluate_together(runner, bounds, control.world_size() - servers, None, flags[0] == STOP)
         if flags[0] == STOP:
             return
         receive_all()

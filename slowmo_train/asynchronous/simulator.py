@@ -3,9 +3,9 @@
     .venv/bin/python -m pytest -q tests/test_async_simulator.py
 
 The DANA paper (Hakimi et al., arXiv 1907.11612) studies many asynchronous workers by simulating them,
-drawing each worker's time per gradient from a gamma distribution (as issue 10 describes it; not
-checked against the paper's text); the distribution is configurable
-here (gamma, exponential, uniform, constant). The default gamma(shape 2, scale 1) is this project's
+drawing each worker's time per gradient from a gamma distribution (as this project's specification of
+the feature describes the paper's simulations; not checked against the paper's text); the distribution
+is configurable here (gamma, exponential, uniform, constant). The default gamma(shape 2, scale 1) is this project's
 choice (coefficient of variation 0.71): the shape and scale the paper used could not be confirmed
 (the paper was not reachable from this machine). Only the *order* of master updates matters for the
 trajectory: a worker's gradient depends on the parameters it read and its batch, so the simulator can
@@ -38,7 +38,8 @@ class ComputeTimes:
 
     def __post_init__(self):
         if self.dist not in DISTRIBUTIONS:
-            raise ValueError(f"algorithm.compute_time_dist={self.dist!r} is unknown; choose one of {', '.join(DISTRIBUTIONS)}")
+            raise ValueError(f"algorithm.compute_time_dist={self.dist!r} is unknown; "
+                             f"choose one of {', '.join(DISTRIBUTIONS)}")
         if self.shape <= 0 or self.scale <= 0:
             raise ValueError(f"compute-time shape and scale must be > 0, got {self.shape}, {self.scale}")
         if any(s <= 0 for s in self.speeds):

@@ -5,6 +5,10 @@ DistributedSampler does) is cut into ``world_size`` disjoint shards; the tail th
 batch on every rank is dropped so that all ranks take the same number of steps. Augmentation (random
 crop after 4-pixel zero padding, horizontal flip) runs batched on tensors, so no loader processes are
 needed and CPU cores stay with the training workers.
+
+On a GPU the uint8 batch (a quarter of the float bytes) is copied through pinned memory without
+blocking (:func:`to_device`) and normalised on the device, in channels-last layout when the model
+uses it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,31 @@ from slowmo_train.data.cifar10 import ImageTensors
 
 def _normalise(images_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return (images_uint8.float().div_(255.0) - mean) / std
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on ``device``. On CUDA through pinned memory with an asynchronous copy, which
+    overlaps the compute already queued (PyTorch's caching host allocator keeps the pinned block
+    until the copy has completed); on the CPU the tensor itself."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class DeviceNormaliser:
+    """uint8 images -> normalised float on the device (optionally channels-last)."""
+
+    def __init__(self, mean, std, device: torch.device, channels_last: bool = False):
+        self.device = device
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1).to(device)
+        self.std = torch.tensor(std).view(1, -1, 1, 1).to(device)
+        self.channels_last = channels_last
+
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        x = _normalise(to_device(images_uint8, self.device), self.mean, self.std)
+        # otherwise the layout is left as the augmentation made it (its strides decide the
+        # convolution kernels, hence the last bits of every result)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -40,7 +69,7 @@ class TrainBatches:
     """Shuffled, augmented, rank-sharded training batches of a fixed per-worker size."""
 
     def __init__(self, data: ImageTensors, batch_size: int, rank: int, world_size: int, seed: int,
-                 mean, std, device: torch.device, padding: int = 4):
+                 mean, std, device: torch.device, padding: int = 4, channels_last: bool = False):
         per_rank = len(data) // world_size
         if per_rank < batch_size:
             raise ValueError(
@@ -49,8 +78,7 @@ class TrainBatches:
             )
         self.data, self.batch_size, self.rank, self.world_size = data, batch_size, rank, world_size
         self.seed, self.device, self.padding = seed, device, padding
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.normalise = DeviceNormaliser(mean, std, device, channels_last)
         self.steps_per_epoch = per_rank // batch_size
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -63,15 +91,14 @@ class TrainBatches:
             images = random_crop_flip(self.data.images[idx], self.padding, augment_rng)
             if step < skip:
                 continue  # keep the random stream aligned with an uninterrupted epoch
-            x = _normalise(images, self.mean, self.std)
-            yield x.to(self.device, non_blocking=True), self.data.labels[idx].to(self.device, non_blocking=True)
+            yield self.normalise(images), to_device(self.data.labels[idx], self.device)
 
 
 def eval_batches(data: ImageTensors, batch_size: int, rank: int, world_size: int, mean, std,
-                 device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 device: torch.device, channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share (every ``world_size``-th image) of an evaluation split, unaugmented."""
     idx_all = torch.arange(rank, len(data), world_size)
-    mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    normalise = DeviceNormaliser(mean, std, device, channels_last)
     for start in range(0, idx_all.numel(), batch_size):
         idx = idx_all[start : start + batch_size]
-        yield _normalise(data.images[idx], mean_t, std_t).to(device), data.labels[idx].to(device)
+        yield normalise(data.images[idx]), to_device(data.labels[idx], device)

@@ -5,7 +5,7 @@ The cache key hashes the training files' bytes and every setting that changes th
 different corpus, subset or vocabulary size never reuses a stale model. Files are written to a
 temporary directory and renamed into place, so a reader never sees a half-written model.
 
-    python -m slowmo_train.data.subword train.en train.de 8000 /tmp/spm-cache
+    python -m slowmo_train.data.subword train.en train.de 8000 /path/to/spm-cache
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from slowmo_train.models.transformer import BOS, EOS, PAD, UNK
+from slowmo_train.data.vocab import BOS, EOS, PAD, UNK
 
 log = logging.getLogger(__name__)
 

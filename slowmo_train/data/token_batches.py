@@ -16,13 +16,14 @@ that cannot give every rank a sentence are dropped (fewer than ``world`` pairs).
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from slowmo_train.data.batches import to_device
 from slowmo_train.data.translation import ParallelCorpus
-from slowmo_train.models.transformer import BOS, EOS, PAD
+from slowmo_train.data.vocab import BOS, EOS, PAD
 
 
 def pack(src_len, tgt_len, max_tokens: int, world_size: int) -> list[np.ndarray]:
@@ -55,8 +56,9 @@ def collate(corpus: ParallelCorpus, pairs: np.ndarray, device: torch.device) -> 
         prev[j, 0], prev[j, 1:len(t) + 1] = BOS, t
         tgt[j, :len(t)], tgt[j, len(t)] = t, EOS
     ntokens = sum(len(t) + 1 for t in tgts)
-    to = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-    return {"src": to(src), "prev": to(prev), "tgt": to(tgt), "ntokens": ntokens}
+    # ntokens stays a host number: the loss's unit count, read without touching the device
+    return {"src": to_device(torch.from_numpy(src), device), "prev": to_device(torch.from_numpy(prev), device),
+            "tgt": to_device(torch.from_numpy(tgt), device), "ntokens": ntokens}
 
 
 class TokenBatches:

@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: token ids fixed by the sentencepiece model (see data/subword.py)
-PAD, UNK, BOS, EOS = 0, 1, 2, 3
+from slowmo_train.data.vocab import PAD
 
 
 @dataclass(frozen=True)
@@ -145,7 +144,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
                 cache: dict | None = None) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.drop(self.self_attn(h, h, causal=True, cache=None if cache is None else cache.setdefault("self", {})))
+        self_cache = None if cache is None else cache.setdefault("self", {})
+        x = x + self.drop(self.self_attn(h, h, causal=True, cache=self_cache))
         x = x + self.drop(self.cross_attn(self.norm2(x), memory, memory_mask,
                                           cache=None if cache is None else cache.setdefault("cross", {}),
                                           static_kv=True))
@@ -172,7 +172,8 @@ class Transformer(nn.Module):
 
     def _embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         x = self.embed(tokens) * math.sqrt(self.shape.d_model)
-        return self.drop(x + sinusoidal_positions(start, tokens.shape[1], self.shape.d_model, tokens.device).to(x.dtype))
+        positions = sinusoidal_positions(start, tokens.shape[1], self.shape.d_model, tokens.device)
+        return self.drop(x + positions.to(x.dtype))
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder output (B, S, D) and the attention mask (B, 1, 1, S), True where a key is a token."""

@@ -5,11 +5,11 @@ loss of a batch (and how many samples or tokens the batch held, for throughput),
 evaluation whose headline metric the task names. So an image batch ``(images, labels)`` and a
 translation batch of padded token tensors go through the same loop.
 
-A task is built by ``TASKS[name](TaskArgs(...))`` (see ``tasks/__init__.py``); each task module also
-exposes ``check_data(data_cfg)``, a cheap check run before any worker starts.
+A task is built by ``TASKS[name](TaskArgs(...))``, from its ``TaskSpec`` in ``tasks/__init__.py``; the
+spec also names ``check_data(data_cfg)``, a cheap check run before any worker starts.
 
-A task whose batches count samples may also register ``train_size(data_cfg) -> int | None`` in
-``TRAIN_SIZES`` (tasks/__init__.py): the number of training examples in ``data.root`` (after
+A task whose batches count samples may also give its spec a ``train_size(data_cfg) -> int | None``
+(``TaskSpec.train_size``): the number of training examples in ``data.root`` (after
 ``data.train_subset``), counted without decoding (file names, label lists), or None if the data is
 not there yet. The CLI then rejects a ``train.batch_size`` larger than one worker's share before any
 worker starts (``tasks/cifar10.py::cifar10_train_size`` is the example). Checkpoints and resume need
@@ -18,8 +18,9 @@ nothing from a task beyond the determinism of ``train_batches(epoch, skip)`` sta
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +50,14 @@ class TaskArgs:
     eval_batch_size: int
     seed: int
     worker: WorkerInfo
+
+
+def channels_last(args: TaskArgs) -> bool:
+    """``model.channels_last`` resolved: ``auto`` means on CUDA devices, where cuDNN's tensor-core
+    convolutions run on NHWC activations without layout transposes (on the CPU it is slower)."""
+    if args.model.channels_last == "auto":
+        return args.worker.device.type == "cuda"
+    return bool(args.model.channels_last)
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,15 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from slowmo_train import control
 
 from slowmo_train.config import DataConfig, download_mode
 from slowmo_train.data.batches import TrainBatches, eval_batches
 from slowmo_train.data.cifar10 import detect_layout, load_cifar10
 from slowmo_train.models import build_model
-from slowmo_train.tasks.base import HeadlineMetric, Task, TaskArgs, WorkerInfo
+from slowmo_train.tasks.base import HeadlineMetric, Task, TaskArgs, WorkerInfo, channels_last
 from slowmo_train.tasks.classification import classification_loss, evaluate_classifier
 
 # Per-channel statistics of the CIFAR-10 training set.
@@ -27,8 +28,7 @@ def _load_split(data_cfg: DataConfig, train: bool, worker: WorkerInfo):
     if worker.local_rank == 0:
         data = load_cifar10(data_cfg.root, train=train, download=download_mode(data_cfg) != "false",
                             cache_dir=data_cfg.cache_dir)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    control.barrier()
     if worker.local_rank != 0:
         data = load_cifar10(data_cfg.root, train=train, download=False, cache_dir=data_cfg.cache_dir)
     return data
@@ -46,13 +46,16 @@ def build_cifar10(args: TaskArgs) -> Task:
     data_cfg, worker = args.data, args.worker
     train = _subset(_load_split(data_cfg, True, worker), data_cfg.train_subset, args.seed)
     test = _load_split(data_cfg, False, worker)
+    nhwc = channels_last(args)
     model = build_model(args.model, "cifar10", num_classes=len(train.classes)).to(worker.device)
+    if nhwc:
+        model = model.to(memory_format=torch.channels_last)
     batches = TrainBatches(train, args.batch_size, worker.rank, worker.world_size, args.seed, CIFAR10_MEAN,
-                           CIFAR10_STD, worker.device)
+                           CIFAR10_STD, worker.device, channels_last=nhwc)
 
     def evaluate(m: nn.Module, final: bool = False) -> dict[str, float]:
         split = eval_batches(test, args.eval_batch_size, worker.rank, worker.world_size, CIFAR10_MEAN, CIFAR10_STD,
-                             worker.device)
+                             worker.device, nhwc)
         return evaluate_classifier(m, split)
 
     return Task(

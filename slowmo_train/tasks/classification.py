@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from slowmo_train import control
 
 
 def classification_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
@@ -15,7 +16,8 @@ def classification_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
 
 def evaluate_classifier(model: nn.Module, batches, topk: tuple[int, ...] = (1,)) -> dict[str, float]:
     """Top-k accuracies (%, keys ``top1``, ``top5``, ...) and mean cross-entropy over every rank's
-    share of a split (collective). Sums stay on the device until the one all-reduce at the end."""
+    share of a split (collective). Sums stay on the device until one read at the end, then one
+    control all-reduce of the host totals."""
     was_training = model.training
     model.eval()
     totals = None  # loss sum, count, correct@k...
@@ -30,11 +32,8 @@ def evaluate_classifier(model: nn.Module, batches, topk: tuple[int, ...] = (1,))
             totals = batch if totals is None else totals + batch
     if totals is None:
         totals = torch.zeros(2 + len(topk), dtype=torch.float64, device=next(model.parameters()).device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(totals)  # on the model's device: NCCL reduces CUDA tensors only
-    totals = totals.cpu()
     model.train(was_training)
-    loss, count, *correct = totals.tolist()
+    loss, count, *correct = control.all_reduce(totals.cpu())
     out = {f"top{t}": 100.0 * c / max(count, 1) for t, c in zip(topk, correct)}
     out["loss"] = loss / max(count, 1)
     return out

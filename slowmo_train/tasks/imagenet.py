@@ -19,20 +19,21 @@ from torch import nn
 from slowmo_train.config import DataConfig
 from slowmo_train.data.imagenet import ImageNetStream, check_layout, count_images
 from slowmo_train.models import build_model
-from slowmo_train.tasks.base import HeadlineMetric, Task, TaskArgs
+from slowmo_train.tasks.base import HeadlineMetric, Task, TaskArgs, channels_last
 from slowmo_train.tasks.classification import classification_loss, evaluate_classifier
 
 
 def build_imagenet(args: TaskArgs) -> Task:
     data_cfg, worker = args.data, args.worker
+    nhwc = channels_last(args)
     stream = ImageNetStream(
         data_cfg.root, image_size=data_cfg.image_size, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, workers=data_cfg.workers, seed=args.seed, rank=worker.rank,
         world_size=worker.world_size, device=worker.device, train_subset=data_cfg.train_subset,
-        channels_last=args.model.channels_last,
+        channels_last=nhwc,
     )
     model = build_model(args.model, "imagenet", num_classes=stream.num_classes).to(worker.device)
-    if args.model.channels_last:
+    if nhwc:
         # NHWC activations: tensor-core convolutions (cuDNN) run without layout transposes
         model = model.to(memory_format=torch.channels_last)
 

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import sacrebleu
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from slowmo_train import control
 from slowmo_train.beam_search import beam_search
 from slowmo_train.config import DataConfig, EvalConfig, download_mode
 from slowmo_train.data import subword
@@ -40,17 +40,13 @@ from slowmo_train.data.cifar10 import default_cache_dir
 from slowmo_train.data.token_batches import TokenBatches, eval_batches
 from slowmo_train.data.translation import (ParallelCorpus, TranslationDataError, encode_or_load, ensure_text,
                                            missing_files, read_lines, split_files, training_indices)
+from slowmo_train.data.vocab import PAD
 from slowmo_train.models import build_model
-from slowmo_train.models.transformer import PAD
 from slowmo_train.tasks.base import HeadlineMetric, Task, TaskArgs, WorkerInfo
 
 log = logging.getLogger(__name__)
 
 LABEL_SMOOTHING = 0.1
-
-
-def _distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def prepare_data(data_cfg: DataConfig, worker: WorkerInfo) -> tuple[Path, dict[str, ParallelCorpus]]:
@@ -68,8 +64,7 @@ def prepare_data(data_cfg: DataConfig, worker: WorkerInfo) -> tuple[Path, dict[s
 
     if worker.local_rank == 0:
         out = build()
-    if _distributed():
-        dist.barrier()
+    control.barrier()
     if worker.local_rank != 0:
         out = build()
     return out
@@ -84,8 +79,10 @@ def translation_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
 
 
 def validation_loss(model: nn.Module, corpus: ParallelCorpus, max_tokens: int, worker: WorkerInfo) -> dict[str, float]:
-    """Label-smoothed loss, NLL (nats per target token) and perplexity over every rank's share."""
-    totals = torch.zeros(3, dtype=torch.float64)
+    """Label-smoothed loss, NLL (nats per target token) and perplexity over every rank's share
+    (collective). The sums stay on the device until one read at the end, then one control all-reduce."""
+    sums = torch.zeros(2, dtype=torch.float64, device=worker.device)
+    tokens = 0
     positions = np.arange(len(corpus))[worker.rank::worker.world_size]
     with torch.no_grad():
         for _, batch in eval_batches(corpus, positions, max_tokens, worker.device):
@@ -93,10 +90,9 @@ def validation_loss(model: nn.Module, corpus: ParallelCorpus, max_tokens: int, w
             tgt = batch["tgt"].reshape(-1)
             ls = F.cross_entropy(logits, tgt, ignore_index=PAD, label_smoothing=LABEL_SMOOTHING, reduction="sum")
             nll = F.cross_entropy(logits, tgt, ignore_index=PAD, reduction="sum")
-            totals += torch.stack([ls.double().cpu(), nll.double().cpu(), torch.tensor(float(batch["ntokens"]))])
-    if _distributed():
-        dist.all_reduce(totals)
-    ls, nll, n = totals.tolist()
+            sums += torch.stack([ls.double(), nll.double()])
+            tokens += batch["ntokens"]  # a host count, from the batch's construction
+    ls, nll, n = control.all_reduce([*sums.cpu().tolist(), tokens])
     nll = nll / max(n, 1)
     return {"loss": ls / max(n, 1), "nll": nll, "ppl": math.exp(min(nll, 50.0))}
 
@@ -124,11 +120,8 @@ def bleu_eval(model: nn.Module, sp, corpus: ParallelCorpus, references: list[str
     start = time.perf_counter()
     mine = translate_corpus(model, sp, corpus, np.arange(n)[worker.rank::worker.world_size], cfg, max_tokens,
                             worker.device)
-    if _distributed():
-        shards = [None] * dist.get_world_size()
-        dist.all_gather_object(shards, mine)
-        for shard in shards:
-            mine.update(shard)
+    for shard in control.all_gather_object(mine):
+        mine.update(shard)
     hyps = [mine[i] for i in range(n)]
     return {"bleu": corpus_bleu(hyps, references[:n]), "bleu_sentences_per_s": n / (time.perf_counter() - start)}
 

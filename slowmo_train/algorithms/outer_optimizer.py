@@ -1,0 +1,64 @@
+"""SlowMo's outer update: the slow momentum step that follows every exact average (Wang, Tantia,
+Ballas, Rabbat, "SlowMo", ICLR 2020, arXiv:1910.00643, Alg. 1 lines 8-9), and its decoupled form
+(outer SGD with momentum as in DiLoCo, Douillard et al. 2023, arXiv:2311.08105).
+
+    .venv/bin/python -m pytest -q tests/test_slowmo.py
+
+The rule is one function of the slow iterate ``x0``, the slow momentum ``u``, the progress of the
+outer iteration ``d = x0 - x_avg`` and the base learning rate ``gamma``; everything about *where*
+``d`` comes from (blocking or streamed, whole model or fragment, sharded or not) lives in
+outer_sync.py. The README's "Algorithms" section compares the two forms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def slow_momentum_step(x0: torch.Tensor, u: torch.Tensor, d: torch.Tensor, gamma: float, *, alpha: float,
+                       beta: float, coupling: str = "coupled", nesterov: bool = False,
+                       average: torch.Tensor | None = None) -> None:
+    """One outer step, in place on ``x0`` and ``u``, given ``d = x0 - x_avg``::
+
+        coupled (Alg. 1):  u <- beta u + d / gamma;  x0 <- x0 - alpha gamma u
+        decoupled:         u <- beta u + d;          x0 <- x0 - alpha (d + beta u  if nesterov  else u)
+
+    Coupled divides by ``gamma`` because ``d`` is roughly ``gamma`` times the sum of the tau
+    gradients: ``u`` is then a momentum of gradients, and a schedule that changes ``gamma`` rescales
+    the next outer step, as the inner steps are rescaled. Decoupled keeps ``u`` in parameter units,
+    so the two coincide (with ``u_dec = gamma u_coupled``) only while ``gamma`` is constant.
+
+    ``gamma = 0`` (coupled) cannot be divided by; the inner steps then moved nothing (every
+    optimizer update is scaled by the lr), so ``x0`` restarts from ``average`` and ``u`` is kept."""
+    if coupling == "coupled":
+        if gamma == 0.0:
+            x0.copy_(average)
+            return
+        u.mul_(beta).add_(d / gamma)
+        x0.sub_(u, alpha=alpha * gamma)
+    else:
+        u.mul_(beta).add_(d)
+        step = d.add(u, alpha=beta) if nesterov else u
+        x0.sub_(step, alpha=alpha)
+
+
+@dataclass(frozen=True)
+class OuterOptimizer:
+    """The outer optimizer's hyper-parameters (validated by slowmo.validate_slowmo_config). It
+    holds no state: ``x0`` and ``u`` belong to the synchronisation unit that keeps them."""
+
+    alpha: float
+    beta: float
+    coupling: str = "coupled"
+    nesterov: bool = False
+
+    def step(self, x0: torch.Tensor, u: torch.Tensor, d: torch.Tensor, gamma: float, average: torch.Tensor) -> None:
+        """:func:`slow_momentum_step` with these hyper-parameters (``average`` only for gamma = 0)."""
+        slow_momentum_step(x0, u, d, gamma, alpha=self.alpha, beta=self.beta, coupling=self.coupling,
+                           nesterov=self.nesterov, average=average)
+
+    def step_towards(self, x0: torch.Tensor, u: torch.Tensor, average: torch.Tensor, gamma: float) -> None:
+        """The step when the average itself is known: ``d = x0 - average``."""
+        self.step(x0, u, x0 - average, gamma, average)
