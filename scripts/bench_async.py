@@ -54,7 +54,8 @@ def run_one(overrides: list[str], out_dir: str) -> None:
 
     from slowmo_train import dist as sdist
     from slowmo_train.asynchronous.runner import AsyncRunner
-    from slowmo_train.config import to_job_config, validate
+    from slowmo_train.config import to_job_config
+    from slowmo_train.config_checks import validate
     from slowmo_train.metrics import setup_logging
 
     torch.set_num_threads(1)

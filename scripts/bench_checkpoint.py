@@ -1,21 +1,35 @@
-"""Cost of one checkpoint: seconds to write and to read back, and MB per rank, for the CIFAR-10
-ResNet-18 at full width (11.2M parameters) with its optimizer state, through the same code the
-trainer uses (``slowmo_train.checkpoint.Checkpointer.save`` and ``load_rank_state``).
+"""Cost of one checkpoint, through the same code the trainer uses (``slowmo_train.checkpoint.
+Checkpointer.save``, ``poll`` and ``load_rank_state``): MB per rank, seconds to write directly
+and to read back, and, for background saves (``checkpoint.background=true``), the time to a
+consistent host snapshot, the time until the files are durable, and how long training steps are
+stalled by a periodic save in each mode.
 
-    python scripts/bench_checkpoint.py                           # AR-SGD: model + Nesterov momentum
+    python scripts/bench_checkpoint.py                           # CIFAR ResNet-18, AR-SGD: model + Nesterov momentum
     python scripts/bench_checkpoint.py --slowmo --repeats 5      # + SlowMo's x0 and u
+    python scripts/bench_checkpoint.py --model resnet50 --slowmo            # ImageNet ResNet-50, SGD + x0 + u
+    python scripts/bench_checkpoint.py --model transformer_big --slowmo     # WMT16 transformer big, Adam + x0 + u
     python scripts/bench_checkpoint.py --dir /scratch/ckpt       # the file system the runs will use
 
 One process (world size 1): every rank writes its own file in parallel, so this is the per-rank
 cost; on a shared file system the aggregate bandwidth is the number to watch. The write includes
 serialising, SHA-256 hashing, fsync and the atomic rename; the read includes hashing and
-``torch.load(weights_only=True)``. The model and the optimizer state are filled by a few real
-training steps on random data so that the momentum buffers exist.
+``torch.load(weights_only=True)``. Weights are random; a few real training steps on random data
+fill the optimizer state (momentum / Adam moments). Optimizer defaults: Nesterov SGD for the
+ResNets, Adam for the transformer (``--optim``). The transformer's vocabulary is the paper's joint
+32k (``--vocab``): 209.9M parameters, ~4 GB of state with Adam and SlowMo.
+
+Step stall (``--steps`` > 0): the median of ``--steps`` training steps without saving is the
+baseline; a direct save stalls its step by the whole save; a background save stalls the training
+by its snapshot plus whatever the steps run until its completion lose to the writer thread (CPU,
+memory bandwidth) and the per-step completion poll: sum(step + save + poll times from the save to
+its completion) - n x baseline. Gradients are dropped after each step to keep the peak memory of
+the transformer (live state + host snapshot) under 10 GB. Timings on a shared machine move 10-20 %.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
 import statistics
 import tempfile
@@ -30,30 +44,80 @@ from slowmo_train.checkpoint import Checkpointer, capture_rng, load_rank_state
 from slowmo_train.config import AlgorithmConfig, OptimConfig, SlowMoConfig
 from slowmo_train.dist import build_topology
 from slowmo_train.models import cifar_resnet18
+from slowmo_train.models.resnet import resnet50
+from slowmo_train.models.transformer import transformer
 from slowmo_train.optim import build_optimizer
+
+DEFAULT_OPTIM = {"resnet18": "sgd", "resnet50": "sgd", "transformer_big": "adam"}
+
+
+def build(args):
+    """(model, optimizer config, loss of one random batch)."""
+    if args.model == "resnet18":
+        model = cifar_resnet18(num_classes=10, width=args.width)
+        shape, classes = (8, 3, 32, 32), 10
+    elif args.model == "resnet50":
+        model = resnet50(num_classes=1000, width=args.width)
+        shape, classes = (2, 3, 224, 224), 1000
+    else:
+        model = transformer("transformer_big", args.vocab, args.width)
+
+        def loss(m):
+            src, prev = torch.randint(1, args.vocab, (2, 16)), torch.randint(1, args.vocab, (2, 16))
+            return torch.nn.functional.cross_entropy(m(src, prev).flatten(0, 1), torch.randint(1, args.vocab, (32,)))
+
+        return model, OptimConfig(name="adam", lr=5e-4, weight_decay=0.0), loss
+    optim = OptimConfig() if args.optim == "sgd" else OptimConfig(name="adam", lr=5e-4, weight_decay=0.0)
+    return model, optim, lambda m: torch.nn.functional.cross_entropy(m(torch.randn(*shape)),
+                                                                     torch.randint(0, classes, (shape[0],)))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--width", type=float, default=1.0, help="ResNet-18 width multiplier (default %(default)s)")
+    p.add_argument("--model", choices=sorted(DEFAULT_OPTIM), default="resnet18",
+                   help="resnet18 (CIFAR-10), resnet50 (ImageNet) or transformer_big (WMT16); default %(default)s")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier (default %(default)s)")
+    p.add_argument("--optim", choices=["sgd", "adam"], default=None, help="base optimizer (default: the model's)")
+    p.add_argument("--vocab", type=int, default=32000, help="transformer vocabulary (default %(default)s)")
     p.add_argument("--slowmo", action="store_true", help="wrap the algorithm in SlowMo (adds x0 and u)")
-    p.add_argument("--repeats", type=int, default=3, help="checkpoints written and read (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="checkpoints written per mode (default %(default)s)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="baseline training steps timed for the stall (0: no stall measurement; default: 5 for "
+                        "the ResNet-18, 3 otherwise)")
     p.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     args = p.parse_args()
+    args.optim = args.optim or DEFAULT_OPTIM[args.model]
+    steps = args.steps if args.steps is not None else (5 if args.model == "resnet18" else 3)
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     torch.manual_seed(0)
-    model = cifar_resnet18(num_classes=10, width=args.width)
-    optimizer = build_optimizer(OptimConfig(), model, 0.1)
-    algorithm = build_algorithm(AlgorithmConfig(), SlowMoConfig(enabled=args.slowmo), model, optimizer,
-                                build_topology(1), torch.device("cpu"))
-    for _ in range(2):  # real optimizer state (momentum buffers)
-        loss = torch.nn.functional.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,)))
-        optimizer.zero_grad()
+    model, optim_cfg, loss_fn = build(args)
+    optimizer = build_optimizer(optim_cfg, model, optim_cfg.lr)
+    # base_buffers=keep (the paper's WMT16 setting): the optimizer state is never reset at an outer
+    # step, so every checkpoint holds all of it
+    algorithm = build_algorithm(AlgorithmConfig(), SlowMoConfig(enabled=args.slowmo, base_buffers="keep"), model,
+                                optimizer, build_topology(1), torch.device("cpu"))
+    k = 0
+
+    def train_step() -> float:
+        """One step in the trainer's hook order; returns its seconds."""
+        nonlocal k
+        start = time.perf_counter()
+        algorithm.before_forward(k)
+        loss = loss_fn(algorithm.train_model)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        algorithm.after_backward(k)
         optimizer.step()
+        algorithm.after_optimizer_step(k)
+        optimizer.zero_grad(set_to_none=True)  # see the docstring: peak memory
+        k += 1
+        return time.perf_counter() - start
+
+    for _ in range(2):  # real optimizer state (momentum buffers, Adam moments)
+        train_step()
     params = sum(x.numel() for x in model.parameters())
 
     def state(step: int) -> dict:
@@ -61,27 +125,80 @@ def main() -> int:
                 "optimizer": optimizer.state_dict(), "algorithm": algorithm.state_dict(), "rng": capture_rng()}
 
     root = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
+    step = 0
     try:
-        saver = Checkpointer(root, keep=1, rank=0, world_size=1)
-        writes, reads, sizes = [], [], []
-        for step in range(1, args.repeats + 1):
+        baseline = statistics.median(train_step() for _ in range(steps)) if steps else float("nan")
+        direct = Checkpointer(root / "direct", keep=1, rank=0, world_size=1)
+        writes, sizes = [], []
+        for _ in range(args.repeats):
+            step += 1
             start = time.perf_counter()
-            path = saver.save(step, state(step), {"bench": True})
+            path = direct.save(step, state(step), {"bench": True})
             writes.append(time.perf_counter() - start)
             sizes.append((path / "rank0.pt").stat().st_size / 2**20)
+            if steps:
+                train_step()
+        last = path
+
+        background = Checkpointer(root / "background", keep=1, rank=0, world_size=1, background=True)
+        snapshots, durable, stalls, overlapped = [], [], [], []
+        for _ in range(args.repeats):
+            step += 1
+            spent, n = 0.0, 0
             start = time.perf_counter()
-            load_rank_state(path, 0)
+            background.save(step, state(step), {"bench": True})
+            spent += time.perf_counter() - start
+            while background.pending:
+                if steps:
+                    spent += train_step()
+                    n += 1
+                else:
+                    time.sleep(0.01)
+                start = time.perf_counter()
+                background.poll()
+                spent += time.perf_counter() - start
+            t = background.last_timing
+            snapshots.append(t["snapshot_s"])
+            durable.append(t["written_s"])
+            if steps:
+                stalls.append(spent - n * baseline)
+                overlapped.append(n)
+    finally:
+        shutil.rmtree(root / "background", ignore_errors=True)
+
+    # read back last: without the training state in memory (the transformer's would not fit twice)
+    del model, optimizer, algorithm, background
+    gc.collect()
+    reads = []
+    try:
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            load_rank_state(last, 0)
             reads.append(time.perf_counter() - start)
+            gc.collect()
     finally:
         shutil.rmtree(root, ignore_errors=True)
         dist.destroy_process_group()
 
     what = "SlowMo over AR-SGD" if args.slowmo else "AR-SGD"
-    print(f"resnet18 width {args.width} ({params / 1e6:.2f}M params), {what}, Nesterov SGD state, "
-          f"{args.repeats} checkpoints in {args.dir or tempfile.gettempdir()}")
+    opt = "Nesterov SGD" if args.optim == "sgd" else "Adam"
+    name = args.model if args.model != "transformer_big" else f"transformer_big vocab {args.vocab}"
+    print(f"{name} width {args.width} ({params / 1e6:.2f}M params), {what}, {opt} state, "
+          f"{args.repeats} checkpoints per mode in {args.dir or tempfile.gettempdir()}, torch threads {args.threads}")
+
+    def row(label: str, values: list[float]) -> str:
+        return f"  {label:<22} {statistics.median(values):.3f}   (min {min(values):.3f}, max {max(values):.3f})"
+
     print(f"  MB per rank      {statistics.median(sizes):.1f}")
     print(f"  write s (median) {statistics.median(writes):.3f}   (min {min(writes):.3f}, max {max(writes):.3f})")
     print(f"  read  s (median) {statistics.median(reads):.3f}   (min {min(reads):.3f}, max {max(reads):.3f})")
+    print("  background save (checkpoint.background=true), medians:")
+    print(row("snapshot s", snapshots) + "   the step waits for this")
+    print(row("durable s", durable) + "   snapshot + file written, fsync'ed, renamed")
+    if steps:
+        print(f"  step stall s           direct {statistics.median(writes):.3f}   background "
+              f"{statistics.median(stalls):.3f} (min {min(stalls):.3f}, max {max(stalls):.3f}; "
+              f"{statistics.median(overlapped):.0f} steps overlap the write)   baseline step {baseline:.3f}")
     return 0
 
 

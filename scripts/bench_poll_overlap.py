@@ -3,7 +3,7 @@
 
     sudo .venv/bin/python -m scripts.bench_poll_overlap ../shared/data/cifar10
 
-From the repository root: it uses scripts/bench_speed.py's runner and emulated cluster (needs root for
+From the repository root: it uses the emulated-cluster runner of scripts/emulated_bench.py (needs root for
 network namespaces).
 """
 
@@ -14,21 +14,21 @@ import tempfile
 import types
 from pathlib import Path
 
-from scripts import bench_speed
+from scripts import emulated_bench
 
 
 def main() -> None:
     data = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/cifar10").resolve()
     work = Path(tempfile.gettempdir()) / "slowmo-bench-poll"
-    args = types.SimpleNamespace(data_root=str(bench_speed.small_test_root(data, work)), out=str(work / "out"),
+    args = types.SimpleNamespace(data_root=str(emulated_bench.small_test_root(data, work)), out=str(work / "out"),
                                  work=str(work), width=0.25, batch=16, warmup=12, steps=96, log_every=12,
                                  rates="135mbit,400mbit")
-    bench = bench_speed.Bench(args)
+    bench = emulated_bench.Bench(args)
     ms: dict[int, list[float]] = {1: [], 48: []}
     for rep, order in enumerate(((1, 48), (48, 1))):
         for poll in order:
-            cfg = bench_speed.Config("osgp", poll_every=poll)
-            measured = bench.run(bench_speed.ClusterShape(2, 1), cfg, "135mbit", f"osgp_poll{poll}_{rep}")
+            cfg = emulated_bench.Config("osgp", poll_every=poll)
+            measured = bench.run(emulated_bench.ClusterShape(2, 1), cfg, "135mbit", f"osgp_poll{poll}_{rep}")
             ms[poll].append(measured.ms_per_step)
     print(f"OSGP ms/iteration: poll every step {ms[1]}, every 48 steps {ms[48]}")
 

@@ -7,9 +7,9 @@ cluster (scripts/emulated_cluster.sh, 2 nodes x 1 process, each node's link capp
     .venv/bin/python -m scripts.bench_streaming --data-root ../shared/data/cifar10 --quick  # ~7 min
     .venv/bin/python -m scripts.bench_streaming --data-root ../shared/data/cifar10 --sharded --steps 192  # ~15 min
 
-From the repository root (it imports scripts/bench_speed.py), as root (network namespaces; otherwise
-prefix ``sudo``). ``--rate 95mbit`` skips the compute-only
-run, ``--algorithms local_sgd`` runs one base, ``--out /path/to/out`` keeps docs/img untouched.
+From the repository root (it imports scripts/emulated_bench.py), as root (network namespaces;
+otherwise prefix ``sudo``). ``--rate 95mbit`` skips the compute-only run, ``--algorithms local_sgd``
+runs one base, ``--out /path/to/out`` keeps docs/img untouched.
 
 SlowMo (Wang et al., "SlowMo", ICLR 2020, Alg. 1) averages the models exactly every tau steps with
 a blocking all-reduce. Streaming DiLoCo (Douillard et al., "Streaming DiLoCo with overlapping
@@ -34,9 +34,9 @@ Alg. 1's blocking path, the others non-blocking): what keeping 1/n of the slow s
 
 Each run is ``--warmup`` steps (excluded) + max(``--steps``, tau) timed steps, so the timed window
 holds whole outer iterations. ResNet-18 at width 0.25 on real CIFAR-10 batches, one thread per
-worker, as bench_speed (its runner is reused: ``Bench``, ``Config`` with ``extra`` overrides,
-``read_run`` through ``Bench.run``). D0 F1 float32 is the original blocking code path of Alg. 1;
-every other variant takes the streamed path.
+worker, through the runner bench_speed uses (scripts/emulated_bench.py: ``Bench.run``, ``Config``
+with ``extra`` overrides). D0 F1 float32 is the original blocking code path of Alg. 1; every other
+variant takes the streamed path.
 
 How to read the comparison (it is not the same for every variant):
 
@@ -76,26 +76,24 @@ Results: ``<out>/bench_streaming.csv``, ``.md`` (table + the goal check) and ``.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.bench_speed import (
-    COMPUTE_ONLY,
+from scripts.emulated_bench import (
     PAYLOAD_EFFICIENCY,
     Bench,
     ClusterShape,
     Config,
     Measured,
-    auto_rates,
     model_sizes,
     rate_bits,
+    read_rows,
     ring,
+    save_rows,
     small_test_root,
 )
 from slowmo_train import scripting
@@ -218,12 +216,10 @@ def make_row(v: Variant, m: Measured, base: Measured, rate: str, p: float, b: fl
 
 HEADER = ["base", "variant", "tau", "ms/iter", "overhead %", "blocking overhead %", "blocking ms/iter",
           "overlapped ms/iter", "SlowMo blocking ms/outer", "SlowMo overlapped ms/outer", "outer link ms/outer",
-          "MB sent/iter", "MB expected",
-          "bytes err %"]
+          "MB sent/iter", "MB expected", "bytes err %"]
 COLUMNS = ["algorithm", "variant", "tau", "ms_per_iter", "overhead_pct", "blocking_overhead_pct", "blocking_ms",
            "overlapped_ms", "slowmo_blocking_ms_per_outer", "slowmo_overlapped_ms_per_outer", "outer_link_ms",
-           "mb_sent_per_iter", "mb_expected",
-           "bytes_error_pct"]
+           "mb_sent_per_iter", "mb_expected", "bytes_error_pct"]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -312,9 +308,7 @@ class StreamingBench(Bench):
     def sweep(self, plan: list[Variant]) -> None:
         topo = TOPOLOGY
         if self.rates is None:
-            compute = self.run(topo, COMPUTE_ONLY, "none", "compute")
-            p, _ = model_sizes(self.work / f"{topo.label}_none_compute")
-            self.rates = auto_rates(compute.ms_per_step, ring(p, topo.world))
+            compute, _ = self.compute_only(topo)
             print(f"  comm-bound link rate from the measured compute time ({compute.ms_per_step:.1f} ms/step): "
                   f"{self.rates['comm']}", flush=True)
         rate = self.rates["comm"]
@@ -326,11 +320,8 @@ class StreamingBench(Bench):
                 self.failures.append(f"{cfg.label} (no base)")
                 continue
             tag = cfg.tag + ("_repeat" if v.repeat else "")
-            try:
-                m = self.run(topo, cfg, rate, tag)
-            except (RuntimeError, subprocess.TimeoutExpired) as err:  # keep the other rows
-                print(f"  FAILED: {err}", file=sys.stderr, flush=True)
-                self.failures.append(cfg.label)
+            m = self.try_run(topo, cfg, rate, tag, cfg.label)
+            if m is None:
                 continue
             if sizes is None:
                 sizes = model_sizes(self.work / f"{topo.label}_{rate}_{tag}")
@@ -339,28 +330,7 @@ class StreamingBench(Bench):
             self.save()
 
     def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not self.rows:
-            return
-        with open(self.out / f"{self.stem}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
-            writer.writeheader()
-            writer.writerows(self.rows)
-        (self.out / f"{self.stem}.md").write_text(markdown_table(self.rows) + "\n\n" + goal_check(self.rows) + "\n")
-
-
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a saved bench_streaming.csv, numbers parsed back (for --replot)."""
-    def parse(value: str):
-        for kind in (int, float):
-            try:
-                return kind(value)
-            except ValueError:
-                pass
-        return value
-
-    with open(path, newline="") as f:
-        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        save_rows(self.out, self.stem, self.rows, lambda rows: markdown_table(rows) + "\n\n" + goal_check(rows))
 
 
 def main() -> None:

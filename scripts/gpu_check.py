@@ -156,8 +156,8 @@ def finished(ctx: Ctx, overrides: list[str], run_dir: Path, steps: int, train_st
             (summary["steps"] != steps, f"summary says {summary['steps']} steps, planned {steps}"),
             (not math.isfinite(final.get(metric, math.nan)), f"final evaluation lacks a finite {metric}: {final}"),
             (not all(math.isfinite(e["loss"]) and e["loss"] > 0 for e in train), "a train loss is not finite"),
-            ([e["step"] for e in train] != train_steps, f"train lines at {[e['step'] for e in train]}"),
             (not (came_from or "").endswith(resumed) if resumed else came_from, f"resumed from {came_from}"),
+            ([e["step"] for e in train] != train_steps, f"train lines at {[e['step'] for e in train]}"),
             (not (run_dir / "model_final.pt").exists(), "no model_final.pt"),
             (ctx.gpus and ("backend gloo" in logs or "device cpu" in logs), "ran on gloo/CPU although CUDA is here")):
         if bad:

@@ -11,6 +11,25 @@ the resolved config and every rank file's size and SHA-256) the same way. A chec
 *complete* only when its manifest exists and every file it lists has the listed size, so a crash or
 a full disk during a save never leaves a checkpoint that ``resume=auto`` would load.
 
+Background saves (``checkpoint.background=true``, the default): at the save step every rank copies
+its state to host memory (on GPUs a non-blocking copy into pinned buffers and one synchronize; on
+the CPU a copy), which is all the step waits for; a thread then writes the rank file (same temporary
+name, fsync and rename) while training continues. The collective half of the save (gathering the
+ranks' statuses, rank 0's manifest, pruning) runs on the main thread at a step every rank reaches
+together, never in the thread (collectives of one group issued from two threads would interleave
+differently on different ranks): :meth:`Checkpointer.poll`, called every step, completes the save
+once a pipelined 8-byte all-reduce says every rank has written its file; :meth:`Checkpointer.finish`
+waits for it (before the next save and at the end of training). A save at a stop signal or at the
+last step (``wait=True``) writes directly from the live tensors (no copy: the process exits next),
+is complete when it returns, and cancels a background save still in flight (its directory is
+removed). The host copy is kept for the next save (pinned allocation is slow, fresh host pages
+fault in at ~1 GB/s): background saves cost one copy of the rank's state in host memory; set
+``checkpoint.background=false`` where host memory is short. States under
+``checkpoint.background_min_mb`` (on every rank) are written directly: they take well under a second,
+and a background save is complete only a few steps after it starts (a crash in between falls back
+to the previous checkpoint), so small states would gain nothing for that window. Measured costs: docs/RESULTS.md,
+"Checkpoint time at cluster scale" (``scripts/bench_checkpoint.py``).
+
 A rank file holds everything the next step depends on: model, base optimizer, algorithm state
 (SlowMo x0/u shards, push-sum numerators/weight with in-flight OSGP messages), gradient scaler, the
 Python/NumPy/torch/CUDA RNG states, the step (the data position follows from it: tasks'
@@ -34,8 +53,10 @@ import json
 import logging
 import os
 import random
+import copy
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -203,16 +224,29 @@ def restore_rng(state: dict) -> None:
 
 
 # --- writing --------------------------------------------------------------------------------------
-class _HashingWriter:
-    """A write-only file object that hashes and counts what passes through it."""
+class SaveCancelled(Exception):
+    """A background write given up because a newer checkpoint supersedes it."""
 
-    def __init__(self, f):
-        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+class _HashingWriter:
+    """A write-only file object that hashes and counts what passes through it, in pieces so that a
+    cancelled background write stops within one piece."""
+
+    PIECE = 64 * 2**20
+
+    def __init__(self, f, cancel: threading.Event | None = None):
+        self.f, self.sha, self.bytes, self.cancel = f, hashlib.sha256(), 0, cancel
 
     def write(self, data) -> int:
-        self.sha.update(data)
-        self.bytes += len(data)
-        return self.f.write(data)
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), self.PIECE):
+            if self.cancel is not None and self.cancel.is_set():
+                raise SaveCancelled()
+            piece = view[start:start + self.PIECE]
+            self.sha.update(piece)  # hashlib and file writes release the GIL: training goes on meanwhile
+            self.f.write(piece)
+        self.bytes += len(view)
+        return len(view)
 
     def flush(self) -> None:
         self.f.flush()
@@ -229,18 +263,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, save_fn, on_write=None) -> tuple[str, int]:
+def write_atomic(path: Path, save_fn, on_write=None, cancel: threading.Event | None = None) -> tuple[str, int]:
     """Write through ``save_fn(file)`` to a temporary name, fsync, then rename to ``path``.
-    Returns (sha256 hex, bytes). The temporary file is removed if anything fails."""
+    Returns (sha256 hex, bytes). The temporary file is removed if anything fails or ``cancel`` is set
+    during the write (SaveCancelled)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            writer = _HashingWriter(f)
+            writer = _HashingWriter(f, cancel)
             if on_write is not None:
                 on_write()
             save_fn(writer)
             f.flush()
             os.fsync(f.fileno())
+            if hasattr(os, "posix_fadvise"):  # written for a restart, not to be read now: leave the page
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # cache to the training
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -249,15 +286,141 @@ def write_atomic(path: Path, save_fn, on_write=None) -> tuple[str, int]:
     return writer.sha.hexdigest(), writer.bytes
 
 
+# --- host snapshots (background saves) -------------------------------------------------------------
+def _as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A flat uint8 tensor over the whole of ``storage``."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+class HostStaging:
+    """Copies of a state in host memory, whose buffers are reused from one save to the next.
+
+    Copies are made per storage, not per tensor, so that what ``torch.save`` writes is what it would
+    have written from the live state: tensors that share memory (tied embeddings, views into a flat
+    buffer) still share it, and each storage is stored once. Device storages go to pinned buffers
+    through non-blocking copies followed by one synchronize per device. (PyTorch's pinned allocator
+    rounds each buffer up to a power of two: transformer weights are powers of two already, ResNet
+    convolutions are not and may take up to twice their size in pinned memory.)"""
+
+    def __init__(self):
+        self._free: dict[tuple[int, bool], list[torch.UntypedStorage]] = {}
+
+    def copy(self, state: Any) -> tuple[Any, list[tuple[tuple[int, bool], torch.UntypedStorage]]]:
+        """(the copy, the host buffers it uses: hand them to :meth:`release` once it is written)."""
+        copies: dict[tuple, tuple[tuple[int, bool], torch.UntypedStorage]] = {}
+        devices: set[torch.device] = set()
+
+        def host(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+            key = (storage.device, storage.data_ptr(), storage.nbytes())
+            if key not in copies:
+                pinned = storage.device.type == "cuda"
+                size = (storage.nbytes(), pinned)
+                free = self._free.get(size)
+                buffer = free.pop() if free else torch.empty(
+                    storage.nbytes(), dtype=torch.uint8, pin_memory=pinned).untyped_storage()
+                _as_bytes(buffer).copy_(_as_bytes(storage), non_blocking=pinned)
+                if pinned:
+                    devices.add(storage.device)
+                copies[key] = (size, buffer)
+            return copies[key][1]
+
+        seen: dict[int, Any] = {}  # an object met twice is copied once, as pickle stores it once
+
+        def walk(obj: Any) -> Any:
+            if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+                return obj
+            if id(obj) not in seen:
+                seen[id(obj)] = copy_of(obj)
+            return seen[id(obj)]
+
+        def copy_of(obj: Any) -> Any:
+            if isinstance(obj, torch.Tensor):
+                t = obj.detach()
+                if t.layout != torch.strided or type(t) is not torch.Tensor or t.is_quantized or t.is_conj() \
+                        or t.is_neg():
+                    return t.to("cpu", copy=True)  # rare kinds: a plain (synchronous) copy
+                out = torch.empty(0, dtype=t.dtype)
+                return out.set_(host(t.untyped_storage()), t.storage_offset(), t.size(), t.stride())
+            if isinstance(obj, dict):
+                out = copy.copy(obj)  # keeps the type and attributes (a module state_dict's _metadata)
+                for key, value in obj.items():
+                    out[key] = walk(value)
+                return out
+            if isinstance(obj, list):
+                return [walk(x) for x in obj]
+            if isinstance(obj, tuple):
+                items = [walk(x) for x in obj]
+                return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+            return copy.deepcopy(obj)
+
+        snapshot = walk(state)
+        for device in devices:
+            torch.cuda.synchronize(device)
+        self._free.clear()  # buffers this state no longer needs (a shape changed) go back to the system
+        return snapshot, list(copies.values())
+
+    def clear(self) -> None:
+        self._free.clear()
+
+    def release(self, buffers: list[tuple[tuple[int, bool], torch.UntypedStorage]]) -> None:
+        """Keep ``buffers`` (written and no longer referenced by a writer) for the next copy."""
+        for size, buffer in buffers:
+            self._free.setdefault(size, []).append(buffer)
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensor storages in ``state`` (each counted once): what a rank file holds."""
+    seen: dict[tuple, int] = {}
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.layout == torch.strided:
+                storage = obj.untyped_storage()
+                seen[(obj.device, storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+            else:
+                seen[(id(obj),)] = obj.element_size() * obj.numel()
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                walk(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                walk(value)
+
+    walk(state)
+    return sum(seen.values())
+
+
+class _BackgroundSave:
+    """A checkpoint whose rank file a thread is writing from a host snapshot."""
+
+    def __init__(self, step: int, ckpt: Path, config: dict, meta: dict | None, started: float):
+        self.step, self.ckpt, self.config, self.meta, self.started = step, ckpt, config, meta, started
+        self.snapshot_s = self.written_s = 0.0
+        self.buffers: list = []
+        self.status: dict | None = None
+        self.cancel, self.written = threading.Event(), threading.Event()
+        self.agreement: control.Pending | None = None
+        self.thread: threading.Thread | None = None
+
+
 class Checkpointer:
-    """Saves this rank's state into ``RUN_DIR/checkpoints/step_N`` (collective) and prunes old ones."""
+    """Saves this rank's state into ``RUN_DIR/checkpoints/step_N`` (collective) and prunes old ones.
+
+    With ``background``, :meth:`save` returns after a host snapshot and the file is written by a
+    thread; :meth:`poll` (every step) or :meth:`finish` completes the checkpoint (see the module
+    docstring). Without it, and for states under ``background_min_bytes`` on every rank, every save
+    is written and complete when :meth:`save` returns."""
 
     def __init__(self, run_dir: Path, keep: int, rank: int, world_size: int, faults: FaultInjector | None = None,
-                 every_steps: int = 0, at_end: bool = True):
+                 every_steps: int = 0, at_end: bool = True, background: bool = False, background_min_bytes: int = 0):
         self.run_dir, self.keep, self.rank, self.world_size = Path(run_dir), keep, rank, world_size
-        self.faults, self.every_steps, self.at_end = faults, every_steps, at_end
+        self.faults, self.every_steps, self.at_end, self.background = faults, every_steps, at_end, background
+        self.background_min_bytes = background_min_bytes
         self.last_path: Path | None = None
         self.last_saved_at = time.monotonic()
+        self.last_timing: dict[str, float] = {}  # of the last completed save (benchmarks, logs)
+        self._pending: _BackgroundSave | None = None
+        self._staging = HostStaging()
 
     def should_save(self, step: int, done: bool, asked: bool = False) -> bool:
         """Every ``every_steps`` steps, at the last step (``at_end``), or when ``asked`` (a stop
@@ -267,11 +430,88 @@ class Checkpointer:
     def seconds_since_save(self) -> float:
         return time.monotonic() - self.last_saved_at
 
-    def save(self, step: int, state: dict, config: dict, meta: dict | None = None) -> Path:
-        """Every rank calls it at the same step. Returns the checkpoint directory; raises
-        CheckpointError on every rank if any rank could not write (no manifest is written then,
-        and the previous checkpoints are untouched)."""
+    @property
+    def pending(self) -> bool:
+        """A background save is not complete yet (the same on every rank)."""
+        return self._pending is not None
+
+    def save(self, step: int, state: dict, config: dict, meta: dict | None = None, wait: bool = False) -> Path:
+        """Every rank calls it at the same step, with its state after that step. Returns the
+        checkpoint directory; raises CheckpointError on every rank if any rank could not write (no
+        manifest is written then, and the previous checkpoints are untouched).
+
+        With ``background`` and not ``wait``, it returns once ``state`` is copied to host memory: the
+        checkpoint is complete after a later :meth:`poll` or :meth:`finish` (which raise the
+        CheckpointError, if any). ``wait``: the process is about to exit (a stop signal, the last
+        step): write from ``state`` directly and complete before returning; a background save still
+        in flight is cancelled, since this one supersedes it."""
+        if wait:
+            self.cancel()
+            self._staging.clear()  # no background save follows: the host copy's memory goes back now
+        else:
+            self.finish()  # one save in flight at a time, and its host buffers are free again
         start = time.perf_counter()
+        ckpt = self._prepare(step)
+        if wait or not self._in_background(state):
+            status = self._write_rank_file(step, ckpt, state)
+            self.last_timing = {}
+            return self._complete(step, ckpt, status, config, meta, start)
+        job = _BackgroundSave(step, ckpt, config, meta, start)
+        snapshot, job.buffers = self._staging.copy(state)
+        job.snapshot_s = time.perf_counter() - start
+        job.thread = threading.Thread(target=self._write_in_background, args=(job, snapshot),
+                                      name=f"checkpoint-step{step}", daemon=True)
+        del snapshot  # the thread holds the only reference: the copy is freed when it is written
+        self._pending, self.last_saved_at = job, time.monotonic()
+        job.thread.start()
+        return ckpt
+
+    def _in_background(self, state: dict) -> bool:
+        """Whether this save goes to the background; the ranks agree (the largest state decides)."""
+        if not self.background:
+            return False
+        if self.background_min_bytes <= 0:
+            return True
+        return control.all_reduce([state_bytes(state)], op="max")[0] >= self.background_min_bytes
+
+    def poll(self) -> Path | None:
+        """Every rank calls it at every step. Completes the background save in flight once every
+        rank has written its file (a non-blocking 8-byte all-reduce started at one call and read at
+        the next, as StopPoller's; so no rank ever waits for another's disk here) and returns its
+        directory; None while it is not complete or when none is in flight."""
+        job = self._pending
+        if job is None:
+            return None
+        if job.agreement is not None:
+            everyone_wrote = job.agreement.wait()[0] > 0
+            job.agreement = None
+            if everyone_wrote:
+                return self._complete_background()
+        job.agreement = control.all_reduce_async([float(job.written.is_set())], op="min")
+        return None
+
+    def finish(self) -> Path | None:
+        """Wait for the background save in flight, if any, and complete it (collective: every rank
+        at the same step). Returns its directory (None if none was in flight or it was cancelled)."""
+        job = self._pending
+        if job is None:
+            return None
+        if job.agreement is not None:  # every rank started it: every rank reads it
+            job.agreement.wait()
+            job.agreement = None
+        return self._complete_background()
+
+    def cancel(self) -> None:
+        """Give up the background save in flight (collective). A rank that already wrote its file
+        keeps nothing either: no manifest is written and the directory is removed; if every rank
+        had written its file, the checkpoint is completed instead. A rank's write error still
+        raises CheckpointError."""
+        if self._pending is not None:
+            self._pending.cancel.set()
+            self.finish()
+
+    # --- the parts of a save ---
+    def _prepare(self, step: int) -> Path:
         ckpt = step_dir(self.run_dir, step)
         error = None
         if self.rank == 0:
@@ -285,41 +525,86 @@ class Checkpointer:
         error = control.broadcast_object(error)
         if error is not None:
             raise CheckpointError(f"checkpoint of step {step} not written: {error}; the previous checkpoint is intact")
+        return ckpt
 
+    def _write_rank_file(self, step: int, ckpt: Path, state: dict, cancel: threading.Event | None = None) -> dict:
+        """This rank's file, written atomically; its status for the manifest (file, sha256, bytes),
+        or an ``error`` line, or ``cancelled``."""
         name = f"rank{self.rank}.pt"
         status: dict[str, Any] = {"file": name}
         try:
             on_write = (lambda: self.faults.on_checkpoint_write(step)) if self.faults else None
-            sha, nbytes = write_atomic(ckpt / name, lambda f: torch.save(state, f), on_write)
+            sha, nbytes = write_atomic(ckpt / name, lambda f: torch.save(state, f), on_write, cancel)
             status.update(sha256=sha, bytes=nbytes)
-        except OSError as err:
-            status["error"] = f"rank {self.rank} cannot write {ckpt / name}: {err.strerror or err}"
+        except Exception as err:  # any rank's problem must reach every rank, not hang them in the gather
+            if cancel is not None and cancel.is_set():
+                return {**status, "cancelled": True}
+            reason = (err.strerror or str(err)) if isinstance(err, OSError) else \
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            status["error"] = f"rank {self.rank} cannot write {ckpt / name}: {reason}"
         if self.faults:
             self.faults.after_checkpoint_write(step)
+        return status
+
+    def _write_in_background(self, job: _BackgroundSave, snapshot: Any) -> None:
+        nice = int(os.environ.get("SLOWMO_CKPT_NICE", "0"))
+        if nice and hasattr(os, "setpriority"):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        try:
+            job.status = self._write_rank_file(job.step, job.ckpt, snapshot, job.cancel)
+        finally:
+            del snapshot
+            job.written_s = time.perf_counter() - job.started
+            job.written.set()
+
+    def _complete_background(self) -> Path | None:
+        job, self._pending = self._pending, None
+        job.thread.join()
+        self._staging.release(job.buffers)
+        status = job.status or {"file": f"rank{self.rank}.pt",
+                                "error": f"rank {self.rank}: the thread writing {job.ckpt} ended without a result"}
+        self.last_timing = {"snapshot_s": job.snapshot_s, "written_s": job.written_s}
+        return self._complete(job.step, job.ckpt, status, job.config, job.meta, job.started)
+
+    def _complete(self, step: int, ckpt: Path, status: dict, config: dict, meta: dict | None,
+                  start: float) -> Path | None:
+        """The collective half: gather the statuses, raise any rank's error on every rank, write the
+        manifest (rank 0), prune."""
         statuses = control.all_gather_object(status)
         errors = [s["error"] for s in statuses if "error" in s]
         if errors:
             raise CheckpointError(f"checkpoint of step {step} not written: {errors[0]}; "
                                   f"the previous checkpoint ({self.last_path or 'none'}) is intact")
+        if any(s.get("cancelled") for s in statuses):
+            if self.rank == 0:
+                shutil.rmtree(ckpt, ignore_errors=True)
+                log.info("checkpoint of step %d given up: a newer one supersedes it", step)
+            return None
 
+        error = None
         if self.rank == 0:
             manifest = {"format": FORMAT, "step": step, "world_size": self.world_size,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {}), "config": config,
                         "files": {str(r): s for r, s in enumerate(statuses)}}
             try:
                 write_atomic(ckpt / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-                error = None
             except OSError as err:
                 error = f"cannot write {ckpt / MANIFEST}: {err.strerror or err}"
         error = control.broadcast_object(error)
         if error is not None:
             raise CheckpointError(f"checkpoint of step {step} not written: {error}; "
                                   f"the previous checkpoint ({self.last_path or 'none'}) is intact")
-        self.last_path, self.last_saved_at = ckpt, time.monotonic()
+        self.last_path = ckpt
+        if "written_s" not in self.last_timing:  # a direct save: the step waited for all of it
+            self.last_saved_at = time.monotonic()
+        self.last_timing["durable_s"] = time.perf_counter() - start
         if self.rank == 0:
             self.prune()
             mb = sum(s["bytes"] for s in statuses) / len(statuses) / 2**20
-            log.info("checkpoint of step %d: %s (%.1f MB/rank, %.2fs)", step, ckpt, mb, time.perf_counter() - start)
+            t = self.last_timing
+            how = (f"{t['snapshot_s']:.2f}s in the step, durable after {t['durable_s']:.2f}s"
+                   if "written_s" in t else f"{t['durable_s']:.2f}s")
+            log.info("checkpoint of step %d: %s (%.1f MB/rank, %s)", step, ckpt, mb, how)
         return ckpt
 
     def prune(self) -> None:

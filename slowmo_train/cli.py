@@ -6,7 +6,8 @@
 
 Under torchrun every process runs this module and reads its rank from the environment; run
 directly, it starts ``launcher.nproc_per_node`` local workers itself through PyTorch's elastic
-launcher API (the machinery behind torchrun), so there is no re-spawning under torchrun.
+launcher API (the machinery behind torchrun; slowmo_train/launch.py), so there is no re-spawning under
+torchrun.
 
 Everything the config and the data directory can reveal (a bad value, an unknown architecture, too
 many gossip peers, a batch larger than a worker's data, an unwritable run directory, a checkpoint
@@ -21,7 +22,6 @@ import datetime
 import logging
 import os
 import sys
-import uuid
 from pathlib import Path
 
 import hydra
@@ -29,9 +29,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from slowmo_train import control
 from slowmo_train import dist as sdist
-from slowmo_train.config import ConfigError, JobConfig, per_worker_batch, register_configs, to_job_config, validate
+from slowmo_train.config import ConfigError, JobConfig, per_worker_batch, register_configs, to_job_config
+from slowmo_train.config_checks import validate
 from slowmo_train.data.cifar10 import DatasetError
-from slowmo_train.faults import RunError, restart_attempt
+from slowmo_train.faults import (RecordedFailure, RunError, clear_fatal, is_deterministic, read_fatal, record_fatal,
+                                 restart_attempt, stop_elastic_agent, under_elastic_agent)
+from slowmo_train.launch import launch_local, report_stop
 from slowmo_train.registry import ALGORITHM_SPECS
 from slowmo_train.tasks import TASKS
 
@@ -210,11 +213,16 @@ def worker_main(job_dict: dict, run_dir: str | None) -> dict:
 
     env = sdist.read_env()
     job = to_job_config(job_dict)
-    backend = sdist.pick_backend(job.launcher.backend)
-    threads = sdist.set_cpu_threads(env, job.launcher.threads_per_worker) if backend == "gloo" else None
-    device = sdist.device_for(env, backend)
-    sdist.init_process_group(env, backend, job.launcher.timeout_s, device)
+    fatal_dir = run_dir or job.output_dir
     try:
+        if restart_attempt() > 0 and (verdict := read_fatal(fatal_dir)):
+            raise RecordedFailure(verdict.removeprefix("slowmo-train: error: "))  # a restart cannot help
+        if restart_attempt() == 0 and env.rank == 0:
+            clear_fatal(fatal_dir)  # a new job starts without the last one's verdict
+        backend = sdist.pick_backend(job.launcher.backend)
+        threads = sdist.set_cpu_threads(env, job.launcher.threads_per_worker) if backend == "gloo" else None
+        device = sdist.device_for(env, backend)
+        sdist.init_process_group(env, backend, job.launcher.timeout_s, device)
         if env.rank == 0:
             path = prepare_run_dir(job, Path(run_dir) if run_dir else None)
             OmegaConf.save(OmegaConf.structured(job), path / "config.yaml")
@@ -235,130 +243,12 @@ def worker_main(job_dict: dict, run_dir: str | None) -> dict:
         return summary
     except WORKER_USER_ERRORS as err:
         log.error("%s", one_line(err))
+        if is_deterministic(err):
+            # the launcher (ours, or the workers torchrun restarts) reads it and ends the job
+            record_fatal(fatal_dir, f"slowmo-train: error: {one_line(err)}")
         raise
     finally:
         sdist.destroy_process_group()
-
-
-def report_stop(summary: dict, run_dir: str | None) -> None:
-    """One line after a run that stopped early on a signal (SIGTERM/SIGINT) and saved a checkpoint."""
-    where = summary.get("run_dir") or run_dir
-    print(f"slowmo-train: stopped by {summary['stopped_by']} at step {summary['steps']}; checkpoint: "
-          f"{summary.get('checkpoint') or 'none'}; continue with resume=auto output_dir={where}",
-          file=sys.stderr, flush=True)
-
-
-def _worker_pids() -> list[int]:
-    """This process's spawned workers (children running multiprocessing's spawn_main), from /proc."""
-    me, pids = os.getpid(), []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == me and b"spawn_main" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return pids
-
-
-class _ForwardSignals:
-    """In the launcher process: pass SIGTERM/SIGINT on to the workers, which save a checkpoint at an
-    agreed step and exit 0, while the elastic agent keeps collecting their results. A second signal
-    kills the workers outright (SIGKILL), so Ctrl-C twice never leaves a worker behind."""
-
-    def __init__(self):
-        import signal
-
-        self.signum: int | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame) -> None:
-        import signal
-
-        forward = signum if self.signum is None else signal.SIGKILL
-        self.signum = self.signum or signum
-        pids = _worker_pids()
-        if not pids:  # still in rendezvous or spawning: nothing to save yet, the agent stops everything
-            raise KeyboardInterrupt
-        for pid in pids:
-            try:
-                os.kill(pid, forward)
-            except ProcessLookupError:
-                pass
-
-    def restore(self) -> None:
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _quiet_elastic() -> None:
-    """The agent's own log lines (signal received, worker group restarting, child tracebacks) are
-    replaced by ours, and each worker's log holds its failure."""
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith(("torch.distributed.elastic", "torch.multiprocessing")):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-def launch_local(job_dict: dict, nproc: int, run_dir: str | None, max_restarts: int = 0) -> None:
-    """Start ``nproc`` workers on this machine with torch's elastic launcher (what torchrun uses);
-    after a worker dies, restart all of them up to ``max_restarts`` times (they resume from the
-    newest checkpoint). Ctrl-C / SIGTERM reach the workers, which save and exit; one line says so."""
-    import signal
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    # SIGTERM/SIGINT are ours to forward (the agent would otherwise stop the workers itself and
-    # wait for them until its shutdown timeout)
-    _quiet_elastic()
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"slowmo-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts, monitor_interval=0.5,
-        start_method="spawn", signals_to_handle="SIGHUP,SIGQUIT",
-        # the agent stops workers itself only after a failure (a restart or the end), when their peers
-        # are gone and nothing is left to save: a hung worker need not be waited for long
-        shutdown_timeout=5,
-    )
-    forward = _ForwardSignals()
-    try:
-        results = elastic_launch(config, entrypoint=worker_main)(job_dict, run_dir)
-    except KeyboardInterrupt:
-        name = signal.Signals(forward.signum or signal.SIGINT).name
-        print(f"slowmo-train: interrupted by {name} before training started", file=sys.stderr, flush=True)
-        sys.exit(130 if forward.signum != signal.SIGTERM else 143)
-    except ChildFailedError as err:
-        if forward.signum is not None:
-            name = signal.Signals(forward.signum).name
-            print(f"slowmo-train: interrupted by {name} (workers killed before a checkpoint was complete); "
-                  f"logs in {run_dir}/logs", file=sys.stderr, flush=True)
-            sys.exit(130 if forward.signum == signal.SIGINT else 143)
-        rank, failure = err.get_first_failure()
-        msg = failure.message
-        if isinstance(msg, dict):
-            msg = msg.get("message")
-        msg = str(msg or f"exit code {failure.exitcode}")
-        for name in ("CheckpointError", "NonFiniteError", "PeerError", "RunError", "ConfigError", "DatasetError",
-                     "ValueError"):
-            msg = msg.removeprefix(f"{name}: ")  # our messages are self-explanatory without it
-        msg = msg.removeprefix(f"rank {rank}: ")
-        others = len(err.failures) - 1
-        also = f" ({others} other worker(s) failed too)" if others > 0 else ""
-        restarts = f" after {max_restarts} restart(s)" if max_restarts else ""
-        where = f"; logs in {run_dir}/logs" if run_dir else ""
-        print(f"slowmo-train: error: worker rank {rank} failed{restarts}: {msg}{also}{where}", file=sys.stderr,
-              flush=True)
-        sys.exit(1)
-    finally:
-        forward.restore()
-    first = results.get(0) if isinstance(results, dict) else None
-    if isinstance(first, dict) and first.get("stopped_by"):
-        report_stop(first, run_dir)
-        if forward.signum == signal.SIGINT:
-            sys.exit(130)
 
 
 def run(cfg: DictConfig) -> None:
@@ -382,15 +272,17 @@ def run(cfg: DictConfig) -> None:
             summary = worker_main(job_dict, run_dir)
         except WORKER_USER_ERRORS as err:
             msg = one_line(err)
-            where = "" if msg.startswith(f"rank {env.rank}: ") else f"rank {env.rank}: "
-            print(f"slowmo-train: error: {where}{msg}", file=sys.stderr, flush=True)
+            recorded = isinstance(err, RecordedFailure) or msg.startswith("rank ")
+            print(f"slowmo-train: error: {'' if recorded else f'rank {env.rank}: '}{msg}", file=sys.stderr, flush=True)
+            if is_deterministic(err) and under_elastic_agent():
+                stop_elastic_agent()  # torchrun would restart into the same failure, then print its traceback
             sys.exit(1)
         if summary.get("stopped_by") and env.rank == 0:
             report_stop(summary, run_dir)
     else:
         if run_dir is None:  # decide it here so the workers and the failure message agree
             run_dir = str(prepare_run_dir(job, None).resolve())
-        launch_local(job_dict, job.launcher.nproc_per_node, run_dir, job.launcher.max_restarts)
+        launch_local(worker_main, job_dict, job.launcher.nproc_per_node, run_dir, job.launcher.max_restarts)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -51,13 +52,84 @@ class NonFiniteError(RunError):
     pass
 
 
+class RecordedFailure(RunError):
+    """A restarted worker found the verdict of an earlier attempt (RUN_DIR/FATAL): nothing to retry."""
+
+
 class PeerError(RunError):
     """A collective or point-to-point operation failed or timed out: a peer hung or died."""
 
 
+#: set by slowmo-train's own launcher (slowmo_train/launch.py) for its workers: the launch attempt,
+#: and that the parent is ours (not torchrun's agent)
+ATTEMPT_ENV = "SLOWMO_TRAIN_ATTEMPT"
+LOCAL_LAUNCHER_ENV = "SLOWMO_TRAIN_LOCAL_LAUNCHER"
+
+
 def restart_attempt() -> int:
     """How many times the launcher (torchrun --max-restarts, launcher.max_restarts) restarted us."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    return max(int(os.environ.get(name, "0") or 0) for name in ("TORCHELASTIC_RESTART_COUNT", ATTEMPT_ENV))
+
+
+def under_elastic_agent() -> bool:
+    """True in a worker that torchrun's elastic agent started (not slowmo-train's own launcher)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and LOCAL_LAUNCHER_ENV not in os.environ
+
+
+# --- failures that a restart cannot fix ---------------------------------------------------------------
+#: a run that failed this way records it here (RUN_DIR/FATAL): the launcher, or the workers a
+#: launcher restarts, read it first and end the job instead of retrying
+FATAL = "FATAL"
+
+
+def is_deterministic(err: BaseException) -> bool:
+    """A failure that would happen again on a restart: non-finite values with ``nonfinite=stop``,
+    an unusable checkpoint or a resume mismatch, a config or data error found in a worker, a device
+    mismatch. Peers that died or hung (PeerError) and anything unexpected may be transient."""
+    from slowmo_train.config import ConfigError
+
+    if isinstance(err, PeerError):
+        return False
+    return isinstance(err, (RunError, ConfigError, ValueError)) or type(err).__name__ == "DatasetError"
+
+
+def record_fatal(run_dir: Path | None, line: str) -> None:
+    """Write ``line`` (what the user reads) to RUN_DIR/FATAL, atomically."""
+    if run_dir is None:
+        return
+    path = Path(run_dir) / FATAL
+    tmp = path.with_name(f".{FATAL}.{os.getpid()}")
+    try:
+        tmp.write_text(line + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def read_fatal(run_dir: Path | None) -> str | None:
+    try:
+        return (Path(run_dir) / FATAL).read_text().strip() if run_dir is not None else None
+    except OSError:
+        return None
+
+
+def clear_fatal(run_dir: Path | None) -> None:
+    """A new job (not a restart) starts without the last job's verdict."""
+    if run_dir is not None:
+        (Path(run_dir) / FATAL).unlink(missing_ok=True)
+
+
+def stop_elastic_agent() -> None:
+    """Under torchrun: end the elastic agent (this worker's parent) so that it does not restart the
+    workers into the same failure, and prints no traceback after our line. The agent offers no way to
+    say "do not retry" (it restarts a failed group while --max-restarts lasts), so it gets SIGKILL;
+    torchrun then exits with status 137 and the other workers of the node end with the same error."""
+    agent = os.getppid()
+    if agent > 1:
+        try:
+            os.kill(agent, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 # --- stop signals ---------------------------------------------------------------------------------

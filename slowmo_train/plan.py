@@ -19,6 +19,8 @@ from slowmo_train.optim import LrSchedule, peak_lr
 
 @dataclass(frozen=True)
 class Plan:
+    """The run in steps: an optimizer step (synchronous loop) or a master update (asynchronous loops)."""
+
     steps_per_epoch: int
     total_steps: int
     eval_every_steps: int

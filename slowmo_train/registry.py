@@ -1,6 +1,6 @@
 """The algorithm table: every algorithm name, written once, with what the rest of the code asks about it.
 
-Config validation (``config.validate``), the CLI's checks before workers start (``cli.check_topology``)
+Config validation (``config_checks.validate``), the CLI's checks before workers start (``cli.check_topology``)
 and the choice of training loop (``cli.worker_main``: the synchronous ``Trainer`` or the asynchronous
 ``AsyncRunner``) all read this table; it imports nothing, so the config can use it without torch.
 

@@ -55,7 +55,7 @@ def read_metrics(run: Path | str, event: str | None = None, rank: int = 0) -> li
 
 def compose_config(overrides: Iterable[str] = (), return_hydra_config: bool = False):
     """The Hydra config ``slowmo-train OVERRIDES...`` composes (a DictConfig, not yet validated:
-    ``slowmo_train.config.to_job_config`` and ``validate`` do that). Both ``+exp=NAME`` and ``exp=NAME``
+    ``slowmo_train.config.to_job_config`` and ``config_checks.validate`` do that). Both ``+exp=NAME`` and ``exp=NAME``
     are accepted, as on the command line."""
     from hydra import compose, initialize_config_dir
 

@@ -29,14 +29,31 @@ from omegaconf import OmegaConf
 from slowmo_train import control
 from slowmo_train.algorithms import build_algorithm, comm
 from slowmo_train.algorithms.base import Algorithm, averaged_model
-from slowmo_train.checkpoint import (FORMAT, CheckpointError, Checkpointer, capture_rng, check_compatible,
-                                     check_model_shapes, load_rank_state, read_manifest, resolve_resume, restore_rng,
-                                     write_atomic)
+from slowmo_train.checkpoint import (
+    FORMAT,
+    Checkpointer,
+    CheckpointError,
+    capture_rng,
+    check_compatible,
+    check_model_shapes,
+    load_rank_state,
+    read_manifest,
+    resolve_resume,
+    restore_rng,
+    write_atomic,
+)
 from slowmo_train.config import JobConfig, per_worker_batch
 from slowmo_train.dist import DistEnv, build_topology, resolve_procs_per_node
 from slowmo_train.evaluation import Evaluator
-from slowmo_train.faults import (FaultInjector, NonFiniteGuard, StopPoller, StopSignals, is_comm_failure, peer_error,
-                                 restart_attempt)
+from slowmo_train.faults import (
+    FaultInjector,
+    NonFiniteGuard,
+    StopPoller,
+    StopSignals,
+    is_comm_failure,
+    peer_error,
+    restart_attempt,
+)
 from slowmo_train.metrics import MetricsWriter, Progress, TrainLog
 from slowmo_train.optim import build_optimizer
 from slowmo_train.plan import make_plan
@@ -52,10 +69,6 @@ def broadcast_model_(model: torch.nn.Module, src: int = 0) -> None:
         return
     for tensor in list(model.parameters()) + list(model.buffers()):
         comm.broadcast(tensor.data, src)
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
 
 
 def task_args(job: JobConfig, worker: WorkerInfo) -> TaskArgs:
@@ -83,7 +96,7 @@ class Trainer:
         self.signals = StopSignals.install()
         self.faults = FaultInjector(env.rank)
         log.info("rank %d: process %d, launch attempt %d", env.rank, os.getpid(), restart_attempt())
-        seed_everything(job.seed)
+        torch.manual_seed(job.seed)
         self.topology = build_topology(resolve_procs_per_node(job.algorithm.nprocs_per_node, env))
         self.task: Task = TASKS[job.task.name](task_args(job, WorkerInfo(env.rank, env.world_size, env.local_rank,
                                                                          device)))
@@ -100,7 +113,9 @@ class Trainer:
         self.config_dict = OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
         ckpt = job.checkpoint
         self.checkpointer = Checkpointer(run_dir, ckpt.keep, env.rank, env.world_size, self.faults,
-                                         every_steps=ckpt.every_steps, at_end=ckpt.at_end)
+                                         every_steps=ckpt.every_steps, at_end=ckpt.at_end,
+                                         background=ckpt.background,
+                                         background_min_bytes=int(ckpt.background_min_mb * 2**20))
         self.poller = StopPoller(self.signals, ckpt.poll_every, ckpt.every_minutes,
                                  self.checkpointer.seconds_since_save, env.rank)
         self.guard = NonFiniteGuard(job.train.nonfinite, job.train.max_nonfinite_skips,
@@ -218,13 +233,14 @@ class Trainer:
         self.algorithm.comm.pop()
         self.algorithm.comm.totals = {k: 0 * v for k, v in self.algorithm.comm.totals.items()}
 
-    def save_checkpoint(self) -> Path:
-        """Collective: check that every rank's state is finite, then write the checkpoint."""
+    def save_checkpoint(self, wait: bool = False) -> Path:
+        """Collective: check that every rank's state is finite, then write the checkpoint (in the
+        background with checkpoint.background, unless ``wait``: the process exits next)."""
         self.operation = "checkpoint save"
         self.guard.check(self.step, [self.train_log.loss_sum, *self.algorithm.parameters()])
         self.train_log.write_pending()  # a resumed run keeps the records up to its step
         meta = {"epoch": self.step // self.plan.steps_per_epoch, "algorithm": self.algorithm.describe()}
-        return self.checkpointer.save(self.step, self.state_dict(), self.config_dict, meta)
+        return self.checkpointer.save(self.step, self.state_dict(), self.config_dict, meta, wait=wait)
 
     # --- one step ------------------------------------------------------------------------------------
     def evaluate(self, final: bool = False) -> dict[str, float]:
@@ -294,7 +310,9 @@ class Trainer:
         """The loop: one step, then each component acts when its cadence says so. Returns the
         final evaluation record (empty if the run stopped early)."""
         plan, algo, log_ = self.plan, self.algorithm, self.train_log
-        self.metrics = MetricsWriter(self.run_dir, self.env.rank, resume_step=self.step if self.resumed_from else None)
+        # a resumed run, and a restart that found no checkpoint to resume, drop the records written after its step
+        restarted = self.resumed_from is not None or restart_attempt() > 0
+        self.metrics = MetricsWriter(self.run_dir, self.env.rank, resume_step=self.step if restarted else None)
         progress = log_.progress = Progress(self.job.train.progress, plan.total_steps, self.env.rank)
         log_.writer = self.evaluator.writer = self.metrics
         final, ok = {}, False
@@ -321,10 +339,11 @@ class Trainer:
                     self.operation = "evaluation"
                     with log_.paused():
                         final = self.evaluator.record(self.step, self.evaluate(done), progress)
+                self.checkpointer.poll()  # completes a background save once every rank has written it
                 stop, time_due = self.poller.collect(self.step, done)
                 if self.checkpointer.should_save(self.step, done, time_due or bool(stop)):
                     with log_.paused():
-                        self.save_checkpoint()
+                        self.save_checkpoint(wait=done or bool(stop))
                 if stop:
                     self.stopped_by = stop
                     log.info("stopped at step %d (%s); checkpoint %s", self.step, stop, self.checkpointer.last_path)
@@ -333,6 +352,7 @@ class Trainer:
                 if done:
                     break
             self.poller.finish()  # no collective left in flight
+            self.checkpointer.finish()  # nor a checkpoint: complete before the process exits
             log_.write_pending()
             if self.step == plan.total_steps:
                 self._save_final_model()

@@ -9,6 +9,7 @@ from slowmo_train.algorithms import build_algorithm
 from slowmo_train.config import AlgorithmConfig, SlowMoConfig
 from slowmo_train.dist import build_topology
 from tests.distributed_helpers import run_distributed
+from tests.helpers import hook_step
 
 STEPS, BATCH = 5, 8
 
@@ -27,6 +28,11 @@ def make_optimizer(model):
     return torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-3)
 
 
+def cross_entropy(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
 def _allreduce_worker(rank, world_size):
     model = make_model()
     opt = make_optimizer(model)
@@ -34,13 +40,7 @@ def _allreduce_worker(rank, world_size):
     per = BATCH // world_size
     for k, (x, y) in enumerate(batches()):
         xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
-        algo.before_forward(k)
-        loss = nn.functional.cross_entropy(algo.train_model(xs), ys)
-        opt.zero_grad()
-        loss.backward()
-        algo.after_backward(k)
-        opt.step()
-        algo.after_optimizer_step(k)
+        hook_step(algo, opt, k, cross_entropy, (xs, ys))
     stats = algo.comm.pop()
     return [p.detach().clone() for p in model.parameters()], stats
 

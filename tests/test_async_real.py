@@ -20,7 +20,8 @@ pytestmark = pytest.mark.multiproc
 
 def _train(rank, world_size, root, cache, out, name, servers):
     from slowmo_train.asynchronous.runner import AsyncRunner
-    from slowmo_train.config import JobConfig, validate
+    from slowmo_train.config import JobConfig
+    from slowmo_train.config_checks import validate
     from slowmo_train.dist import read_env
 
     job = JobConfig()

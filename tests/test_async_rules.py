@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from slowmo_train.asynchronous.rules import ASGD, DanaSlim, DanaZero, NagASGD, build_rule
-from slowmo_train.config import JobConfig, ConfigError, validate
+from slowmo_train.config import ConfigError, JobConfig
+from slowmo_train.config_checks import validate
 
 LR, MOM, WD, STEPS = 0.05, 0.9, 1e-3, 25
 
@@ -67,7 +68,7 @@ def _rule_trajectory(rule_of, observe):
 
 def _assert_same(a, b):
     for k, (u, v) in enumerate(zip(a, b)):
-        torch.testing.assert_close(u, v, rtol=0, atol=1e-12, msg=lambda m: f"step {k}: {m}")
+        torch.testing.assert_close(u, v, rtol=0, atol=1e-12, msg=lambda m, k=k: f"step {k}: {m}")
 
 
 def test_asgd_one_worker_is_sgd():

@@ -10,17 +10,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from slowmo_train import cli, registry
-from slowmo_train.config import ConfigError, JobConfig, to_job_config, validate
-from slowmo_train.scripting import compose_config
+from slowmo_train.config import ConfigError, JobConfig, to_job_config
+from slowmo_train.config_checks import validate
+from tests.helpers import EXPERIMENTS, compose_job
 
 CONFIG_DIR = cli.config_dir()
-EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "exp").glob("*.yaml"))
 GROUPS = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml"))
           for g in ("task", "algorithm", "slowmo", "optim", "launcher", "checkpoint")}
-
-
-def compose_job(*overrides: str):
-    return compose_config(overrides)
 
 
 def test_defaults_compose_and_validate(tmp_path):

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from slowmo_train.config import to_job_config, validate
+from slowmo_train.config import to_job_config
+from slowmo_train.config_checks import validate
 from slowmo_train.scripting import launch_env, read_metrics
 from tests.conftest import write_image_folder_cifar, write_image_folder_imagenet, write_parallel_text
-from tests.test_config import EXPERIMENTS, compose_job
+from tests.helpers import EXPERIMENTS, compose_job
 
 TASKS = ("cifar10", "imagenet", "wmt16")
 BASES = {"allreduce": "allreduce", "localsgd": "local_sgd", "sgp": "sgp", "osgp": "osgp"}

@@ -16,8 +16,8 @@ from torch import nn
 from slowmo_train.algorithms import build_algorithm
 from slowmo_train.algorithms.graphs import GRAPHS, build_graph, num_offsets
 from slowmo_train.config import AlgorithmConfig, SlowMoConfig
-
 from tests.distributed_helpers import mean_over_ranks, run_distributed
+from tests.helpers import hook_step
 
 IN, OUT, BATCH = 32, 8, 8
 GRAPH_NAMES = tuple(GRAPHS)
@@ -100,6 +100,11 @@ def _batch(data_rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, IN, generator=g), torch.randn(BATCH, OUT, generator=g)
 
 
+def _mse(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
 def _flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
@@ -111,16 +116,10 @@ def _build(name, model, topology, lr, momentum=0.0, **cfg):
 
 
 def _train(algo, optimizer, data_rank, steps, first_step=0):
-    """The trainer's hook order (slowmo_train/algorithms/base.py)."""
+    """The trainer's hook order (tests/helpers.py: hook_step)."""
     stats = []
     for k in range(first_step, first_step + steps):
-        algo.before_forward(k)
-        optimizer.zero_grad()
-        x, y = _batch(data_rank, k)
-        F.mse_loss(algo.train_model(x), y).backward()
-        algo.after_backward(k)
-        optimizer.step()
-        algo.after_optimizer_step(k)
+        hook_step(algo, optimizer, k, _mse, _batch(data_rank, k))
         stats.append(algo.comm.pop())
     return stats
 
@@ -347,7 +346,7 @@ def test_bytes_per_step_match_one_model_per_peer(world):
     res = results(world)
     for key in [k for k in res[0] if isinstance(k, tuple) and k[0] == "bytes"]:
         _, peers, name, synch_freq = key
-        for rank, r in enumerate(res):
+        for r in res:
             numel = r[key]["numel"]
             message = (numel + 1) * 4  # float32 numerators + the weight in the same message
             for step in r[key]["stats"]:

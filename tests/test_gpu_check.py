@@ -117,7 +117,7 @@ def test_whole_cpu_path(tmp_path):
     result = _gpu_check(cwd=tmp_path, timeout=1800)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     rows = _rows(result.stdout)
-    assert len(rows) == 34
+    assert len(rows) == 36
     assert all(r.startswith("ok") for n, r in rows.items() if not n.startswith("speed:")), rows
     assert all(r.startswith("skipped: no CUDA device") for n, r in rows.items() if n.startswith("speed:")), rows
 

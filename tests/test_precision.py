@@ -105,7 +105,8 @@ INJECT_STEP, INJECT_RANK, STEPS = 2, 1, 8
 def _train_fp16(rank: int, world_size: int, algorithm: str, slowmo: bool) -> dict:
     """The trainer's step (trainer.Trainer.train_step: before_forward, autocast loss, scaled
     backward, after_backward, scaler step, after_optimizer_step) with an inf gradient injected on
-    one rank at one step."""
+    one rank at one step. Written out rather than tests/helpers.hook_step: it corrupts the loss and
+    inspects the parameters between the hooks."""
     from slowmo_train.algorithms import build_algorithm
     from slowmo_train.config import AlgorithmConfig, SlowMoConfig
     from slowmo_train.dist import build_topology

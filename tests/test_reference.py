@@ -1,5 +1,6 @@
 """The real algorithms (build_algorithm on gloo ranks, the trainer's hook order) reproduce the
-reference simulator (tests/reference.py) on every rank, for world sizes 1-4.
+reference simulator (tests/reference.py) on every rank, for world sizes 1-4 (the real side:
+tests/reference_runs.py).
 
 One spawned run per world size trains every configuration and returns all trajectories (spawning
 costs seconds; a step of the tiny model costs microseconds).
@@ -8,25 +9,20 @@ costs seconds; a step of the tiny model costs microseconds).
 from __future__ import annotations
 
 import functools
-import traceback
 from dataclasses import replace
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch import nn
 
-from slowmo_train.algorithms import build_algorithm
-from slowmo_train.config import AlgorithmConfig, SlowMoConfig
-from slowmo_train.dist import build_topology
-from tests.distributed_helpers import mean_over_ranks, run_distributed
-from tests.reference import (
-    DTYPE, HIDDEN, IN, OUT, PARAM_GROUPS, STAT_MOMENTUM, Case, Simulator, batch, group_lrs, initial_parameters,
-    out_peers, simulate, with_slowmo,
-)
+from tests.distributed_helpers import run_distributed
+from tests.reference import HIDDEN, Case, Simulator, out_peers, simulate, with_slowmo
+from tests.reference_runs import ATOL, RTOL, first_mismatch, run_all_cases
+
+# isort: split
+# tests/test_slowmo_streaming.py imports these from here until it imports them from tests.reference_runs
+from tests.reference_runs import TinyNet, build_optimizer, configs_for  # noqa: F401
 
 WORLD_SIZES = (1, 2, 3, 4)
-ATOL, RTOL = 1e-10, 1e-8
 TAU = 4
 #: (suffix, SlowMo options): coupled and decoupled, sharded and unsharded, all three buffer modes
 SLOWMO_VARIANTS = (
@@ -96,105 +92,12 @@ def reference_for(case: Case) -> Case:
     return case
 
 
-# --- the real side, run on every rank ---------------------------------------------------------
-class RunningMean(nn.Module):
-    """Tracks the batch mean of its input like BatchNorm's running_mean; passes the input through."""
-
-    def __init__(self, features: int):
-        super().__init__()
-        self.register_buffer("running_mean", torch.zeros(features, dtype=DTYPE))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                self.running_mean.mul_(1 - STAT_MOMENTUM).add_(h.mean(0), alpha=STAT_MOMENTUM)
-        return h
-
-
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(IN, HIDDEN, dtype=DTYPE)
-        self.stat = RunningMean(HIDDEN)
-        self.fc2 = nn.Linear(HIDDEN, OUT, bias=False, dtype=DTYPE)
-        with torch.no_grad():
-            for p, init in zip(self.parameters(), initial_parameters()):
-                p.copy_(init)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.stat(self.fc1(x))))
-
-
-def build_optimizer(model: TinyNet) -> torch.optim.Optimizer:
-    params = list(model.parameters())
-    return torch.optim.SGD([
-        {"params": [params[i] for i in g.indices], "lr": g.lr, "momentum": g.momentum,
-         "weight_decay": g.weight_decay, "nesterov": g.nesterov}
-        for g in PARAM_GROUPS
-    ])
-
-
-def configs_for(case: Case) -> tuple[AlgorithmConfig, SlowMoConfig]:
-    algo = AlgorithmConfig(name=case.algorithm, period=case.period, peers_per_itr=case.peers, graph=case.graph,
-                           synch_freq=case.synch_freq, nprocs_per_node=case.procs_per_node, consensus_every=0)
-    s = case.slowmo
-    slowmo = SlowMoConfig(enabled=False) if s is None else SlowMoConfig(
-        enabled=True, alpha=s.alpha, beta=s.beta, tau=s.tau, base_buffers=s.base_buffers,
-        lr_coupling=s.coupling, nesterov=s.nesterov, sharded=s.sharded, fragments=s.fragments,
-        overlap_steps=s.overlap, outer_dtype=s.outer_dtype)
-    return algo, slowmo
-
-
-def train_case(case: Case, topology, rank: int) -> dict:
-    """The trainer's loop (slowmo_train/trainer.py, algorithms/base.py) on the tiny model."""
-    model = TinyNet()
-    optimizer = build_optimizer(model)
-    algorithm = build_algorithm(*configs_for(case), model, optimizer, topology)
-    net = algorithm.train_model
-    net.train()
-    params, stats, sent, consensus = [], [], [], {}
-    for k in range(case.steps):
-        schedule_step = (algorithm.lr_schedule_step(k) // case.lr_hold) * case.lr_hold
-        for group, lr in zip(optimizer.param_groups, group_lrs(schedule_step)):
-            group["lr"] = lr
-        algorithm.before_forward(k)
-        x, y = batch(rank, k)
-        loss = ((net(x) - y) ** 2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        algorithm.after_backward(k)
-        optimizer.step()
-        algorithm.after_optimizer_step(k)
-        sent.append(algorithm.comm.pop()["bytes_sent"])
-        metrics = algorithm.pop_metrics()
-        if "consensus_distance" in metrics:  # SlowMo reports it whenever it applies an outer update
-            consensus[k] = metrics["consensus_distance"]
-        params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone())
-        stats.append(model.stat.running_mean.detach().clone())
-    algorithm.close()
-    consensus = mean_over_ranks(consensus)  # each rank reports its own distance; the metric is their mean
-    return {"params": torch.stack(params), "stats": torch.stack(stats), "sent": sent, "consensus": consensus,
-            "error": None}
-
-
-def run_all_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, dict]:
-    topologies = {ppn: build_topology(ppn) for ppn in sorted({c.procs_per_node for c in cases})}
-    out = {}
-    for case in cases:
-        try:
-            out[case.name] = train_case(case, topologies[case.procs_per_node], rank)
-        except Exception:  # e.g. NotImplementedError in a constructor: the same on every rank
-            out[case.name] = {"error": traceback.format_exc()}
-        dist.barrier()
-    return out
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def distributed_results(world_size: int) -> list[dict[str, dict]]:
     return run_distributed(run_all_cases, world_size, args=(all_cases(world_size),))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_result(case: Case, world_size: int):
     return simulate(reference_for(case), world_size)
 
@@ -204,13 +107,6 @@ def real_result(world_size: int, name: str, rank: int) -> dict:
     if result["error"] is not None:
         pytest.fail(f"{name} failed on rank {rank} (world size {world_size}):\n{result['error']}")
     return result
-
-
-def first_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> str:
-    close = torch.isclose(actual, expected, rtol=RTOL, atol=ATOL).reshape(len(actual), -1).all(1)
-    k = int((~close).nonzero()[0])
-    err = float((actual[k] - expected[k]).abs().max())
-    return f"first differs after step {k} (max abs error {err:.3g}):\n  real {actual[k]}\n  ref  {expected[k]}"
 
 
 CASE_IDS = [(ws, case) for ws in WORLD_SIZES for case in all_cases(ws)]

@@ -1,4 +1,5 @@
-"""scripts/reproduce.py: the plan, skip/resume, verdicts and the report on synthetic run directories.
+"""scripts/reproduce.py and scripts/reproduction/: the plan, skip/resume, verdicts and the report on
+synthetic run directories.
 
     .venv/bin/python -m pytest -q tests/test_reproduce.py              # fast (a few seconds)
     .venv/bin/python -m pytest -q -m slow tests/test_reproduce.py      # + a real 4-worker tiny run
@@ -15,13 +16,15 @@ import pytest
 import yaml
 
 from scripts import reproduce as rp
+from scripts.reproduction import plan as runs_plan
+from scripts.reproduction import report, verdicts
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # --- plan --------------------------------------------------------------------------------------------
 def test_cifar_plan_has_every_method_and_seed_with_identical_shared_overrides():
-    runs = rp.plan("cifar")
+    runs = runs_plan.plan("cifar")
     keys = {r.method.key for r in runs}
     assert keys == {"allreduce", "allreduce_slowmo", "localsgd", "localsgd_slowmo", "sgp", "sgp_slowmo", "osgp",
                     "osgp_slowmo"}
@@ -33,55 +36,55 @@ def test_cifar_plan_has_every_method_and_seed_with_identical_shared_overrides():
         assert "launcher.nproc_per_node=4" in cmd and "launcher.threads_per_worker=1" in cmd
         assert f"seed={r.seed}" in cmd and f"output_dir={runs_dir}/cifar/{r.method.key}_s{r.seed}" in cmd
         # everything after the per-run part is the set's shared overrides, the same for every method
-        assert cmd[8:] == list(rp.CIFAR_SHARED)
+        assert cmd[8:] == list(runs_plan.CIFAR_SHARED)
         assert "resume=auto" not in cmd and r.command(runs_dir, resume=True)[-1] == "resume=auto"
     assert len({r.run_dir(runs_dir) for r in runs}) == 16
 
 
 def test_every_exp_config_named_in_the_plan_exists():
-    for name in rp.SETS:
-        for r in rp.plan(name):
+    for name in runs_plan.SETS:
+        for r in runs_plan.plan(name):
             assert (REPO / "configs" / "exp" / f"{r.method.exp}.yaml").exists(), r.method.exp
 
 
 def test_streamed_sweep_and_translation_plans():
-    streamed = rp.plan("streamed")
+    streamed = runs_plan.plan("streamed")
     assert len(streamed) == 4 and {r.method.exp for r in streamed} == {"cifar10_localsgd_slowmo", "cifar10_sgp_slowmo"}
-    assert all(set(rp.STREAMED) <= set(r.command(Path("r"))) for r in streamed)
-    assert all(r.shared == rp.CIFAR_SHARED for r in streamed)  # comparable with the exact cifar runs
-    sweep = rp.plan("sweep")
+    assert all(set(runs_plan.STREAMED) <= set(r.command(Path("r"))) for r in streamed)
+    assert all(r.shared == runs_plan.CIFAR_SHARED for r in streamed)  # comparable with the exact cifar runs
+    sweep = runs_plan.plan("sweep")
     assert len(sweep) == 12 and {r.seed for r in sweep} == {1}
     for r in sweep:
         tau = [a for a in r.method.extra if a.startswith("slowmo.tau=")][0].split("=")[1]
         assert f"algorithm.period={tau}" in r.method.extra  # pure BMUF
-    translation = rp.plan("translation")
+    translation = runs_plan.plan("translation")
     assert {r.method.exp for r in translation} == {"wmt16_allreduce", "wmt16_localsgd", "wmt16_localsgd_slowmo",
                                                    "wmt16_sgp", "wmt16_sgp_slowmo"}
-    assert {r.seed for r in translation} == set(rp.SEEDS) and len(translation) == 5 * len(rp.SEEDS)
+    assert {r.seed for r in translation} == set(runs_plan.SEEDS) and len(translation) == 5 * len(runs_plan.SEEDS)
 
 
 def test_dry_run_prints_commands_and_marks_finished_runs(tmp_path, capsys):
-    done = rp.plan("translation")[0].run_dir(tmp_path)
+    done = runs_plan.plan("translation")[0].run_dir(tmp_path)
     done.mkdir(parents=True)
     (done / "summary.json").write_text("{}")
     assert rp.main(["translation", "--dry-run", "--runs-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == len(rp.plan("translation"))
+    assert len(lines) == len(runs_plan.plan("translation"))
     assert lines[0].startswith("# done: ") and not lines[1].startswith("#")
     assert not (tmp_path / "translation" / "machine.json").exists()  # a dry run writes nothing
 
 
 # --- skip / resume -----------------------------------------------------------------------------------
 def test_run_state(tmp_path):
-    assert rp.run_state(tmp_path / "missing") == "new"
+    assert runs_plan.run_state(tmp_path / "missing") == "new"
     (tmp_path / "checkpoints" / "step_00000010").mkdir(parents=True)
-    assert rp.run_state(tmp_path) == "resume"
+    assert runs_plan.run_state(tmp_path) == "resume"
     (tmp_path / "summary.json").write_text("{}")
-    assert rp.run_state(tmp_path) == "done"
+    assert runs_plan.run_state(tmp_path) == "done"
 
 
 def test_run_set_skips_finished_resumes_checkpointed_and_reports_failures(tmp_path, monkeypatch, capsys):
-    runs = rp.plan("translation")
+    runs = runs_plan.plan("translation")
     finished, checkpointed, stale = (r.run_dir(tmp_path) for r in runs[:3])
     finished.mkdir(parents=True)
     (finished / "summary.json").write_text("{}")
@@ -141,16 +144,16 @@ def test_ctrl_c_forwards_one_sigint_and_stops_the_set(tmp_path, monkeypatch, cap
 
 # --- verdicts ----------------------------------------------------------------------------------------
 def test_verdict_against_seed_spread():
-    S = rp.Stat
-    assert rp.verdict(S(50, 0.3, 2), S(52, 0.4, 2))[0] == "reproduces"
-    assert rp.verdict(S(52, 0.3, 2), S(50, 0.4, 2))[0] == "does not reproduce"
-    assert rp.verdict(S(50, 1.0, 2), S(50.5, 1.0, 2))[0] == "not resolved"
-    assert rp.verdict(S(50, None, 1), S(55, None, 1))[0] == "not resolved"
-    assert rp.verdict(S(50, None, 1), S(55, None, 1), noise=1.0)[0] == "reproduces"
-    assert rp.verdict(S(50, 0.3, 2), S(50.2, 0.3, 2), kind="no_gain")[0] == "reproduces"
-    assert rp.verdict(S(50, 0.3, 2), S(53, 0.3, 2), kind="no_gain")[0] == "does not reproduce"
-    assert rp.verdict(None, S(1, None, 1))[0] == "no data"
-    assert rp.stat([1.0, 3.0]).sd == pytest.approx(2 ** 0.5) and rp.stat([2.0]).sd is None
+    S = verdicts.Stat
+    assert verdicts.verdict(S(50, 0.3, 2), S(52, 0.4, 2))[0] == "reproduces"
+    assert verdicts.verdict(S(52, 0.3, 2), S(50, 0.4, 2))[0] == "does not reproduce"
+    assert verdicts.verdict(S(50, 1.0, 2), S(50.5, 1.0, 2))[0] == "not resolved"
+    assert verdicts.verdict(S(50, None, 1), S(55, None, 1))[0] == "not resolved"
+    assert verdicts.verdict(S(50, None, 1), S(55, None, 1), noise=1.0)[0] == "reproduces"
+    assert verdicts.verdict(S(50, 0.3, 2), S(50.2, 0.3, 2), kind="no_gain")[0] == "reproduces"
+    assert verdicts.verdict(S(50, 0.3, 2), S(53, 0.3, 2), kind="no_gain")[0] == "does not reproduce"
+    assert verdicts.verdict(None, S(1, None, 1))[0] == "no data"
+    assert verdicts.stat([1.0, 3.0]).sd == pytest.approx(2 ** 0.5) and verdicts.stat([2.0]).sd is None
 
 
 # --- report on synthetic runs ------------------------------------------------------------------------
@@ -175,22 +178,22 @@ CIFAR_BEST = {"allreduce": 50.0, "allreduce_slowmo": 50.1, "localsgd": 45.0, "lo
 @pytest.fixture
 def synthetic_runs(tmp_path):
     runs_dir = tmp_path / "runs"
-    for r in rp.plan("cifar"):
+    for r in runs_plan.plan("cifar"):
         jitter = 0.2 if r.seed == 1 else -0.2
         fake_run(r.run_dir(runs_dir), CIFAR_BEST[r.method.key] + jitter, 1.0 - 0.1 * ("slowmo" in r.method.key))
-    for r in rp.plan("streamed"):
+    for r in runs_plan.plan("streamed"):
         fake_run(r.run_dir(runs_dir), CIFAR_BEST[r.method.key.removesuffix("_streamed")] - 0.3, 1.0)
-    for r in rp.plan("sweep"):
+    for r in runs_plan.plan("sweep"):
         beta = float(r.method.key.split("_")[0][4:])
         fake_run(r.run_dir(runs_dir), 40 + 5 * beta, 1.0)
-    for r in rp.plan("translation")[:3]:  # one translation run missing: its rows say so
+    for r in runs_plan.plan("translation")[:3]:  # one translation run missing: its rows say so
         fake_run(r.run_dir(runs_dir), 50.0, 4.0, metric="ppl", final_extra={"bleu": 20.0 + len(r.method.key) / 10})
     return runs_dir
 
 
 def test_report_tables_verdicts_and_plots(synthetic_runs, tmp_path):
     img = tmp_path / "img"
-    text = rp.render(synthetic_runs, img)
+    text = report.render(synthetic_runs, img)
     lines = text.splitlines()
     row = next(ln for ln in lines if ln.startswith("| Local SGD + SlowMo |"))
     assert "48.00 ± 0.28" in row and "| 2 |" in row and "93.20" in row and "100.0 kB" in row
@@ -214,18 +217,18 @@ def test_report_tables_verdicts_and_plots(synthetic_runs, tmp_path):
 
 
 def test_report_on_no_runs_says_how_to_make_them(tmp_path):
-    text = rp.render(tmp_path / "none", tmp_path / "img")
+    text = report.render(tmp_path / "none", tmp_path / "img")
     assert "No finished runs yet: `scripts/reproduce.py cifar`." in text
     assert not (tmp_path / "img").exists()
 
 
 def test_region_replacement_keeps_the_rest_of_the_document():
     doc = "# Results\n\n## Hand-written\n\nkeep me\n"
-    once = rp.replace_region(doc, "body 1\n")
-    assert once.startswith(doc.rstrip()) and rp.HEADING in once and "body 1" in once
-    twice = rp.replace_region(once + "\n## After\n\nkeep me too\n", "body 2\n")
+    once = report.replace_region(doc, "body 1\n")
+    assert once.startswith(doc.rstrip()) and report.HEADING in once and "body 1" in once
+    twice = report.replace_region(once + "\n## After\n\nkeep me too\n", "body 2\n")
     assert "body 1" not in twice and "body 2" in twice and "keep me too" in twice
-    assert twice.count(rp.BEGIN) == 1 and twice.count(rp.HEADING) == 1 and "keep me\n" in twice
+    assert twice.count(report.BEGIN) == 1 and twice.count(report.HEADING) == 1 and "keep me\n" in twice
 
 
 def test_main_report_writes_only_given_paths(synthetic_runs, tmp_path):
@@ -234,7 +237,7 @@ def test_main_report_writes_only_given_paths(synthetic_runs, tmp_path):
     assert rp.main(["report", "--runs-dir", str(synthetic_runs), "--results", str(results),
                     "--img-dir", str(tmp_path / "docs_img")]) == 0
     text = results.read_text()
-    assert text.startswith("# Results\n\nhand-written\n") and rp.BEGIN in text
+    assert text.startswith("# Results\n\nhand-written\n") and report.BEGIN in text
     assert "](docs_img/reproduce_cifar.png)" in text and (tmp_path / "docs_img" / "reproduce_sweep.png").exists()
 
 
@@ -243,39 +246,39 @@ def test_main_report_writes_only_given_paths(synthetic_runs, tmp_path):
 @pytest.mark.multiproc
 def test_real_tiny_run_is_reported(tmp_path):
     """One tiny 4-worker CIFAR-10 run through the CLI, then the report reads it."""
-    run = rp.plan("cifar")[3]  # Local SGD + SlowMo
+    run = runs_plan.plan("cifar")[3]  # Local SGD + SlowMo
     cmd = run.command(tmp_path) + ["data.train_subset=512", "train.epochs=1", "train.log_every=2",
                                    "train.eval_batch_size=1000"]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
-    assert rp.run_state(run.run_dir(tmp_path)) == "done"
-    groups = rp.load_set("cifar", tmp_path)
+    assert runs_plan.run_state(run.run_dir(tmp_path)) == "done"
+    groups = verdicts.load_set("cifar", tmp_path)
     assert list(groups) == ["localsgd_slowmo"] and groups["localsgd_slowmo"].best().mean > 0
-    assert "Local SGD + SlowMo" in rp.render(tmp_path, tmp_path / "img")
+    assert "Local SGD + SlowMo" in report.render(tmp_path, tmp_path / "img")
 
 
 def test_diagnostic_runs_replace_the_shared_value_of_their_key():
-    runs = {r.method.key: r.command(Path("r")) for r in rp.plan("diagnostics")}
+    runs = {r.method.key: r.command(Path("r")) for r in runs_plan.plan("diagnostics")}
     lr = runs["sgp_slowmo_lr1e-3"]
     assert [a for a in lr if a.startswith("optim.lr=")] == ["optim.lr=1e-3"]
     beta0 = runs["sgp_slowmo_beta0"]
     assert "slowmo.beta=0" in beta0 and "optim.lr=2e-3" in beta0
     # every other argument is the translation set's, so the rows compare one change at a time
-    shared = set(rp.TRANSLATION_SHARED) - {"optim.lr=2e-3"}
+    shared = set(runs_plan.TRANSLATION_SHARED) - {"optim.lr=2e-3"}
     assert all(shared <= set(cmd) for cmd in runs.values())
 
 
 def test_streamed_parts_change_one_option_of_the_streamed_runs_each():
-    parts = rp.plan("streamed_parts")
-    assert {r.seed for r in parts} == set(rp.SEEDS) and all(r.shared == rp.CIFAR_SHARED for r in parts)
+    parts = runs_plan.plan("streamed_parts")
+    assert {r.seed for r in parts} == set(runs_plan.SEEDS) and all(r.shared == runs_plan.CIFAR_SHARED for r in parts)
     options = [r.method.extra for r in parts if r.seed == 1]
-    assert sorted(o for (o,) in options) == sorted(rp.STREAMED)
+    assert sorted(o for (o,) in options) == sorted(runs_plan.STREAMED)
     assert all(r.method.exp == "cifar10_localsgd_slowmo" for r in parts)
 
 
 def test_streamed_parts_table(synthetic_runs, tmp_path):
-    for r in rp.plan("streamed_parts"):
+    for r in runs_plan.plan("streamed_parts"):
         fake_run(r.run_dir(synthetic_runs), CIFAR_BEST["localsgd_slowmo"] + (1.0 if "F4" in r.method.key else 0.0), 1.0)
-    text = rp.render(synthetic_runs, tmp_path / "img")
+    text = report.render(synthetic_runs, tmp_path / "img")
     row = next(ln for ln in text.splitlines() if ln.startswith("| slowmo.fragments=4 only |"))
     assert "49.00 ± 0.00" in row and "+1.00" in row
     assert any(ln.startswith("| all three | 47.70") for ln in text.splitlines())

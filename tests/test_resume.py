@@ -21,6 +21,10 @@ import torch
 
 from slowmo_train.scripting import read_metrics
 from tests.distributed_helpers import run_distributed
+from tests.helpers import merge, rank_state, run_trainer, states_equal
+
+# tests/test_slowmo_streaming.py imports these under their old names from here
+_merge, _train, _rank_state, _equal = merge, run_trainer, rank_state, states_equal
 
 pytestmark = pytest.mark.multiproc
 
@@ -40,52 +44,25 @@ SLOWMO = {"slowmo": {"enabled": True, "tau": 4, "beta": 0.5}}
 SHARDED = {"slowmo": {"enabled": True, "tau": 4, "beta": 0.5, "sharded": True}}
 
 
-def _merge(*dicts: dict) -> dict:
-    out: dict = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
-
-
 def _cases() -> dict[str, tuple[dict, int]]:
     """name -> (overrides, step to stop at). Split 5: mid-epoch, mid-outer-iteration (tau 4) and
     between two log points (log_every 3); split 6: exactly at the epoch boundary."""
     cases = {}
     for name, algo in ALGORITHMS.items():
         cases[name] = (algo, 5)
-        cases[f"slowmo_{name}"] = (_merge(algo, SLOWMO), 5)
-        cases[f"slowmo_sharded_{name}"] = (_merge(algo, SHARDED), 5)
+        cases[f"slowmo_{name}"] = (merge(algo, SLOWMO), 5)
+        cases[f"slowmo_sharded_{name}"] = (merge(algo, SHARDED), 5)
     cases["allreduce_epoch_boundary"] = (ALGORITHMS["allreduce"], 6)
-    cases["slowmo_osgp2_epoch_boundary"] = (_merge(ALGORITHMS["osgp2"], SLOWMO), 6)
+    cases["slowmo_osgp2_epoch_boundary"] = (merge(ALGORITHMS["osgp2"], SLOWMO), 6)
     return cases
 
 
 FAST = ["allreduce", "local_sgd", "slowmo_sharded_osgp2", "allreduce_epoch_boundary"]
 
 
-def _train(job_dict: dict, run_dir: Path) -> dict:
-    """One Trainer run; returns this rank's final model and algorithm state."""
-    from slowmo_train.config import to_job_config
-    from slowmo_train.dist import read_env
-    from slowmo_train.trainer import Trainer
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(to_job_config(job_dict), read_env(), torch.device("cpu"), run_dir)
-    trainer.run()
-    return {"model": {k: v.clone() for k, v in trainer.task.model.state_dict().items()},
-            "step": trainer.step}
-
-
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
     events = read_metrics(run_dir)
     return [(e["step"], e["loss"]) for e in events if e["event"] == "train" and "loss" in e]
-
-
-def _rank_state(run_dir: Path, step: int, rank: int) -> dict:
-    from slowmo_train.checkpoint import load_rank_state, step_dir
-
-    return load_rank_state(step_dir(run_dir, step), rank)[1]
 
 
 def _resume_cases(rank: int, world_size: int, root: str, data_root: str, names: list[str]) -> dict:
@@ -94,31 +71,21 @@ def _resume_cases(rank: int, world_size: int, root: str, data_root: str, names: 
     cases = _cases()
     for name in names:
         overrides, split = cases[name]
-        base = _merge(BASE, {"data": {"root": data_root}}, overrides)
+        base = merge(BASE, {"data": {"root": data_root}}, overrides)
         straight_dir, split_dir = Path(root) / name / "straight", Path(root) / name / "split"
-        straight = _train(_merge(base, {"train": {"max_steps": N}}), straight_dir)
-        first = _train(_merge(base, {"train": {"max_steps": split}}), split_dir)
-        second = _train(_merge(base, {"train": {"max_steps": N}, "resume": "auto", "output_dir": str(split_dir)}),
-                        split_dir)
-        a, b = _rank_state(straight_dir, N, rank), _rank_state(split_dir, N, rank)
+        straight = run_trainer(merge(base, {"train": {"max_steps": N}}), straight_dir)
+        first = run_trainer(merge(base, {"train": {"max_steps": split}}), split_dir)
+        second = run_trainer(merge(base, {"train": {"max_steps": N}, "resume": "auto", "output_dir": str(split_dir)}),
+                             split_dir)
+        a, b = rank_state(straight_dir, N, rank), rank_state(split_dir, N, rank)
         results[name] = {
             "steps": (straight["step"], first["step"], second["step"]),
             "model_equal": all(torch.equal(straight["model"][k], second["model"][k]) for k in straight["model"]),
-            "algorithm_equal": _equal(a["algorithm"], b["algorithm"]),
-            "optimizer_equal": _equal(a["optimizer"]["state"], b["optimizer"]["state"]),
+            "algorithm_equal": states_equal(a["algorithm"], b["algorithm"]),
+            "optimizer_equal": states_equal(a["optimizer"]["state"], b["optimizer"]["state"]),
             "losses": (_losses(straight_dir), _losses(split_dir)) if rank == 0 else None,
         }
     return results
-
-
-def _equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def _check(results: list[dict], name: str) -> None:

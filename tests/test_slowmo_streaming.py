@@ -24,9 +24,7 @@ from slowmo_train.config import AlgorithmConfig, SlowMoConfig
 from slowmo_train.dist import build_topology
 from tests.distributed_helpers import run_distributed
 from tests.reference import Case, batch, group_lrs, simulate, with_slowmo
-from tests.test_reference import (
-    ATOL, RTOL, TinyNet, build_optimizer, configs_for, first_mismatch, run_all_cases,
-)
+from tests.reference_runs import ATOL, RTOL, TinyNet, build_optimizer, configs_for, first_mismatch, run_all_cases
 
 pytestmark = pytest.mark.multiproc
 
@@ -82,7 +80,7 @@ def streaming_cases(world_size: int) -> list[Case]:
     return cases
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def distributed_results(world_size: int) -> list[dict]:
     cases = streaming_cases(world_size) + [with_slowmo(Case("local_sgd", "local_sgd", period=2), "plain_local_sgd",
                                                        tau=TAU)]
@@ -338,7 +336,8 @@ def _resume_in_flight(rank, world_size, case, split):
     algo.load_state_dict(state["algo"])
     run(model, opt, algo, range(split, case.steps))
     algo.close()
-    return {"in_flight": in_flight, "resolved": resolved, "equal": all(torch.equal(a, b) for a, b in zip(straight, model.parameters()))}
+    equal = all(torch.equal(a, b) for a, b in zip(straight, model.parameters()))
+    return {"in_flight": in_flight, "resolved": resolved, "equal": equal}
 
 
 @pytest.mark.parametrize("name,base,options,split", [

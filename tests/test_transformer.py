@@ -33,11 +33,20 @@ def random_src(rows: int, length: int, seed: int = 1) -> torch.Tensor:
     return src
 
 
-def test_presets_are_the_papers_shapes():
-    big = PRESETS["transformer_big"]
-    assert (big.layers_enc, big.layers_dec, big.d_model, big.heads, big.ffn, big.dropout) == (6, 6, 1024, 16, 4096, 0.3)
-    base = PRESETS["transformer_base"]
-    assert (base.d_model, base.heads, base.ffn, base.dropout) == (512, 8, 2048, 0.1)
+def built_shape(model: Transformer) -> tuple:
+    """What the modules of ``model`` are: layers, width, heads, FFN width, dropouts."""
+    layer = model.encoder[0]
+    return (len(model.encoder), len(model.decoder), model.embed.embedding_dim, layer.attn.heads,
+            layer.ffn[0].out_features, model.drop.p, layer.attn.dropout)
+
+
+def test_width_one_builds_the_papers_models():
+    """The presets at width 1 build the papers' models (on the meta device: no memory is allocated)."""
+    with torch.device("meta"):
+        big = build_model(ModelConfig(arch="transformer_big", width=1.0), "wmt16", vocab_size=VOCAB)
+        base = build_model(ModelConfig(arch="transformer_base", width=1.0), "wmt16", vocab_size=VOCAB)
+    assert built_shape(big) == (6, 6, 1024, 16, 4096, 0.3, 0.1)  # fairseq transformer_vaswani_wmt_en_de_big
+    assert built_shape(base) == (6, 6, 512, 8, 2048, 0.1, 0.0)  # Vaswani et al. (2017) base
 
 
 def test_width_scales_d_model_to_a_multiple_of_heads_and_dropout_overrides():

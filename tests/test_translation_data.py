@@ -10,7 +10,6 @@ import functools
 import gzip
 import http.server
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,24 +31,7 @@ from slowmo_train.data.translation import (
 from slowmo_train.data.vocab import BOS, EOS, PAD
 from slowmo_train.tasks.wmt16 import check_wmt16_data
 from tests.distributed_helpers import run_distributed
-
-WORDS = "a man dog woman runs sits on the in green red blue street beach house park ball".split()
-WORTE = "ein mann hund frau läuft sitzt auf der im grünen roten blauen straße strand haus park ball".split()
-
-
-def write_corpus(root: Path, pairs: int = 60, seed: int = 0) -> Path:
-    """A toy En-De corpus in the Multi30k layout (word-for-word 'translations')."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", pairs), ("valid", 8), ("test", 8)):
-        en, de = [], []
-        for _ in range(n):
-            ids = rng.integers(0, len(WORDS), size=rng.integers(2, 9))
-            en.append(" ".join(WORDS[i] for i in ids).capitalize() + ".")
-            de.append(" ".join(WORTE[i] for i in ids).capitalize() + ".")
-        (root / f"{split}.en").write_text("\n".join(en) + "\n", encoding="utf-8")
-        (root / f"{split}.de").write_text("\n".join(de) + "\n", encoding="utf-8")
-    return root
+from tests.helpers import write_corpus
 
 
 def random_corpus(n: int = 200, seed: int = 0) -> ParallelCorpus:

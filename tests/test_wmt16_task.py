@@ -18,7 +18,7 @@ import torch
 from slowmo_train.config import DataConfig, EvalConfig, ModelConfig
 from slowmo_train.tasks import TASKS
 from slowmo_train.tasks.base import TaskArgs, WorkerInfo
-from tests.test_translation_data import write_corpus
+from tests.helpers import write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -32,7 +32,14 @@ from slowmo_train.algorithms import comm
 from slowmo_train.algorithms.base import Algorithm, exact_average, local_distance
 from slowmo_train.algorithms.comm import CommStats
 from slowmo_train.algorithms.outer_layout import (
-    Piece, SlowGroup, build_fragments, flat_group, fragment_due, group_lrs, owned_ranges, rank_slice,
+    Piece,
+    SlowGroup,
+    build_fragments,
+    flat_group,
+    fragment_due,
+    group_lrs,
+    owned_ranges,
+    rank_slice,
 )
 from slowmo_train.algorithms.outer_optimizer import OuterOptimizer
 
