@@ -18,12 +18,13 @@ fill the optimizer state (momentum / Adam moments). Optimizer defaults: Nesterov
 ResNets, Adam for the transformer (``--optim``). The transformer's vocabulary is the paper's joint
 32k (``--vocab``): 209.9M parameters, ~4 GB of state with Adam and SlowMo.
 
-Step stall (``--steps`` > 0): the median of ``--steps`` training steps without saving is the
-baseline; a direct save stalls its step by the whole save; a background save stalls the training
-by its snapshot plus whatever the steps run until its completion lose to the writer thread (CPU,
-memory bandwidth) and the per-step completion poll: sum(step + save + poll times from the save to
-its completion) - n x baseline. Gradients are dropped after each step to keep the peak memory of
-the transformer (live state + host snapshot) under 10 GB. Timings on a shared machine move 10-20 %.
+Step stall (``--steps`` > 0): a direct save stalls its step by the whole save; a background save
+stalls the training by its snapshot plus whatever the n steps that run until its completion lose
+to the writer thread (CPU, memory bandwidth) and the per-step completion poll: sum(step + save +
+poll times from the save to its completion) - n x baseline, the baseline being the median of the
+``--steps`` steps right before and right after that save (a shared machine's load drifts).
+Gradients are dropped after each step to keep the peak memory of the transformer (live state +
+host snapshot) under 10 GB. Timings on a shared machine move 10-20 % and more.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def main() -> int:
             step += 1
             start = time.perf_counter()
             path = direct.save(step, state(step), {"bench": True})
-            writes.append(time.perf_counter() - start)
+            writes.append(time.perf_counter() - start)  # = the stall: the step waits for all of it
             sizes.append((path / "rank0.pt").stat().st_size / 2**20)
             if steps:
                 train_step()
@@ -143,6 +144,9 @@ def main() -> int:
         background = Checkpointer(root / "background", keep=1, rank=0, world_size=1, background=True)
         snapshots, durable, stalls, overlapped = [], [], [], []
         for _ in range(args.repeats):
+            # the baseline of this save: the steps right before it (and after it, below), since the
+            # load of a shared machine drifts over a run
+            around = [train_step() for _ in range(steps)]
             step += 1
             spent, n = 0.0, 0
             start = time.perf_counter()
@@ -161,7 +165,8 @@ def main() -> int:
             snapshots.append(t["snapshot_s"])
             durable.append(t["written_s"])
             if steps:
-                stalls.append(spent - n * baseline)
+                around += [train_step() for _ in range(steps)]
+                stalls.append(spent - n * statistics.median(around))
                 overlapped.append(n)
     finally:
         shutil.rmtree(root / "background", ignore_errors=True)
@@ -198,7 +203,7 @@ def main() -> int:
     if steps:
         print(f"  step stall s           direct {statistics.median(writes):.3f}   background "
               f"{statistics.median(stalls):.3f} (min {min(stalls):.3f}, max {max(stalls):.3f}; "
-              f"{statistics.median(overlapped):.0f} steps overlap the write)   baseline step {baseline:.3f}")
+              f"{statistics.median(overlapped):.0f} steps overlap the write)   first baseline step {baseline:.3f}")
     return 0
 
 

@@ -49,7 +49,7 @@ How to read the comparison (it is not the same for every variant):
   two ways to average, not of SlowMo's cost on top of an unchanged base.
 * SGP: the outer all-reduce comes on top of the gossip (what the 1 % goal is about), less one
   gossip per outer iteration when F = 1 (the exact average supersedes it); the push-sum weight adds
-  an 8-byte float64 all-reduce per fragment on the streamed path (``SlowMo._send``).
+  an 8-byte float64 all-reduce per fragment on the streamed path (``FragmentSync.post`` in slowmo_train/algorithms/outer_sync.py).
 
 Per row, per iteration: ms, SlowMo's overhead over its base ((ms - ms_base) / ms_base), the same
 counting only the added blocking time ((blocking - blocking_base) / ms_base: on this shared machine

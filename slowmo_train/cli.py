@@ -32,8 +32,17 @@ from slowmo_train import dist as sdist
 from slowmo_train.config import ConfigError, JobConfig, per_worker_batch, register_configs, to_job_config
 from slowmo_train.config_checks import validate
 from slowmo_train.data.cifar10 import DatasetError
-from slowmo_train.faults import (RecordedFailure, RunError, clear_fatal, is_deterministic, read_fatal, record_fatal,
-                                 restart_attempt, stop_elastic_agent, under_elastic_agent)
+from slowmo_train.faults import (
+    RecordedFailure,
+    RunError,
+    clear_fatal,
+    is_deterministic,
+    read_fatal,
+    record_fatal,
+    restart_attempt,
+    stop_elastic_agent,
+    under_elastic_agent,
+)
 from slowmo_train.launch import launch_local, report_stop
 from slowmo_train.registry import ALGORITHM_SPECS
 from slowmo_train.tasks import TASKS
@@ -206,10 +215,10 @@ def worker_main(job_dict: dict, run_dir: str | None) -> dict:
     """Body of every worker process (torchrun's or the local launcher's)."""
     import torch
 
+    from slowmo_train.asynchronous.runner import AsyncRunner
     from slowmo_train.metrics import setup_logging
     from slowmo_train.precision import configure_device_math
     from slowmo_train.trainer import Trainer
-    from slowmo_train.asynchronous.runner import AsyncRunner
 
     env = sdist.read_env()
     job = to_job_config(job_dict)

@@ -143,7 +143,7 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     @classmethod
-    def install(cls) -> "StopSignals":
+    def install(cls) -> StopSignals:
         stop = cls()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -104,7 +104,7 @@ class TrainLog:
     the extra metrics, each written at the step that measured it. Time spent in :meth:`paused`
     regions (evaluation, checkpoints) is not training time and does not count in the rate."""
 
-    def __init__(self, writer: "MetricsWriter", progress: "Progress", every: int, steps_per_epoch: int, unit: str,
+    def __init__(self, writer: MetricsWriter, progress: Progress, every: int, steps_per_epoch: int, unit: str,
                  device: torch.device):
         self.writer, self.progress, self.every = writer, progress, every
         self.steps_per_epoch, self.unit, self.device = steps_per_epoch, unit, device
@@ -197,7 +197,8 @@ class Progress:
         self.total = total_steps
         self._bar = None
         if self.mode == "bar":
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -48,6 +48,15 @@ def hook_step(algorithm, optimizer: torch.optim.Optimizer, k: int, loss_fn: Call
 
 
 # --- whole Trainer runs -------------------------------------------------------------------------------
+#: the exact-resume runs (tests/test_resume.py, tests/test_slowmo_streaming.py): 200 images / 2 ranks /
+#: batch 16 = 6 steps per epoch, so RESUME_STEPS crosses the epoch boundary
+RESUME_STEPS = 10
+RESUME_BASE = {"model": {"width": 0.125},
+               "train": {"batch_size": 16, "epochs": 3, "log_every": 3, "eval_every_epochs": 100,
+                         "eval_batch_size": 100, "progress": "none"},
+               "optim": {"warmup_epochs": 1.0}, "checkpoint": {"every_minutes": 0}}
+
+
 def merge(*dicts: dict) -> dict:
     """Nested dictionaries merged left to right (later values win)."""
     out: dict = {}

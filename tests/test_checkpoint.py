@@ -99,7 +99,8 @@ def test_garbage_with_matching_checksum_is_refused_without_traceback(tmp_path):
     manifest = json.loads((path / ck.MANIFEST).read_text())
     import hashlib
 
-    manifest["files"]["0"].update(bytes=rank_file.stat().st_size, sha256=hashlib.sha256(rank_file.read_bytes()).hexdigest())
+    digest = hashlib.sha256(rank_file.read_bytes()).hexdigest()
+    manifest["files"]["0"].update(bytes=rank_file.stat().st_size, sha256=digest)
     (path / ck.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ck.CheckpointError, match=r"rank0\.pt cannot be loaded"):
         ck.load_rank_state(path, 0)
@@ -159,7 +160,8 @@ def test_frozen_and_mutable_keys(tmp_path):
 def test_model_shape_mismatch_names_the_entry(tmp_path):
     model = torch.nn.Linear(3, 2)
     saved = torch.nn.Linear(3, 4).state_dict()
-    with pytest.raises(ck.CheckpointError, match=r"model entry weight has shape \[4, 3\] in the checkpoint and \[2, 3\]"):
+    shapes = r"model entry weight has shape \[4, 3\] in the checkpoint and \[2, 3\]"
+    with pytest.raises(ck.CheckpointError, match=shapes):
         ck.check_model_shapes(saved, model, tmp_path / "rank0.pt")
 
 

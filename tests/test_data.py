@@ -56,7 +56,8 @@ def test_ranks_get_disjoint_shards_and_equal_step_counts(folder_cifar, tmp_path)
         ys = torch.cat([y for _, y in batches.epoch(0)])
         seen.append(ys.numel())
     assert len(set(seen)) == 1
-    total = sum(x.shape[0] for r in range(3) for x, _ in eval_batches(data, 7, r, 3, (0.5,) * 3, (0.5,) * 3, torch.device("cpu")))
+    cpu = torch.device("cpu")
+    total = sum(x.shape[0] for r in range(3) for x, _ in eval_batches(data, 7, r, 3, (0.5,) * 3, (0.5,) * 3, cpu))
     assert total == len(data)
 
 

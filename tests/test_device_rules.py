@@ -90,7 +90,7 @@ class FakeEvent:
     def synchronize(self) -> None:
         self.waited, self.done = True, True
 
-    def elapsed_time(self, end: "FakeEvent") -> float:
+    def elapsed_time(self, end: FakeEvent) -> float:
         return end.ms - self.ms
 
 

@@ -77,14 +77,14 @@ def _count_reads(rank: int, world: int, data_root: str, root: str) -> dict:
                               run_dir)
             step_fn, opt_step = trainer.train_step, trainer.optimizer.step
 
-            def optimizer_step(*args, **kwargs):
+            def optimizer_step(*args, opt_step=opt_step, **kwargs):
                 was, counter["on"] = counter["on"], False
                 try:
                     return opt_step(*args, **kwargs)
                 finally:
                     counter["on"] = was
 
-            def train_step(*args, **kwargs):
+            def train_step(*args, step_fn=step_fn, **kwargs):
                 counter["on"] = True
                 try:
                     return step_fn(*args, **kwargs)

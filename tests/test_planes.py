@@ -293,7 +293,7 @@ def data(tmp_path_factory) -> dict:
             "wmt16": str(write_parallel_text(root / "multi30k")), "cache": str(root / "cache")}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scenario_results(data_key: str, root: str) -> list[dict]:
     return run_distributed(_scenarios, 2, args=(json.loads(data_key), root), backend="cuda:gloo")
 

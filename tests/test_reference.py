@@ -20,7 +20,6 @@ from tests.reference_runs import ATOL, RTOL, first_mismatch, run_all_cases
 
 # isort: split
 # tests/test_slowmo_streaming.py imports these from here until it imports them from tests.reference_runs
-from tests.reference_runs import TinyNet, build_optimizer, configs_for  # noqa: F401
 
 WORLD_SIZES = (1, 2, 3, 4)
 TAU = 4

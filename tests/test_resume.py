@@ -21,17 +21,11 @@ import torch
 
 from slowmo_train.scripting import read_metrics
 from tests.distributed_helpers import run_distributed
+from tests.helpers import RESUME_BASE as BASE
+from tests.helpers import RESUME_STEPS as N
 from tests.helpers import merge, rank_state, run_trainer, states_equal
 
-# tests/test_slowmo_streaming.py imports these under their old names from here
-_merge, _train, _rank_state, _equal = merge, run_trainer, rank_state, states_equal
-
 pytestmark = pytest.mark.multiproc
-
-N = 10  # 200 images / 2 ranks / batch 16 = 6 steps per epoch: N crosses the epoch boundary
-BASE = {"model": {"width": 0.125}, "train": {"batch_size": 16, "epochs": 3, "log_every": 3, "eval_every_epochs": 100,
-                                             "eval_batch_size": 100, "progress": "none"},
-        "optim": {"warmup_epochs": 1.0}, "checkpoint": {"every_minutes": 0}}
 
 ALGORITHMS = {
     "allreduce": {"algorithm": {"name": "allreduce"}},

@@ -204,14 +204,14 @@ def test_sharding_by_fragment_gives_every_rank_an_equal_contiguous_slice():
     ({"overlap_steps": 4}, "slowmo.overlap_steps must be an integer in [0, slowmo.tau=4), got 4"),
     ({"outer_dtype": "bfloat16", "sharded": True}, "slowmo.sharded=true works only with slowmo.outer_dtype=float32"),
 ])
-def test_bad_streaming_options_name_the_key(options, message):
-    result = run_distributed(_build_error, 1, args=("local_sgd", options))[0]
+def test_bad_streaming_options_name_the_key(options, message, single_process_group):
+    result = _build_error(0, 1, "local_sgd", options)
     assert result is not None and message in result, result
 
 
-def test_push_sum_bases_accept_fragments_and_overlap():
+def test_push_sum_bases_accept_fragments_and_overlap(single_process_group):
     for options in ({"fragments": 2}, {"overlap_steps": 1}, {"outer_dtype": "bfloat16"}):
-        assert run_distributed(_build_error, 1, args=("sgp", options))[0] is None, options
+        assert _build_error(0, 1, "sgp", options) is None, options
 
 
 def _build_error(rank, world_size, algorithm, options):
@@ -382,7 +382,12 @@ def test_trainer_resume_with_an_outer_message_in_flight(tmp_path, wire):
 def _trainer_resume(rank, world_size, root, data_root, overrides):
     from pathlib import Path
 
-    from tests.test_resume import BASE, N, _equal, _merge, _rank_state, _train
+    from tests.helpers import RESUME_BASE as BASE
+    from tests.helpers import RESUME_STEPS as N
+    from tests.helpers import merge as _merge
+    from tests.helpers import rank_state as _rank_state
+    from tests.helpers import run_trainer as _train
+    from tests.helpers import states_equal as _equal
 
     torch.set_num_threads(1)
     base = _merge(BASE, {"data": {"root": data_root}}, overrides)
@@ -398,9 +403,9 @@ def _trainer_resume(rank, world_size, root, data_root, overrides):
             "algorithm_equal": _equal(a["algorithm"], b["algorithm"])}
 
 
-def test_slowmo_describe_names_the_streaming_options():
-    results = run_distributed(_describe, 1)
-    assert "fragments=2" in results[0] and "overlap_steps=1" in results[0] and "outer_dtype=bfloat16" in results[0]
+def test_slowmo_describe_names_the_streaming_options(single_process_group):
+    described = _describe(0, 1)
+    assert "fragments=2" in described and "overlap_steps=1" in described and "outer_dtype=bfloat16" in described
 
 
 def _describe(rank, world_size):

@@ -36,7 +36,10 @@ class Algorithm:
     #: skip averaging.
     replicas_identical = False
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, topology: Topology):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, topology: Topology, cfg=None,
+                 device: torch.device | None = None):
+        """``cfg`` (the ``algorithm`` config section) and ``device`` are what ``build_algorithm`` passes
+        every algorithm; this base needs neither."""
         self.model = model
         self.optimizer = optimizer
         self.topology = topology

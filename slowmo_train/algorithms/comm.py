@@ -32,7 +32,6 @@ from torch import nn
 
 from slowmo_train.dist import training_world
 
-
 COUNTERS = ("bytes_sent", "bytes_received", "blocking_s", "overlapped_s",
             "outer_bytes_sent", "outer_blocking_s", "outer_overlapped_s")
 

@@ -11,10 +11,11 @@ made by :class:`slowmo_train.algorithms.slowmo.SlowMo` after an inner step::
   messages, one fragment, no overlap): one blocking all-reduce of the whole model, applied at once.
 * :class:`FragmentSync`: one of F fragments, each sent on its own schedule, optionally in 16 bits and
   applied D steps after its non-blocking all-reduce (Streaming DiLoCo, Douillard et al. 2025,
-  arXiv:2501.18512). F = 1 and D = 0 give Alg. 1 up to rounding.
+  arXiv:2501.18512). With F = 1, D = 0 and float32 its arithmetic is Alg. 1 up to rounding.
 
-Sharding is a property of a unit: the :class:`Slab` list says which contiguous ranges of the unit's
-x0 / u this rank keeps and updates (all of them when unsharded), and the new x0 is then all-gathered.
+Sharding is a property of a unit: which slice of its x0 / u this rank keeps and updates (a slice of
+every param group's vector for WholeModelSync, of the fragment's for FragmentSync, as :class:`Slab`
+views), all of it when unsharded; a sharded unit all-gathers the new x0.
 The options and their costs are described in the README ("Algorithms"); what differs from Alg. 1 is
 listed in slowmo.py.
 

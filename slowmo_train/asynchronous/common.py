@@ -2,7 +2,9 @@
 
 The task's model seen as one flat vector (:class:`FlatModel`), the task and run directory
 (:class:`AsyncContext`, with the run length in master updates, :meth:`AsyncContext.plan`), the statistics
-of a logging interval (:class:`IntervalStats`) and the checkpoint file (:func:`save_checkpoint`).
+of a logging interval (:class:`IntervalStats`), the data position (:class:`BatchStream`), the choice of
+the checkpoint to resume from (:meth:`AsyncContext.resume_checkpoint`, through slowmo_train/checkpoint.py
+as the synchronous trainer's) and the inspection file of real mode (:func:`save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
+
+from slowmo_train import control
+from slowmo_train.checkpoint import (
+    FORMAT,
+    Checkpointer,
+    CheckpointError,
+    check_compatible,
+    load_rank_state,
+    read_manifest,
+    resolve_resume,
+)
 
 from slowmo_train.asynchronous.rules import AsyncRule, WorkerSide
 from slowmo_train.config import JobConfig
@@ -71,6 +85,31 @@ def endless_batches(task: Task, start_epoch: int = 0) -> Iterator[Any]:
         epoch += 1
 
 
+class BatchStream:
+    """:func:`endless_batches` that counts the batches drawn, so a resumed run continues at the same
+    batch: ``BatchStream(task, drawn)`` starts at epoch ``drawn // steps_per_epoch``, skipping the
+    first ``drawn % steps_per_epoch`` batches of it (``task.train_batches(epoch, skip)`` is deterministic)."""
+
+    def __init__(self, task: Task, drawn: int = 0):
+        self.task, self.drawn = task, drawn
+        self._it = self._batches(drawn)
+
+    def _batches(self, drawn: int) -> Iterator[Any]:
+        spe = max(1, self.task.steps_per_epoch)
+        epoch, skip = divmod(drawn, spe)
+        while True:
+            yield from self.task.train_batches(epoch, skip)
+            epoch, skip = epoch + 1, 0
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self._it)
+        self.drawn += 1
+        return batch
+
+
 class IntervalStats:
     """Loss, staleness and throughput over one logging interval, plus the run's staleness histogram."""
 
@@ -96,6 +135,17 @@ class IntervalStats:
         return {"loss": self.loss_sum / n, "staleness_mean": self.stale_sum / n, "staleness_max": self.stale_max,
                 "updates_per_s": self.updates / elapsed, f"{unit}_per_s": self.units / elapsed}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The interval's sums and the histogram (not its wall clock: throughput restarts on resume)."""
+        return {"loss_sum": self.loss_sum, "units": self.units, "updates": self.updates, "stale_sum": self.stale_sum,
+                "stale_max": self.stale_max, "histogram": dict(self.histogram)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        self.loss_sum, self.units, self.updates = float(state["loss_sum"]), int(state["units"]), int(state["updates"])
+        self.stale_sum, self.stale_max = int(state["stale_sum"]), int(state["stale_max"])
+        self.histogram = Counter({int(k): int(v) for k, v in state["histogram"].items()})
+
     def summary(self) -> dict[str, Any]:
         total = sum(self.histogram.values())
         mean = sum(k * c for k, c in self.histogram.items()) / max(1, total)
@@ -115,6 +165,51 @@ class AsyncContext:
         # Every rank builds the model from the same seed, so all start from identical parameters.
         self.task: Task = TASKS[job.task.name](args)
         self.flat = FlatModel(self.task.model, self.task, job.optim.weight_decay)
+        self.config_dict = OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
+
+    def checkpointer(self) -> Checkpointer:
+        c = self.job.checkpoint
+        # written inside the step (no background thread): the async loops have no per-step poll point
+        return Checkpointer(self.run_dir, c.keep, self.env.rank, self.env.world_size, None,
+                            every_steps=c.every_steps, at_end=c.at_end)
+
+    def resume_checkpoint(self) -> Path | None:
+        """The checkpoint ``resume`` (none | auto | PATH) names, checked complete and compatible with
+        this run (collective: rank 0 decides; any problem is the same one-line CheckpointError on
+        every rank); None: start fresh."""
+        choice = None
+        if self.env.rank == 0:
+            try:
+                ckpt, warnings = resolve_resume(self.job.resume, self.run_dir)
+                for warning in warnings:
+                    log.warning(warning)
+                if ckpt is not None:
+                    check_compatible(read_manifest(ckpt), self.config_dict, self.env.world_size, ckpt)
+                choice = ("ok", str(ckpt) if ckpt else None)
+            except CheckpointError as err:
+                choice = ("error", str(err))
+        status, value = control.broadcast_object(choice)
+        if status == "error":
+            raise CheckpointError(value)
+        return Path(value) if value else None
+
+    def load_rank(self, ckpt: Path, mode: str) -> dict:
+        """This rank's state from ``ckpt`` (verified), after checking it was written by ``mode``."""
+        _, state = load_rank_state(ckpt, self.env.rank)
+        saved = state.get("async", {}).get("mode")
+        if saved != mode:
+            raise CheckpointError(f"{ckpt} was not written by an asynchronous run in {mode} mode "
+                                  f"(it holds {'mode ' + saved if saved else 'a synchronous run'})")
+        return state
+
+    def save(self, checkpointer: Checkpointer, updates: int, state: dict, epoch: float) -> Path:
+        """Write this rank's ``state`` as step ``updates`` (collective) and complete the checkpoint."""
+        full = {"format": FORMAT, "step": updates, "rank": self.env.rank, "world_size": self.env.world_size, **state}
+        path = checkpointer.save(updates, full, self.config_dict,
+                                 {"epoch": round(epoch, 4), "algorithm": self.job.algorithm.name})
+        if hasattr(checkpointer, "finish"):
+            checkpointer.finish()
+        return path
 
     def evaluate(self, params: torch.Tensor, final: bool) -> dict[str, float]:
         self.flat.load(params)

@@ -187,12 +187,13 @@ class DanaZero(AsyncRule):
         return self.theta.add(self.v_sum, alpha=-lr * self.momentum)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "v": self.v.clone()}
+        # v_sum as kept incrementally, not recomputed: its last bits are part of the trajectory
+        return {**super().state_dict(), "v": self.v.clone(), "v_sum": self.v_sum.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.v.copy_(state["v"])
-        self.v_sum.copy_(self.v.sum(0))
+        self.v_sum.copy_(state["v_sum"] if "v_sum" in state else self.v.sum(0))
 
 
 class DanaSlim(ASGD):

@@ -30,10 +30,12 @@ import time
 
 import torch
 
-from slowmo_train.asynchronous.common import AsyncContext, IntervalStats, endless_batches, save_checkpoint
+from slowmo_train.asynchronous.common import AsyncContext, BatchStream, IntervalStats, save_checkpoint
 from slowmo_train.asynchronous.rules import build_rule
 from slowmo_train.asynchronous.simulator import ComputeTimes, EventSimulator
+from slowmo_train.checkpoint import CheckpointError, capture_rng, check_model_shapes, restore_rng
 from slowmo_train.evaluation import Evaluator
+from slowmo_train.faults import StopSignals
 from slowmo_train.metrics import MetricsWriter, Progress
 
 log = logging.getLogger("slowmo_train")
@@ -63,13 +65,54 @@ def run_simulated(runner: AsyncRunner) -> dict:
     sides = [rule.worker_side(flat.numel) for _ in range(n)]
     schedule = plan.lr_schedule(job.optim)
     runner.log_plan(plan, n, f"{a.compute_time_dist} compute times")
-    metrics = MetricsWriter(runner.run_dir, 0)
-    progress = Progress(job.train.progress, plan.total_steps, 0)
-    evaluator = Evaluator(task.metric, plan.eval_every_steps, plan.steps_per_epoch, metrics, step_word="update")
-    batches = endless_batches(task)
+    evaluator = Evaluator(task.metric, plan.eval_every_steps, plan.steps_per_epoch, None, step_word="update")
+    checkpointer = runner.checkpointer()
     stats = IntervalStats()
     inflight: dict[int, tuple[torch.Tensor, int, float, int]] = {}
-    issued = 0
+    issued = updates = 0
+    final: dict = {}
+
+    def state() -> dict:
+        """Everything the next update depends on (module docstring): exact resume."""
+        return {"async": {"mode": "simulated", "rule": rule.name, "master": rule.state_dict(),
+                          "workers": [side.state_dict() for side in sides], "simulator": sim.state_dict(),
+                          "inflight": {w: {"message": m, "read_version": v, "loss": loss, "units": u}
+                                       for w, (m, v, loss, u) in inflight.items()},
+                          "issued": issued, "batches_drawn": batches.drawn, "stats": stats.state_dict(),
+                          "evaluator": evaluator.state_dict(), "final": final},
+                "model": task.model.state_dict(),  # the BatchNorm statistics every forward pass updates
+                "rng": capture_rng()}
+
+    ckpt = runner.resume_checkpoint()
+    if ckpt is not None:
+        saved = runner.load_rank(ckpt, "simulated")
+        s = saved["async"]
+        try:
+            check_model_shapes(saved["model"], task.model, ckpt)
+            if len(s["workers"]) != n:
+                raise CheckpointError(f"{ckpt} holds {len(s['workers'])} simulated workers, this run has {n}")
+            task.model.load_state_dict(saved["model"])
+            rule.load_state_dict(s["master"])
+            for side, side_state in zip(sides, s["workers"]):
+                side.load_state_dict(side_state)
+            sim.load_state_dict(s["simulator"])
+            inflight = {int(w): (e["message"], int(e["read_version"]), float(e["loss"]), int(e["units"]))
+                        for w, e in s["inflight"].items()}
+            issued, updates, final = int(s["issued"]), int(saved["step"]), s["final"]
+            stats.load_state_dict(s["stats"])
+            evaluator.load_state_dict(s["evaluator"])
+            restore_rng(saved["rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            raise CheckpointError(f"{ckpt}: cannot restore the simulated run: {' '.join(str(err).split())[:300]}") from None
+        checkpointer.last_path = ckpt
+        log.info("resumed from %s at update %d (%d gradients issued, %d in flight)", ckpt, updates, issued,
+                 len(inflight))
+    batches = BatchStream(task, int(s["batches_drawn"]) if ckpt is not None else 0)
+    # a resumed run drops the records written after its checkpoint
+    metrics = MetricsWriter(runner.run_dir, 0, resume_step=updates if ckpt is not None else None)
+    evaluator.writer = metrics
+    progress = Progress(job.train.progress, plan.total_steps, 0)
+    signals = StopSignals.install()
 
     def start(worker: int, version: int) -> None:
         nonlocal issued
@@ -78,11 +121,11 @@ def run_simulated(runner: AsyncRunner) -> dict:
         sim.issue(worker)
         issued += 1
 
-    # Never start more gradients than the run applies, so every method computes the same number.
-    for w in range(min(n, plan.total_steps)):
-        start(w, 0)
-    final: dict = {}
-    updates = 0
+    if ckpt is None:
+        # Never start more gradients than the run applies, so every method computes the same number.
+        for w in range(min(n, plan.total_steps)):
+            start(w, 0)
+    stopped_by = None
     try:
         while updates < plan.total_steps:
             w = sim.pop()
@@ -107,12 +150,22 @@ def run_simulated(runner: AsyncRunner) -> dict:
                 eval_start = time.perf_counter()
                 final = runner.evaluate(rule.eval_params(), done)
                 evaluator.record(updates, final, progress)
+                # the master's state at this evaluation in one file, for inspection (resume: checkpoints/)
                 save_checkpoint(runner.run_dir / "checkpoint_async.pt", rule, updates, sides,
                                 {"simulator": sim.state_dict()})
                 stats.start += time.perf_counter() - eval_start
+            if checkpointer.should_save(updates, done, signals.requested):
+                runner.save(checkpointer, updates, state(), updates / plan.steps_per_epoch)
+            if signals.requested and not done:
+                stopped_by = signals.name
+                log.info("stopped at update %d (%s); checkpoint %s", updates, stopped_by, checkpointer.last_path)
+                break
     finally:
+        signals.restore()
         progress.close()
         metrics.close()
     return runner.write_summary({"mode": "simulated", "algorithm": a.name, "workers": n, "steps": updates,
                                  "gradients": issued, "sim_time": sim.now, "final_eval": final,
-                                 "metric": task.metric.name, "best": evaluator.best, **stats.summary()})
+                                 "metric": task.metric.name, "best": evaluator.best, "stopped_by": stopped_by,
+                                 "checkpoint": str(checkpointer.last_path) if checkpointer.last_path else None,
+                                 "resumed_from": str(ckpt) if ckpt else None, **stats.summary()})

@@ -40,8 +40,9 @@ import torch.distributed as dist
 
 from slowmo_train import control
 from slowmo_train.algorithms import comm
-from slowmo_train.asynchronous.common import AsyncContext, IntervalStats, endless_batches, save_checkpoint
+from slowmo_train.asynchronous.common import AsyncContext, BatchStream, IntervalStats, save_checkpoint
 from slowmo_train.asynchronous.rules import build_rule
+from slowmo_train.checkpoint import CheckpointError, capture_rng, restore_rng
 from slowmo_train.evaluation import Evaluator
 from slowmo_train.metrics import MetricsWriter, Progress
 
@@ -108,10 +109,33 @@ def _serve(runner: AsyncContext, s: int, servers: int, workers: int, bounds) -> 
     lead = s == 0
     if lead:
         runner.log_plan(plan, workers, f"{servers} server rank(s), {workers} worker rank(s)")
-    metrics = MetricsWriter(runner.run_dir, 0) if lead else None
     progress = Progress(job.train.progress if lead else "none", plan.total_steps, 0 if lead else 1)
-    evaluator = Evaluator(task.metric, plan.eval_every_steps, plan.steps_per_epoch, metrics, step_word="update")
+    evaluator = Evaluator(task.metric, plan.eval_every_steps, plan.steps_per_epoch, None, step_word="update")
     stats = IntervalStats()
+    checkpointer = runner.checkpointer()
+    updates, final = 0, {}
+    ckpt = runner.resume_checkpoint()
+    if ckpt is not None:
+        saved = _load(runner, ckpt, plan.total_steps)
+        s_state = saved["async"]
+        try:
+            rule.load_state_dict(s_state["master"])
+            stats.load_state_dict(s_state["stats"])
+            evaluator.load_state_dict(s_state["evaluator"])
+            restore_rng(saved["rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            raise CheckpointError(f"{ckpt}: server {s} cannot restore its shard: {' '.join(str(err).split())[:300]}") from None
+        updates, final = int(saved["step"]), s_state["final"]
+        checkpointer.last_path = ckpt
+        if lead:
+            log.info("resumed from %s at update %d", ckpt, updates)
+    metrics = MetricsWriter(runner.run_dir, 0, resume_step=updates if ckpt is not None else None) if lead else None
+    evaluator.writer = metrics
+
+    def state() -> dict:
+        return {"async": {"mode": "real", "role": "server", "rule": rule.name, "master": rule.state_dict(),
+                          "stats": stats.state_dict(), "evaluator": evaluator.state_dict(), "final": final},
+                "rng": capture_rng()}
 
     inbox = torch.zeros(HEADER + b - a)
     out = [torch.zeros(1 + b - a) for _ in range(workers)]
@@ -132,12 +156,13 @@ def _serve(runner: AsyncContext, s: int, servers: int, workers: int, bounds) -> 
             read_version[i] = updates
         sends[i] = control.isend(out[i], dst=servers + i)
 
+    # a resumed run continues from an evaluation barrier: the workers wait for fresh parameters
     for i in range(workers):
-        reply(i, CONTINUE, 0)
-    updates, final = 0, {}
+        reply(i, CONTINUE, updates)
     ready, stopped = set(), set()
     every = plan.eval_every_steps
-    next_eval = every if every < plan.total_steps else math.inf
+    # (a checkpoint is taken at an evaluation barrier, after which the next one is ``every`` updates on)
+    next_eval = updates + every if updates + every < plan.total_steps else math.inf
     evals_started = False  # server 0: EVAL answers are being handed out
     try:
         while True:
@@ -180,6 +205,7 @@ def _serve(runner: AsyncContext, s: int, servers: int, workers: int, bounds) -> 
                 ready.clear()
                 evals_started = False
                 next_eval = updates + every if updates + every < plan.total_steps else math.inf
+                _barrier_checkpoint(runner, checkpointer, updates, False, state, plan.steps_per_epoch)
                 for i in range(workers):
                     reply(i, CONTINUE, updates)
             if len(stopped) == workers:
@@ -187,13 +213,15 @@ def _serve(runner: AsyncContext, s: int, servers: int, workers: int, bounds) -> 
         for i in range(workers):
             settle(i)
         final = _evaluate(runner, bounds, workers, rule, updates, evaluator, progress, True, s)
+        _barrier_checkpoint(runner, checkpointer, updates, True, state, plan.steps_per_epoch)
     finally:
         progress.close()
         if metrics is not None:
             metrics.close()
     summary = {"mode": "real", "algorithm": job.algorithm.name, "workers": workers, "servers": servers,
                "steps": updates, "final_eval": final, "metric": task.metric.name, "best": evaluator.best,
-               **stats.summary()}
+               "checkpoint": str(checkpointer.last_path) if checkpointer.last_path else None,
+               "resumed_from": str(ckpt) if ckpt else None, **stats.summary()}
     return runner.write_summary(summary) if lead else summary
 
 
@@ -207,6 +235,30 @@ def _evaluate(runner: AsyncContext, bounds, workers: int, rule, updates: int, ev
     return result
 
 
+def _load(runner: AsyncContext, ckpt, total: int) -> dict:
+    """This rank's state from ``ckpt``; a run already at its last update cannot continue."""
+    saved = runner.load_rank(ckpt, "real")
+    if int(saved["step"]) >= total:
+        raise CheckpointError(f"{ckpt} is at update {saved['step']}, the end of this run ({total} updates): "
+                              "raise train.max_steps (where it capped the run) to continue it")
+    return saved
+
+
+def _barrier_checkpoint(runner: AsyncContext, checkpointer, updates: int, done: bool, state, steps_per_epoch: int) -> None:
+    """Every rank, at an evaluation barrier (no gradient in flight): server 0 decides whether a
+    checkpoint is due (``checkpoint.every_steps`` crossed since the last evaluation, or the end), and
+    every rank writes its part."""
+    decision = None
+    if control.rank() == 0:
+        every = checkpointer.every_steps
+        last = int(checkpointer.last_path.name.split("_")[-1]) if checkpointer.last_path else 0
+        due = (every > 0 and updates // every > last // every) or (done and checkpointer.at_end)
+        decision = (bool(due), updates)
+    due, updates = control.broadcast_object(decision)
+    if due:
+        runner.save(checkpointer, updates, state(), updates / max(1, steps_per_epoch))
+
+
 def _work(runner: AsyncContext, i: int, servers: int, bounds) -> None:
     job, flat = runner.job, runner.flat
     rule_side = build_rule(job.algorithm.name, torch.zeros(1), 1, job.optim.momentum, job.optim.nesterov)
@@ -214,7 +266,25 @@ def _work(runner: AsyncContext, i: int, servers: int, bounds) -> None:
     inbox = [torch.zeros(1 + b - a) for a, b in bounds]
     outbox = [torch.zeros(HEADER + b - a) for a, b in bounds]
     params = torch.zeros(flat.numel)
-    batches = endless_batches(runner.task)
+    checkpointer = runner.checkpointer()
+    drawn = 0
+    ckpt = runner.resume_checkpoint()
+    if ckpt is not None:
+        plan = runner.plan((control.world_size() - servers) * runner.task.steps_per_epoch)
+        saved = _load(runner, ckpt, plan.total_steps)
+        try:
+            runner.task.model.load_state_dict(saved["model"])  # this worker's BatchNorm statistics
+            side.load_state_dict(saved["async"]["side"])
+            drawn = int(saved["async"]["batches_drawn"])
+            restore_rng(saved["rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            raise CheckpointError(f"{ckpt}: worker {i} cannot restore its state: {' '.join(str(err).split())[:300]}") from None
+        checkpointer.last_path = ckpt
+    batches = BatchStream(runner.task, drawn)
+
+    def state() -> dict:
+        return {"async": {"mode": "real", "role": "worker", "side": side.state_dict(), "batches_drawn": batches.drawn},
+                "model": runner.task.model.state_dict(), "rng": capture_rng()}
 
     def receive_all() -> list[float]:
         for req in [control.irecv(inbox[s], src=s) for s in range(servers)]:
@@ -243,6 +313,7 @@ def _work(runner: AsyncContext, i: int, servers: int, bounds) -> None:
             outbox[s][0] = kind
             control.send(outbox[s], dst=s)
         evaluate_together(runner, bounds, control.world_size() - servers, None, flags[0] == STOP)
+        _barrier_checkpoint(runner, checkpointer, 0, flags[0] == STOP, state, 1)
         if flags[0] == STOP:
             return
         receive_all()

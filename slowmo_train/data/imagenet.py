@@ -27,9 +27,9 @@ import math
 import multiprocessing
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ class FileList:
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i].decode())
 
-    def subset(self, n: int | None, seed: int) -> "FileList":
+    def subset(self, n: int | None, seed: int) -> FileList:
         """``n`` images chosen by a fixed shuffle (in file order), or everything when n is None."""
         if n is None or n >= len(self):
             return self

@@ -18,7 +18,8 @@ which loader worker decoded it, nor on whether the epoch was interrupted and res
 from __future__ import annotations
 
 import random
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 

@@ -78,7 +78,8 @@ def download_multi30k(root: str | os.PathLike, src: str, tgt: str) -> None:
                 os.replace(tmp, out)
             except (OSError, EOFError) as err:
                 raise TranslationDataError(
-                    f"cannot fetch {url}: {err}. " + _offline_message(root, missing_files(root, src, tgt), "download failed")
+                    f"cannot fetch {url}: {err}. "
+                    + _offline_message(root, missing_files(root, src, tgt), "download failed")
                 ) from err
             finally:
                 if os.path.exists(tmp):
@@ -111,7 +112,7 @@ class EncodedSide:
     offsets: np.ndarray  # int64, len = sentences + 1
 
     @classmethod
-    def from_lists(cls, seqs: list[list[int]]) -> "EncodedSide":
+    def from_lists(cls, seqs: list[list[int]]) -> EncodedSide:
         lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
         offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from slowmo_train import control
-
 from slowmo_train.config import DataConfig, download_mode
 from slowmo_train.data.batches import TrainBatches, eval_batches
 from slowmo_train.data.cifar10 import detect_layout, load_cifar10

@@ -38,8 +38,16 @@ from slowmo_train.config import DataConfig, EvalConfig, download_mode
 from slowmo_train.data import subword
 from slowmo_train.data.cifar10 import default_cache_dir
 from slowmo_train.data.token_batches import TokenBatches, eval_batches
-from slowmo_train.data.translation import (ParallelCorpus, TranslationDataError, encode_or_load, ensure_text,
-                                           missing_files, read_lines, split_files, training_indices)
+from slowmo_train.data.translation import (
+    ParallelCorpus,
+    TranslationDataError,
+    encode_or_load,
+    ensure_text,
+    missing_files,
+    read_lines,
+    split_files,
+    training_indices,
+)
 from slowmo_train.data.vocab import PAD
 from slowmo_train.models import build_model
 from slowmo_train.tasks.base import HeadlineMetric, Task, TaskArgs, WorkerInfo
