@@ -547,9 +547,6 @@ class Checkpointer:
         return status
 
     def _write_in_background(self, job: _BackgroundSave, snapshot: Any) -> None:
-        nice = int(os.environ.get("SLOWMO_CKPT_NICE", "0"))
-        if nice and hasattr(os, "setpriority"):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         try:
             job.status = self._write_rank_file(job.step, job.ckpt, snapshot, job.cancel)
         finally:

@@ -172,10 +172,9 @@ def _validate_async(job: JobConfig, world_size: int | None) -> None:
     _check(job.train.total_batch is None, "train.total_batch", job.train.total_batch,
            f"algorithm={a.name} has no total batch per step; set train.batch_size (per worker) and "
            "train.total_batch=null")
-    _check(job.resume == "none", "resume", job.resume,
-           f"algorithm={a.name} cannot resume from a checkpoint (not implemented); set resume=none")
     _check(job.launcher.max_restarts == 0, "launcher.max_restarts", job.launcher.max_restarts,
-           f"algorithm={a.name} cannot resume, so a restart would train from scratch; set launcher.max_restarts=0")
+           f"algorithm={a.name} does not restart its workers; set launcher.max_restarts=0 "
+           "(continue a stopped run with resume=auto)")
     if world_size is not None and a.mode == "simulated":
         _check(world_size == 1, "launcher.nproc_per_node", world_size,
                "algorithm.mode=simulated runs all workers in one process; set launcher.nproc_per_node=1 "

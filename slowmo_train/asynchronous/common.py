@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from slowmo_train import control
+from slowmo_train.asynchronous.rules import AsyncRule, WorkerSide
 from slowmo_train.checkpoint import (
     FORMAT,
     Checkpointer,
@@ -31,8 +32,6 @@ from slowmo_train.checkpoint import (
     read_manifest,
     resolve_resume,
 )
-
-from slowmo_train.asynchronous.rules import AsyncRule, WorkerSide
 from slowmo_train.config import JobConfig
 from slowmo_train.dist import DistEnv
 from slowmo_train.plan import Plan, make_plan
@@ -77,17 +76,9 @@ class FlatModel:
         return [b for b in self.model.buffers() if b.is_floating_point()]
 
 
-def endless_batches(task: Task, start_epoch: int = 0) -> Iterator[Any]:
-    """The task's batches epoch after epoch (each epoch deterministic given the seed)."""
-    epoch = start_epoch
-    while True:
-        yield from task.train_batches(epoch, 0)
-        epoch += 1
-
-
 class BatchStream:
-    """:func:`endless_batches` that counts the batches drawn, so a resumed run continues at the same
-    batch: ``BatchStream(task, drawn)`` starts at epoch ``drawn // steps_per_epoch``, skipping the
+    """The task's batches epoch after epoch, counting the batches drawn, so a resumed run continues at
+    the same batch: ``BatchStream(task, drawn)`` starts at epoch ``drawn // steps_per_epoch``, skipping the
     first ``drawn % steps_per_epoch`` batches of it (``task.train_batches(epoch, skip)`` is deterministic)."""
 
     def __init__(self, task: Task, drawn: int = 0):
@@ -230,6 +221,10 @@ class AsyncContext:
         if self.env.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def one_line_reason(err: Exception) -> str:
+    return " ".join(str(err).split())[:300]
 
 
 def save_checkpoint(path: Path, rule: AsyncRule, updates: int, workers: list[WorkerSide] | None = None,

@@ -15,11 +15,22 @@ own and the evaluation uses their average.
 
 Metrics per log interval: ``staleness_mean``/``staleness_max`` (master updates between a worker's read
 and its write), ``updates_per_s`` (wall clock), the training loss and lr; the summary holds the
-staleness histogram. Checkpoints (``checkpoint_async.pt``, written at every evaluation) hold the
-master's parameters and momentum buffers, the workers' momentum (DANA-Slim), the update count and, in
-simulated mode, the event queue; resuming from them is NOT implemented (a simulated run would replay
-exactly only if the in-flight gradients and batch positions were saved too; a real run's arrival order
-is never replayable).
+staleness histogram.
+
+Checkpoints and resume: the synchronous trainer's (slowmo_train/checkpoint.py: ``RUN_DIR/checkpoints/
+step_N/rank*.pt`` + ``manifest.json``, ``resume=auto|PATH``, completeness, checksum and config checks
+with one-line errors; ``checkpoint.every_steps`` counts master updates). Simulated mode saves every
+``checkpoint.every_steps`` updates, at the end (``checkpoint.at_end``) and after the update during
+which SIGTERM/SIGINT arrived (then it stops, ``stopped_by`` in the summary), and resumes EXACTLY: a
+run cut and resumed equals the uncut one bit for bit (parameters, logged losses, evaluations;
+tests/test_async_resume.py). The rank file holds the master rule's state (parameters, momentum
+buffers, DANA-Zero's per-worker momentum and their running sum), every worker's side state
+(DANA-Slim's momentum), the event simulator (clock, queue, issue count, PCG64 state), the gradients
+in flight (message, read version, loss, units per worker), the number of batches drawn (the data
+position), the log interval's sums and the staleness histogram, the evaluator's best, the model's
+BatchNorm statistics and the global RNG states. Not saved: wall-clock throughput (``updates_per_s``
+restarts); ``checkpoint.every_minutes`` is not used. Real mode: see server.py. Besides,
+``checkpoint_async.pt`` (the master's state at the last evaluation, one file) is kept for inspection.
 """
 
 from __future__ import annotations
@@ -30,7 +41,13 @@ import time
 
 import torch
 
-from slowmo_train.asynchronous.common import AsyncContext, BatchStream, IntervalStats, save_checkpoint
+from slowmo_train.asynchronous.common import (
+    AsyncContext,
+    BatchStream,
+    IntervalStats,
+    one_line_reason,
+    save_checkpoint,
+)
 from slowmo_train.asynchronous.rules import build_rule
 from slowmo_train.asynchronous.simulator import ComputeTimes, EventSimulator
 from slowmo_train.checkpoint import CheckpointError, capture_rng, check_model_shapes, restore_rng
@@ -103,7 +120,7 @@ def run_simulated(runner: AsyncRunner) -> dict:
             evaluator.load_state_dict(s["evaluator"])
             restore_rng(saved["rng"])
         except (KeyError, ValueError, RuntimeError, TypeError) as err:
-            raise CheckpointError(f"{ckpt}: cannot restore the simulated run: {' '.join(str(err).split())[:300]}") from None
+            raise CheckpointError(f"{ckpt}: cannot restore the simulated run: {one_line_reason(err)}") from None
         checkpointer.last_path = ckpt
         log.info("resumed from %s at update %d (%d gradients issued, %d in flight)", ckpt, updates, issued,
                  len(inflight))

@@ -21,8 +21,20 @@ together (the master parameters are broadcast shard by shard, BatchNorm statisti
 average, ``task.evaluate`` runs on every rank) and then, after EVAL, the servers send fresh parameters.
 Every gradient a worker sends is applied by every server (also the few in flight when server 0 says
 STOP), so all shards see the same set of gradients; with several servers the order in which they
-arrive may differ between shards. The arrival order depends on timing, so a real run is not
-replayable and checkpoints (one per server, at every evaluation) are for inspection, not exact resume.
+arrive may differ between shards.
+
+Checkpoints (slowmo_train/checkpoint.py, as the synchronous trainer's: one rank file per server and
+worker, ``resume=auto|PATH``) are written at evaluation barriers, where no gradient is in flight: at
+the first barrier after every ``checkpoint.every_steps`` updates (server 0 decides) and at the end
+(``checkpoint.at_end``). A server's file holds its shard of the master rule's state, the update
+count, the update of the last evaluation, its log interval and evaluator; a worker's its side state
+(DANA-Slim's momentum), BatchNorm statistics, number of batches drawn and RNG states. A resumed run
+continues from that barrier (the servers send fresh parameters). With one server and one worker
+the arrival order is deterministic and a run cut (e.g. ``train.max_steps``) and resumed equals the
+uncut one bit for bit (tests/test_async_resume.py); with more workers or servers the order depends
+on timing, so a resumed run continues from a consistent state but not along the same trajectory.
+Real mode does not stop on SIGTERM and ignores ``checkpoint.every_minutes``. ``checkpoint_async.pt``
+(one per server, at every evaluation) is also kept, for inspection.
 
 Data: every rank builds the task with its global rank and the world size (the task's evaluation is a
 collective over all ranks), so worker w trains on the shard of rank ``servers + w`` and the servers'
@@ -40,7 +52,13 @@ import torch.distributed as dist
 
 from slowmo_train import control
 from slowmo_train.algorithms import comm
-from slowmo_train.asynchronous.common import AsyncContext, BatchStream, IntervalStats, save_checkpoint
+from slowmo_train.asynchronous.common import (
+    AsyncContext,
+    BatchStream,
+    IntervalStats,
+    one_line_reason,
+    save_checkpoint,
+)
 from slowmo_train.asynchronous.rules import build_rule
 from slowmo_train.checkpoint import CheckpointError, capture_rng, restore_rng
 from slowmo_train.evaluation import Evaluator
@@ -114,6 +132,7 @@ def _serve(runner: AsyncContext, s: int, servers: int, workers: int, bounds) -> 
     stats = IntervalStats()
     checkpointer = runner.checkpointer()
     updates, final = 0, {}
+    last_eval = 0  # the update of the last evaluation barrier before the end: the next is ``every`` on
     ckpt = runner.resume_checkpoint()
     if ckpt is not None:
         saved = _load(runner, ckpt, plan.total_steps)
@@ -124,8 +143,8 @@ def _serve(runner: AsyncContext, s: int, servers: int, workers: int, bounds) -> 
             evaluator.load_state_dict(s_state["evaluator"])
             restore_rng(saved["rng"])
         except (KeyError, ValueError, RuntimeError, TypeError) as err:
-            raise CheckpointError(f"{ckpt}: server {s} cannot restore its shard: {' '.join(str(err).split())[:300]}") from None
-        updates, final = int(saved["step"]), s_state["final"]
+            raise CheckpointError(f"{ckpt}: server {s} cannot restore its shard: {one_line_reason(err)}") from None
+        updates, final, last_eval = int(saved["step"]), s_state["final"], int(s_state["last_eval"])
         checkpointer.last_path = ckpt
         if lead:
             log.info("resumed from %s at update %d", ckpt, updates)
@@ -134,7 +153,8 @@ def _serve(runner: AsyncContext, s: int, servers: int, workers: int, bounds) -> 
 
     def state() -> dict:
         return {"async": {"mode": "real", "role": "server", "rule": rule.name, "master": rule.state_dict(),
-                          "stats": stats.state_dict(), "evaluator": evaluator.state_dict(), "final": final},
+                          "stats": stats.state_dict(), "evaluator": evaluator.state_dict(), "final": final,
+                          "last_eval": last_eval},
                 "rng": capture_rng()}
 
     inbox = torch.zeros(HEADER + b - a)
@@ -161,8 +181,7 @@ def _serve(runner: AsyncContext, s: int, servers: int, workers: int, bounds) -> 
         reply(i, CONTINUE, updates)
     ready, stopped = set(), set()
     every = plan.eval_every_steps
-    # (a checkpoint is taken at an evaluation barrier, after which the next one is ``every`` updates on)
-    next_eval = updates + every if updates + every < plan.total_steps else math.inf
+    next_eval = last_eval + every if last_eval + every < plan.total_steps else math.inf
     evals_started = False  # server 0: EVAL answers are being handed out
     try:
         while True:
@@ -204,6 +223,7 @@ def _serve(runner: AsyncContext, s: int, servers: int, workers: int, bounds) -> 
                 stats.start += time.perf_counter() - eval_start  # evaluation is not training throughput
                 ready.clear()
                 evals_started = False
+                last_eval = updates
                 next_eval = updates + every if updates + every < plan.total_steps else math.inf
                 _barrier_checkpoint(runner, checkpointer, updates, False, state, plan.steps_per_epoch)
                 for i in range(workers):
@@ -244,7 +264,8 @@ def _load(runner: AsyncContext, ckpt, total: int) -> dict:
     return saved
 
 
-def _barrier_checkpoint(runner: AsyncContext, checkpointer, updates: int, done: bool, state, steps_per_epoch: int) -> None:
+def _barrier_checkpoint(runner: AsyncContext, checkpointer, updates: int, done: bool, state,
+                        steps_per_epoch: int) -> None:
     """Every rank, at an evaluation barrier (no gradient in flight): server 0 decides whether a
     checkpoint is due (``checkpoint.every_steps`` crossed since the last evaluation, or the end), and
     every rank writes its part."""
@@ -278,7 +299,7 @@ def _work(runner: AsyncContext, i: int, servers: int, bounds) -> None:
             drawn = int(saved["async"]["batches_drawn"])
             restore_rng(saved["rng"])
         except (KeyError, ValueError, RuntimeError, TypeError) as err:
-            raise CheckpointError(f"{ckpt}: worker {i} cannot restore its state: {' '.join(str(err).split())[:300]}") from None
+            raise CheckpointError(f"{ckpt}: worker {i} cannot restore its state: {one_line_reason(err)}") from None
         checkpointer.last_path = ckpt
     batches = BatchStream(runner.task, drawn)
 
