@@ -16,15 +16,16 @@ serialising, SHA-256 hashing, fsync and the atomic rename; the read includes has
 ``torch.load(weights_only=True)``. Weights are random; a few real training steps on random data
 fill the optimizer state (momentum / Adam moments). Optimizer defaults: Nesterov SGD for the
 ResNets, Adam for the transformer (``--optim``). The transformer's vocabulary is the paper's joint
-32k (``--vocab``): 209.9M parameters, ~4 GB of state with Adam and SlowMo.
+32k (``--vocab``): 209.1M parameters, 3.9 GB of state per rank with Adam and SlowMo.
 
 Step stall (``--steps`` > 0): a direct save stalls its step by the whole save; a background save
 stalls the training by its snapshot plus whatever the n steps that run until its completion lose
 to the writer thread (CPU, memory bandwidth) and the per-step completion poll: sum(step + save +
 poll times from the save to its completion) - n x baseline, the baseline being the median of the
 ``--steps`` steps right before and right after that save (a shared machine's load drifts).
-Gradients are dropped after each step to keep the peak memory of the transformer (live state +
-host snapshot) under 10 GB. Timings on a shared machine move 10-20 % and more.
+Gradients are dropped after each step. Peak memory of the transformer run: ~12.5 GB (live state
+with DDP's buckets 5.4 GB, SlowMo's state_dict clones of x0 and u 1.7 GB, the host snapshot 4 GB,
+gradients 0.8 GB). Timings on a shared machine move 10-20 % and more.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from slowmo_train.algorithms import build_algorithm
 from slowmo_train.checkpoint import Checkpointer, capture_rng, load_rank_state
@@ -52,25 +54,52 @@ from slowmo_train.optim import build_optimizer
 DEFAULT_OPTIM = {"resnet18": "sgd", "resnet50": "sgd", "transformer_big": "adam"}
 
 
-def build(args):
-    """(model, optimizer config, loss of one random batch)."""
-    if args.model == "resnet18":
-        model = cifar_resnet18(num_classes=10, width=args.width)
-        shape, classes = (8, 3, 32, 32), 10
-    elif args.model == "resnet50":
-        model = resnet50(num_classes=1000, width=args.width)
-        shape, classes = (2, 3, 224, 224), 1000
-    else:
-        model = transformer("transformer_big", args.vocab, args.width)
+class Training:
+    """The model, optimizer and algorithm of the benchmark, stepped in the trainer's hook order."""
 
-        def loss(m):
-            src, prev = torch.randint(1, args.vocab, (2, 16)), torch.randint(1, args.vocab, (2, 16))
-            return torch.nn.functional.cross_entropy(m(src, prev).flatten(0, 1), torch.randint(1, args.vocab, (32,)))
+    def __init__(self, args):
+        if args.model == "resnet18":
+            self.model = cifar_resnet18(num_classes=10, width=args.width)
+        elif args.model == "resnet50":
+            self.model = resnet50(num_classes=1000, width=args.width)
+        else:
+            self.model = transformer("transformer_big", args.vocab, args.width)
+        self.args = args
+        optim = OptimConfig() if args.optim == "sgd" else OptimConfig(name="adam", lr=5e-4, weight_decay=0.0)
+        self.optimizer = build_optimizer(optim, self.model, optim.lr)
+        # base_buffers=keep (the paper's WMT16 setting): the optimizer state is never reset at an
+        # outer step, so every checkpoint holds all of it
+        self.algorithm = build_algorithm(AlgorithmConfig(), SlowMoConfig(enabled=args.slowmo, base_buffers="keep"),
+                                         self.model, self.optimizer, build_topology(1), torch.device("cpu"))
+        self.k = 0
 
-        return model, OptimConfig(name="adam", lr=5e-4, weight_decay=0.0), loss
-    optim = OptimConfig() if args.optim == "sgd" else OptimConfig(name="adam", lr=5e-4, weight_decay=0.0)
-    return model, optim, lambda m: torch.nn.functional.cross_entropy(m(torch.randn(*shape)),
-                                                                     torch.randint(0, classes, (shape[0],)))
+    def loss(self) -> torch.Tensor:
+        m, a = self.algorithm.train_model, self.args
+        if a.model == "transformer_big":
+            src, prev = torch.randint(1, a.vocab, (2, 16)), torch.randint(1, a.vocab, (2, 16))
+            return F.cross_entropy(m(src, prev).flatten(0, 1), torch.randint(1, a.vocab, (32,)))
+        shape, classes = ((8, 3, 32, 32), 10) if a.model == "resnet18" else ((2, 3, 224, 224), 1000)
+        return F.cross_entropy(m(torch.randn(*shape)), torch.randint(0, classes, (shape[0],)))
+
+    def step(self) -> float:
+        """One training step; returns its seconds."""
+        start = time.perf_counter()
+        algo, opt = self.algorithm, self.optimizer
+        algo.before_forward(self.k)
+        loss = self.loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        algo.after_backward(self.k)
+        opt.step()
+        algo.after_optimizer_step(self.k)
+        opt.zero_grad(set_to_none=True)  # see the docstring: peak memory
+        self.k += 1
+        return time.perf_counter() - start
+
+    def state(self, step: int) -> dict:
+        return {"format": 1, "step": step, "rank": 0, "world_size": 1, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "algorithm": self.algorithm.state_dict(),
+                "rng": capture_rng()}
 
 
 def main() -> int:
@@ -94,36 +123,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     torch.manual_seed(0)
-    model, optim_cfg, loss_fn = build(args)
-    optimizer = build_optimizer(optim_cfg, model, optim_cfg.lr)
-    # base_buffers=keep (the paper's WMT16 setting): the optimizer state is never reset at an outer
-    # step, so every checkpoint holds all of it
-    algorithm = build_algorithm(AlgorithmConfig(), SlowMoConfig(enabled=args.slowmo, base_buffers="keep"), model,
-                                optimizer, build_topology(1), torch.device("cpu"))
-    k = 0
-
-    def train_step() -> float:
-        """One step in the trainer's hook order; returns its seconds."""
-        nonlocal k
-        start = time.perf_counter()
-        algorithm.before_forward(k)
-        loss = loss_fn(algorithm.train_model)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        algorithm.after_backward(k)
-        optimizer.step()
-        algorithm.after_optimizer_step(k)
-        optimizer.zero_grad(set_to_none=True)  # see the docstring: peak memory
-        k += 1
-        return time.perf_counter() - start
-
+    run = Training(args)
     for _ in range(2):  # real optimizer state (momentum buffers, Adam moments)
-        train_step()
-    params = sum(x.numel() for x in model.parameters())
-
-    def state(step: int) -> dict:
-        return {"format": 1, "step": step, "rank": 0, "world_size": 1, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "algorithm": algorithm.state_dict(), "rng": capture_rng()}
+        run.step()
+    params = sum(x.numel() for x in run.model.parameters())
+    train_step, state = run.step, run.state
 
     root = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     step = 0
@@ -150,7 +154,10 @@ def main() -> int:
             step += 1
             spent, n = 0.0, 0
             start = time.perf_counter()
-            background.save(step, state(step), {"bench": True})
+            saved = state(step)  # the step waits for the state_dicts too (SlowMo's clones x0 and u)
+            built = time.perf_counter() - start
+            background.save(step, saved, {"bench": True})
+            del saved
             spent += time.perf_counter() - start
             while background.pending:
                 if steps:
@@ -162,20 +169,17 @@ def main() -> int:
                 background.poll()
                 spent += time.perf_counter() - start
             t = background.last_timing
-            snapshots.append(t["snapshot_s"])
-            durable.append(t["written_s"])
+            snapshots.append(built + t["snapshot_s"])
+            durable.append(built + t["written_s"])
             if steps:
                 around += [train_step() for _ in range(steps)]
                 stalls.append(spent - n * statistics.median(around))
                 overlapped.append(n)
-    finally:
-        shutil.rmtree(root / "background", ignore_errors=True)
 
-    # read back last: without the training state in memory (the transformer's would not fit twice)
-    del model, optimizer, algorithm, background
-    gc.collect()
-    reads = []
-    try:
+        # read back last, without the training state in memory (the transformer's would not fit twice)
+        del run, train_step, state, background
+        gc.collect()
+        reads = []
         for _ in range(args.repeats):
             start = time.perf_counter()
             load_rank_state(last, 0)

@@ -151,6 +151,14 @@ def scenario(name: str, data_root: Path, work: Path) -> dict:
         seconds, resumed, rc2 = relaunch_and_time(args, run_dir, log, t_fault or time.time())
         row.update(rc=rc, fault_step=fault_step, resumed_from=resumed, seconds=seconds, line=line,
                    final_step=json.loads((run_dir / "summary.json").read_text())["steps"] if rc2 == 0 else None)
+    elif name == "nan_stop_restarts":
+        # a failure that a restart cannot fix: the launcher must not retry it (RUN_DIR/FATAL)
+        start = time.time()
+        proc = launch(args + ["launcher.max_restarts=3"], log, "nan@step=23,rank=1")
+        rc = proc.wait(timeout=1800)
+        attempts = len(set(re.findall(r"launch attempt (\d+)", (run_dir / "logs" / "rank0.log").read_text())))
+        row.update(rc=rc, fault_step=25, resumed_from=None, seconds=round(time.time() - start, 1), final_step=None,
+                   attempts=attempts, line=last_line(log))
     elif name == "nan_skip":
         proc = launch(args + ["train.nonfinite=skip"], log, "nan@step=23,rank=1")
         rc = proc.wait(timeout=1800)
@@ -176,8 +184,8 @@ def scenario(name: str, data_root: Path, work: Path) -> dict:
     return row
 
 
-SCENARIOS = ["kill", "kill_in_save", "hang", "sigterm_launcher", "sigterm_one_rank", "ctrl_c", "nan_stop", "nan_skip",
-             "disk_full", "corrupt_checkpoint", "unwritable_dir"]
+SCENARIOS = ["kill", "kill_in_save", "hang", "sigterm_launcher", "sigterm_one_rank", "ctrl_c", "nan_stop",
+             "nan_stop_restarts", "nan_skip", "disk_full", "corrupt_checkpoint", "unwritable_dir"]
 
 
 def main() -> int:
@@ -203,6 +211,8 @@ def main() -> int:
         lost = (r["fault_step"] - r["resumed_from"]) if r.get("resumed_from") is not None and r.get("fault_step") else 0
         secs = f"{r['seconds']:.0f}" if isinstance(r.get("seconds"), float) and r["seconds"] == r["seconds"] else "-"
         done = f"finished at step {r['final_step']}" if r.get("final_step") else ""
+        if "attempts" in r:
+            done = f"(launch attempts: {r['attempts']}, in {r['seconds']:.0f} s)"
         table.append([r["fault"], r["rc"], f"{r['line'][:160]} {done}", lost, secs])
     print("\n" + markdown_table(["fault", "exit", "what the run did", "steps lost", "fault -> resumed (s)"], table))
     if not args.work:

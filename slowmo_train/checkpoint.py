@@ -47,13 +47,13 @@ with one line naming the key.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
 import logging
 import os
 import random
-import copy
 import re
 import shutil
 import threading

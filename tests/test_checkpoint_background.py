@@ -251,7 +251,8 @@ def test_sbatch_gives_torchrun_a_grace_period_under_the_usr1_lead(tmp_path, give
 
     env, log = _fake_bin(tmp_path)
     recorder = tmp_path / "bin" / "envpython"
-    recorder.write_text('#!/bin/bash\necho "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-unset}" > "$FAKE_LOG/node$SLURM_NODEID.grace"\n')
+    recorder.write_text('#!/bin/bash\n'
+                        'echo "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-unset}" > "$FAKE_LOG/node$SLURM_NODEID.grace"\n')
     recorder.chmod(0o755)
     env.update(PYTHON=str(recorder), **given)
     result = subprocess.run(["bash", str(SBATCH), "task=cifar10"], cwd=tmp_path, env=env, capture_output=True,
@@ -318,6 +319,7 @@ def test_sigterm_drill_transformer_big_under_torchrun(tmp_path):
     manifest = json.loads((path / ck.MANIFEST).read_text())
     mb = manifest["files"]["0"]["bytes"] / 2**20
     complete = (path / ck.MANIFEST).stat().st_mtime - sent
-    print(f"\nSIGTERM drill: stop at step {step}, {mb:.0f} MB/rank, complete {complete:.1f}s and torchrun "
-          f"exited {elapsed:.1f}s after SIGTERM (grace {grace}s)\n" + "\n".join(
+    summary = (run / "summary.json").stat().st_mtime - sent  # the worker's last act
+    print(f"\nSIGTERM drill: stop at step {step}, {mb:.0f} MB/rank; after SIGTERM: checkpoint complete "
+          f"{complete:.1f}s, worker done {summary:.1f}s, torchrun exited {elapsed:.1f}s (grace {grace}s)\n" + "\n".join(
               line for line in text.splitlines() if "checkpoint" in line or "SIGTERM" in line))
