@@ -22,10 +22,23 @@ ALGORITHMS = ["allreduce", "local_sgd", "sgp", "osgp"]
 
 def run_one(algorithm: str, args, extra: list[str], out: Path) -> dict:
     run_dir = out / algorithm
-    cmd = [sys.executable, "-m", "slowmo_train", "task=cifar10", f"algorithm={algorithm}",
-           f"data.root={args.data_root}", f"model.width={args.width}", f"train.batch_size={args.batch_size}",
-           f"train.max_steps={args.steps}", f"launcher.nproc_per_node={args.nproc}", "train.progress=log",
-           f"train.log_every={args.log_every}", "train.eval_every_epochs=1000", f"output_dir={run_dir}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slowmo_train",
+        "task=cifar10",
+        f"algorithm={algorithm}",
+        f"data.root={args.data_root}",
+        f"model.width={args.width}",
+        f"train.batch_size={args.batch_size}",
+        f"train.max_steps={args.steps}",
+        f"launcher.nproc_per_node={args.nproc}",
+        "train.progress=log",
+        f"train.log_every={args.log_every}",
+        "train.eval_every_epochs=1000",
+        f"output_dir={run_dir}",
+        *extra,
+    ]
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -57,15 +70,19 @@ def main() -> None:
         rows.append((algorithm, s))
         print(f"finished {algorithm} in {s['wall_s']:.0f} s", flush=True)
     print(f"\n{args.nproc} workers, {args.steps} steps, overrides: {' '.join(extra) or '(none)'}")
-    header = (f"{'algorithm':<10} {'sent MB/step':>13} {'recv MB/step':>13} {'blocking ms/step':>17} "
-              f"{'overlapped ms/step':>19} {'test top1':>10} {'wall s':>7}")
+    header = (
+        f"{'algorithm':<10} {'sent MB/step':>13} {'recv MB/step':>13} {'blocking ms/step':>17} "
+        f"{'overlapped ms/step':>19} {'test top1':>10} {'wall s':>7}"
+    )
     print(header)
     print("-" * len(header))
     for algorithm, s in rows:
-        print(f"{algorithm:<10} {s['comm_bytes_sent_per_step'] / 1e6:>13.3f} "
-              f"{s['comm_bytes_received_per_step'] / 1e6:>13.3f} "
-              f"{s['comm_blocking_s_per_step'] * 1e3:>17.2f} {s['comm_overlapped_s_per_step'] * 1e3:>19.2f} "
-              f"{s['final_eval'].get('top1', float('nan')):>10.2f} {s['wall_s']:>7.0f}")
+        print(
+            f"{algorithm:<10} {s['comm_bytes_sent_per_step'] / 1e6:>13.3f} "
+            f"{s['comm_bytes_received_per_step'] / 1e6:>13.3f} "
+            f"{s['comm_blocking_s_per_step'] * 1e3:>17.2f} {s['comm_overlapped_s_per_step'] * 1e3:>19.2f} "
+            f"{s['final_eval'].get('top1', float('nan')):>10.2f} {s['wall_s']:>7.0f}"
+        )
     print(f"\nrun directories: {out}")
 
 

@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,11 @@ import time
 from pathlib import Path
 
 from slowmo_train.scripting import launch_env, read_metrics
+
+if __package__:  # imported, or run as python -m scripts.bench_allreduce
+    from scripts.allreduce_report import print_report
+else:  # python scripts/bench_allreduce.py: this folder is sys.path[0]
+    from allreduce_report import print_report
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
@@ -101,11 +105,23 @@ def run_slowmo(args, threads: int, work: Path, round_no: int) -> dict:
     out = work / f"slowmo-{round_no}"
     total = args.warmup + args.steps
     cmd = [
-        sys.executable, "-m", "slowmo_train", "task=cifar10", "algorithm=allreduce",
-        f"data.root={args.data_root}", f"model.width={args.width}", f"train.batch_size={args.batch_size}",
-        f"launcher.nproc_per_node={NPROC}", "launcher.backend=gloo", f"launcher.threads_per_worker={threads}",
-        f"train.max_steps={total}", f"train.log_every={args.log_every}", "train.eval_every_epochs=1000000",
-        "train.progress=log", f"output_dir={out}", f"seed={args.seed}",
+        sys.executable,
+        "-m",
+        "slowmo_train",
+        "task=cifar10",
+        "algorithm=allreduce",
+        f"data.root={args.data_root}",
+        f"model.width={args.width}",
+        f"train.batch_size={args.batch_size}",
+        f"launcher.nproc_per_node={NPROC}",
+        "launcher.backend=gloo",
+        f"launcher.threads_per_worker={threads}",
+        f"train.max_steps={total}",
+        f"train.log_every={args.log_every}",
+        "train.eval_every_epochs=1000000",
+        "train.progress=log",
+        f"output_dir={out}",
+        f"seed={args.seed}",
     ]
     if args.cache_dir:
         cmd.append(f"data.cache_dir={args.cache_dir}")
@@ -113,8 +129,9 @@ def run_slowmo(args, threads: int, work: Path, round_no: int) -> dict:
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + args.timeout
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(work), stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=child_env(work), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             while True:
                 events = _train_events(metrics)
@@ -124,11 +141,13 @@ def run_slowmo(args, threads: int, work: Path, round_no: int) -> dict:
                     events = _train_events(metrics)
                     if events and events[-1]["step"] >= total:
                         break
-                    raise RunFailed(f"slowmo-train exited with code {proc.returncode} before step {total}:\n"
-                                    + _tail(log_path))
+                    raise RunFailed(
+                        f"slowmo-train exited with code {proc.returncode} before step {total}:\n" + _tail(log_path)
+                    )
                 if time.monotonic() > deadline:
-                    raise RunFailed(f"slowmo-train did not reach step {total} in {args.timeout:.0f} s:\n"
-                                    + _tail(log_path))
+                    raise RunFailed(
+                        f"slowmo-train did not reach step {total} in {args.timeout:.0f} s:\n" + _tail(log_path)
+                    )
                 time.sleep(0.2)
         finally:
             _kill_group(proc)
@@ -190,8 +209,9 @@ def _baseline_worker(rank: int, world: int, cfg: dict, store: str, result: str) 
         batch = cfg["batch_size"]
         model = cifar_resnet18(num_classes=len(data.classes), width=cfg["width"])
         ddp = DistributedDataParallel(model)  # broadcasts rank 0's parameters
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * batch * world / 256, momentum=0.9,
-                                    nesterov=True, weight_decay=1e-4)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=0.1 * batch * world / 256, momentum=0.9, nesterov=True, weight_decay=1e-4
+        )
         mean = torch.tensor(CIFAR10_MEAN).view(1, -1, 1, 1)
         std = torch.tensor(CIFAR10_STD).view(1, -1, 1, 1)
         batches = _baseline_batches(data.images, data.labels, batch, rank, world, cfg["seed"], mean, std)
@@ -209,10 +229,16 @@ def _baseline_worker(rank: int, world: int, cfg: dict, store: str, result: str) 
         wall = time.perf_counter() - start
         final_loss = loss.item()
         if rank == 0:
-            Path(result).write_text(json.dumps({
-                "samples_per_s": cfg["steps"] * batch * world / wall, "wall_s": wall, "loss": final_loss,
-                "threads": torch.get_num_threads(),
-            }))
+            Path(result).write_text(
+                json.dumps(
+                    {
+                        "samples_per_s": cfg["steps"] * batch * world / wall,
+                        "wall_s": wall,
+                        "loss": final_loss,
+                        "threads": torch.get_num_threads(),
+                    }
+                )
+            )
     finally:
         dist.destroy_process_group()
 
@@ -228,15 +254,29 @@ def _baseline_main(cfg_path: str) -> None:
 def run_baseline(args, threads: int, work: Path, round_no: int) -> dict:
     cfg_path = work / f"baseline-{round_no}.json"
     result = work / f"baseline-{round_no}.result.json"
-    cfg = {"data_root": str(args.data_root), "cache_dir": args.cache_dir, "width": args.width,
-           "batch_size": args.batch_size, "threads": threads, "warmup": args.warmup, "steps": args.steps,
-           "seed": args.seed, "store": str(work / f"baseline-{round_no}.store"), "result": str(result)}
+    cfg = {
+        "data_root": str(args.data_root),
+        "cache_dir": args.cache_dir,
+        "width": args.width,
+        "batch_size": args.batch_size,
+        "threads": threads,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "seed": args.seed,
+        "store": str(work / f"baseline-{round_no}.store"),
+        "result": str(result),
+    }
     cfg_path.write_text(json.dumps(cfg))
     log_path = work / f"baseline-{round_no}.log"
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--baseline-worker", str(cfg_path)],
-                                cwd=REPO, env=child_env(work), stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--baseline-worker", str(cfg_path)],
+            cwd=REPO,
+            env=child_env(work),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             code = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -253,24 +293,41 @@ def run_baseline(args, threads: int, work: Path, round_no: int) -> dict:
 
 # ------------------------------------------------------------------------------------- driver
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA,
-                   help="CIFAR-10 (torchvision format or train/ test/ image folders); default: %(default)s")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="CIFAR-10 (torchvision format or train/ test/ image folders); default: %(default)s",
+    )
     p.add_argument("--cache-dir", default=None, help="decoded-image cache (default: slowmo-train's)")
     p.add_argument("--width", type=float, default=0.25, help="ResNet-18 width multiplier (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="per-worker batch (default %(default)s)")
     p.add_argument("--steps", type=int, default=100, help="measured steps per run (default %(default)s)")
     p.add_argument("--warmup", type=int, default=20, help="steps before the measurement (default %(default)s)")
-    p.add_argument("--log-every", type=int, default=20,
-                   help="slowmo-train's train.log_every; must divide --warmup and --steps (default %(default)s)")
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=20,
+        help="slowmo-train's train.log_every; must divide --warmup and --steps (default %(default)s)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="A/B rounds (default %(default)s)")
-    p.add_argument("--threads", type=int, default=None,
-                   help=f"threads per worker on both sides (default: cores // {NPROC} = {default_threads()})")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"threads per worker on both sides (default: cores // {NPROC} = {default_threads()})",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for one run")
-    p.add_argument("--min-ratio", type=float, default=None,
-                   help="exit with code 1 when median(slowmo) / median(baseline) is below this")
+    p.add_argument(
+        "--min-ratio",
+        type=float,
+        default=None,
+        help="exit with code 1 when median(slowmo) / median(baseline) is below this",
+    )
     p.add_argument("--keep", action="store_true", help="keep the run directories and logs (printed)")
     p.add_argument("--baseline-worker", metavar="CONFIG", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -298,9 +355,12 @@ def main(argv=None) -> int:
     runners = {"slowmo": run_slowmo, "baseline": run_baseline}
     results: dict[str, list[dict]] = {"slowmo": [], "baseline": []}
     orders = []
-    print(f"AR-SGD throughput: slowmo-train vs a minimal DDP loop | {NPROC} processes x {threads} thread(s), gloo, CPU "
-          f"| resnet18 width {args.width} | batch {args.batch_size}/worker | {args.warmup} warm-up + {args.steps} "
-          f"measured steps | {args.rounds} rounds | data {args.data_root}", flush=True)
+    print(
+        f"AR-SGD throughput: slowmo-train vs a minimal DDP loop | {NPROC} processes x {threads} thread(s), gloo, CPU "
+        f"| resnet18 width {args.width} | batch {args.batch_size}/worker | {args.warmup} warm-up + {args.steps} "
+        f"measured steps | {args.rounds} rounds | data {args.data_root}",
+        flush=True,
+    )
     work = Path(tempfile.mkdtemp(prefix="bench_allreduce_"))
     try:
         for r in range(args.rounds):
@@ -310,8 +370,11 @@ def main(argv=None) -> int:
                 t0 = time.monotonic()
                 res = runners[side](args, threads, work, r)
                 results[side].append(res)
-                print(f"  round {r + 1} {side:<8} {res['samples_per_s']:8.1f} samples/s "
-                      f"({time.monotonic() - t0:.0f} s run)", flush=True)
+                print(
+                    f"  round {r + 1} {side:<8} {res['samples_per_s']:8.1f} samples/s "
+                    f"({time.monotonic() - t0:.0f} s run)",
+                    flush=True,
+                )
     except RunFailed as err:  # the logs stay for a look
         print(f"bench_allreduce: a run failed (logs in {work}):\n{err}", file=sys.stderr, flush=True)
         return 2
@@ -320,31 +383,7 @@ def main(argv=None) -> int:
     else:
         shutil.rmtree(work, ignore_errors=True)
 
-    slowmo = [x["samples_per_s"] for x in results["slowmo"]]
-    base = [x["samples_per_s"] for x in results["baseline"]]
-    trainer = [x["trainer_samples_per_s"] for x in results["slowmo"]]
-    print()
-    print(f"{'round':>5}  {'order':<17} {'slowmo':>10} {'baseline':>10} {'ratio':>7}   "
-          f"{'slowmo (own figure, no logging)':>31}")
-    for r in range(args.rounds):
-        order = "A B" if orders[r][0] == "slowmo" else "B A"
-        print(f"{r + 1:>5}  {order + ' (A = slowmo)':<17} {slowmo[r]:10.1f} {base[r]:10.1f} "
-              f"{slowmo[r] / base[r]:7.3f}   {trainer[r]:31.1f}")
-    med_s, med_b = statistics.median(slowmo), statistics.median(base)
-    ratio = med_s / med_b
-    per_round = statistics.median(s / b for s, b in zip(slowmo, base))
-    print(f"{'median':>5}  {'':<17} {med_s:10.1f} {med_b:10.1f} {ratio:7.3f}   {statistics.median(trainer):31.1f}")
-    # other load on the machine only ever slows a run down, so the best run is the least disturbed one
-    print(f"{'best':>5}  {'':<17} {max(slowmo):10.1f} {max(base):10.1f} {max(slowmo) / max(base):7.3f}   "
-          f"{max(trainer):31.1f}")
-    print()
-    print(f"samples/s (all ranks): slowmo-train median {med_s:.1f}, baseline median {med_b:.1f}")
-    print(f"ratio slowmo/baseline = {ratio:.3f} (median of per-round ratios {per_round:.3f}, "
-          f"best/best {max(slowmo) / max(base):.3f}; target >= 0.95)")
-    if args.min_ratio is not None and ratio < args.min_ratio:
-        print(f"FAIL: ratio {ratio:.3f} < --min-ratio {args.min_ratio}", flush=True)
-        return 1
-    return 0
+    return print_report(args, orders, results)
 
 
 if __name__ == "__main__":

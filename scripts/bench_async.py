@@ -30,18 +30,34 @@ from slowmo_train.scripting import compose_config, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("sync", "asgd", "nag_asgd", "dana")
-LABELS = {"sync": "sync Nesterov SGD (batch N*b)", "asgd": "ASGD", "nag_asgd": "NAG-ASGD", "dana": "DANA-Zero",
-          "dana_slim": "DANA-Slim"}
+LABELS = {
+    "sync": "sync Nesterov SGD (batch N*b)",
+    "asgd": "ASGD",
+    "nag_asgd": "NAG-ASGD",
+    "dana": "DANA-Zero",
+    "dana_slim": "DANA-Slim",
+}
 
 
 def overrides_for(method: str, workers: int, args) -> list[str]:
-    common = [f"data.root={args.data}", "data.download=false", f"data.train_subset={args.subset}",
-              f"model.width={args.width}", f"train.epochs={args.epochs}", f"train.eval_every_epochs={args.epochs}",
-              "train.log_every=100", "train.progress=log", f"optim.lr={args.lr}",
-              f"optim.milestone_epochs_of={args.epochs}",
-              f"optim.warmup_epochs={args.warmup}", f"optim.milestones=[{0.75 * args.epochs}]", f"seed={args.seed}",
-              f"algorithm.compute_time_dist={args.dist}", f"algorithm.compute_time_shape={args.shape}",
-              "train.eval_batch_size=1000"]
+    common = [
+        f"data.root={args.data}",
+        "data.download=false",
+        f"data.train_subset={args.subset}",
+        f"model.width={args.width}",
+        f"train.epochs={args.epochs}",
+        f"train.eval_every_epochs={args.epochs}",
+        "train.log_every=100",
+        "train.progress=log",
+        f"optim.lr={args.lr}",
+        f"optim.milestone_epochs_of={args.epochs}",
+        f"optim.warmup_epochs={args.warmup}",
+        f"optim.milestones=[{0.75 * args.epochs}]",
+        f"seed={args.seed}",
+        f"algorithm.compute_time_dist={args.dist}",
+        f"algorithm.compute_time_shape={args.shape}",
+        "train.eval_batch_size=1000",
+    ]
     if method == "sync":
         return ["algorithm=nag_asgd", "algorithm.sim_workers=1", f"train.batch_size={workers * args.batch}", *common]
     return [f"algorithm={method}", f"algorithm.sim_workers={workers}", f"train.batch_size={args.batch}", *common]

@@ -1,7 +1,7 @@
 """Two checkouts of slowmo-train side by side on the emulated cluster: does a change cost speed?
 
-    git worktree add /tmp/baseline main
-    sudo .venv/bin/python -m scripts.bench_checkouts --data-root ../shared/data/cifar10 --baseline /tmp/baseline
+    git worktree add /path/to/baseline main
+    sudo .venv/bin/python -m scripts.bench_checkouts --data-root ../shared/data/cifar10 --baseline /path/to/baseline
 
 Every configuration runs alternately with the baseline's package and the candidate's (by default
 this checkout; A B A B ...,
@@ -78,8 +78,11 @@ def main() -> None:
             sys.exit(f"bench_checkouts: error: {name}={path} is not a slowmo-train checkout")
     if os.geteuid() != 0:
         sys.exit("bench_checkouts: error: the emulated cluster needs root (network namespaces)")
-    data_root, args.out, args.work = Path(args.data_root).resolve(), str(Path(args.out).resolve()), \
-        str(Path(args.work).resolve())
+    data_root, args.out, args.work = (
+        Path(args.data_root).resolve(),
+        str(Path(args.out).resolve()),
+        str(Path(args.work).resolve()),
+    )
     Path(args.work).mkdir(parents=True, exist_ok=True)
     os.chdir(args.work)  # `python -m slowmo_train` would otherwise import the package of the current directory
     args.data_root = str(small_test_root(data_root, Path(args.work)))
@@ -101,16 +104,20 @@ def main() -> None:
         row = {"config": cfg.label, "rate": rate}
         for side in ("baseline", "this"):
             row[f"{side} ms/iter"] = f"{statistics.mean(ms[side]):.1f} ({min(ms[side]):.1f}-{max(ms[side]):.1f})"
-            row[f"{side} blocking/overlapped ms"] = (f"{statistics.mean(m.blocking_ms for m in runs[side]):.1f} / "
-                                                    f"{statistics.mean(m.overlapped_ms for m in runs[side]):.1f}")
+            row[f"{side} blocking/overlapped ms"] = (
+                f"{statistics.mean(m.blocking_ms for m in runs[side]):.1f} / "
+                f"{statistics.mean(m.overlapped_ms for m in runs[side]):.1f}"
+            )
         row["this / baseline"] = f"{statistics.mean(ms['this']) / statistics.mean(ms['baseline']):.3f}"
         rows.append(row)
     table = markdown_table(list(rows[0]), [list(r.values()) for r in rows])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_checkouts.md").write_text(table + "\n")
-    print(f"\n{table}\n\nbench_checkouts: {len(rows)} configurations x {args.repeats} repeats x 2 checkouts in "
-          f"{(time.time() - start) / 60:.1f} min; table in {out}/bench_checkouts.md")
+    print(
+        f"\n{table}\n\nbench_checkouts: {len(rows)} configurations x {args.repeats} repeats x 2 checkouts in "
+        f"{(time.time() - start) / 60:.1f} min; table in {out}/bench_checkouts.md"
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ stalls the training by its snapshot plus whatever the n steps that run until its
 to the writer thread (CPU, memory bandwidth) and the per-step completion poll: sum(step + save +
 poll times from the save to its completion) - n x baseline, the baseline being the median of the
 ``--steps`` steps right before and right after that save (a shared machine's load drifts).
-Gradients are dropped after each step. Peak memory of the transformer run: ~12.5 GB (live state
+Gradients are dropped after each step. Peak memory of the transformer run: 12.6-13.2 GB (live state
 with DDP's buckets 5.4 GB, SlowMo's state_dict clones of x0 and u 1.7 GB, the host snapshot 4 GB,
 gradients 0.8 GB). Timings on a shared machine move 10-20 % and more.
 """
@@ -69,8 +69,14 @@ class Training:
         self.optimizer = build_optimizer(optim, self.model, optim.lr)
         # base_buffers=keep (the paper's WMT16 setting): the optimizer state is never reset at an
         # outer step, so every checkpoint holds all of it
-        self.algorithm = build_algorithm(AlgorithmConfig(), SlowMoConfig(enabled=args.slowmo, base_buffers="keep"),
-                                         self.model, self.optimizer, build_topology(1), torch.device("cpu"))
+        self.algorithm = build_algorithm(
+            AlgorithmConfig(),
+            SlowMoConfig(enabled=args.slowmo, base_buffers="keep"),
+            self.model,
+            self.optimizer,
+            build_topology(1),
+            torch.device("cpu"),
+        )
         self.k = 0
 
     def loss(self) -> torch.Tensor:
@@ -97,23 +103,38 @@ class Training:
         return time.perf_counter() - start
 
     def state(self, step: int) -> dict:
-        return {"format": 1, "step": step, "rank": 0, "world_size": 1, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "algorithm": self.algorithm.state_dict(),
-                "rng": capture_rng()}
+        return {
+            "format": 1,
+            "step": step,
+            "rank": 0,
+            "world_size": 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "algorithm": self.algorithm.state_dict(),
+            "rng": capture_rng(),
+        }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(DEFAULT_OPTIM), default="resnet18",
-                   help="resnet18 (CIFAR-10), resnet50 (ImageNet) or transformer_big (WMT16); default %(default)s")
+    p.add_argument(
+        "--model",
+        choices=sorted(DEFAULT_OPTIM),
+        default="resnet18",
+        help="resnet18 (CIFAR-10), resnet50 (ImageNet) or transformer_big (WMT16); default %(default)s",
+    )
     p.add_argument("--width", type=float, default=1.0, help="width multiplier (default %(default)s)")
     p.add_argument("--optim", choices=["sgd", "adam"], default=None, help="base optimizer (default: the model's)")
     p.add_argument("--vocab", type=int, default=32000, help="transformer vocabulary (default %(default)s)")
     p.add_argument("--slowmo", action="store_true", help="wrap the algorithm in SlowMo (adds x0 and u)")
     p.add_argument("--repeats", type=int, default=3, help="checkpoints written per mode (default %(default)s)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="baseline training steps timed for the stall (0: no stall measurement; default: 5 for "
-                        "the ResNet-18, 3 otherwise)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="baseline training steps timed for the stall (0: no stall measurement; default: 5 for "
+        "the ResNet-18, 3 otherwise)",
+    )
     p.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     args = p.parse_args()
@@ -192,8 +213,10 @@ def main() -> int:
     what = "SlowMo over AR-SGD" if args.slowmo else "AR-SGD"
     opt = "Nesterov SGD" if args.optim == "sgd" else "Adam"
     name = args.model if args.model != "transformer_big" else f"transformer_big vocab {args.vocab}"
-    print(f"{name} width {args.width} ({params / 1e6:.2f}M params), {what}, {opt} state, "
-          f"{args.repeats} checkpoints per mode in {args.dir or tempfile.gettempdir()}, torch threads {args.threads}")
+    print(
+        f"{name} width {args.width} ({params / 1e6:.2f}M params), {what}, {opt} state, "
+        f"{args.repeats} checkpoints per mode in {args.dir or tempfile.gettempdir()}, torch threads {args.threads}"
+    )
 
     def row(label: str, values: list[float]) -> str:
         return f"  {label:<22} {statistics.median(values):.3f}   (min {min(values):.3f}, max {max(values):.3f})"
@@ -205,9 +228,11 @@ def main() -> int:
     print(row("snapshot s", snapshots) + "   the step waits for this")
     print(row("durable s", durable) + "   snapshot + file written, fsync'ed, renamed")
     if steps:
-        print(f"  step stall s           direct {statistics.median(writes):.3f}   background "
-              f"{statistics.median(stalls):.3f} (min {min(stalls):.3f}, max {max(stalls):.3f}; "
-              f"{statistics.median(overlapped):.0f} steps overlap the write)   first baseline step {baseline:.3f}")
+        print(
+            f"  step stall s           direct {statistics.median(writes):.3f}   background "
+            f"{statistics.median(stalls):.3f} (min {min(stalls):.3f}, max {max(stalls):.3f}; "
+            f"{statistics.median(overlapped):.0f} steps overlap the write)   first baseline step {baseline:.3f}"
+        )
     return 0
 
 

@@ -37,8 +37,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pipeline_rate(root: str, image_size: int, batch_size: int, workers: int, batches: int) -> float:
     """Images/s of the training stream with ``workers`` loader processes."""
-    stream = ImageNetStream(root, image_size=image_size, batch_size=batch_size, eval_batch_size=batch_size,
-                            workers=workers, seed=0, rank=0, world_size=1, device=torch.device("cpu"))
+    stream = ImageNetStream(
+        root,
+        image_size=image_size,
+        batch_size=batch_size,
+        eval_batch_size=batch_size,
+        workers=workers,
+        seed=0,
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+    )
     epoch, seen, start = 0, -1, None
     while seen < batches:
         for _ in stream.train_batches(epoch):
@@ -74,8 +83,11 @@ def model_rate(image_size: int, batch_size: int, width: float, steps: int, threa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "imagenet_sample"),
-                        help="ImageFolder root with train/ and val/")
+    parser.add_argument(
+        "--root",
+        default=str(REPO.parent / "shared" / "data" / "imagenet_sample"),
+        help="ImageFolder root with train/ and val/",
+    )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32, help="loader batch (the paper's per-GPU 32)")
     parser.add_argument("--workers", default="0,1,2", help="comma-separated loader worker counts to time")
@@ -98,15 +110,22 @@ def main(argv: list[str] | None = None) -> int:
 
     rate = model_rate(args.image_size, args.model_batch, args.width, args.model_steps, args.threads)
     figures["model_images_per_s"] = rate
-    print(f"model: ResNet-50 width {args.width:g}, forward+backward+SGD, batch {args.model_batch}, "
-          f"{args.threads} thread(s): {rate:.1f} images/s")
+    print(
+        f"model: ResNet-50 width {args.width:g}, forward+backward+SGD, batch {args.model_batch}, "
+        f"{args.threads} thread(s): {rate:.1f} images/s"
+    )
 
-    per_worker = max(v["images_per_s_per_worker"] for k, v in figures["loader"].items() if k > 0) \
-        if any(k > 0 for k in figures["loader"]) else figures["loader"][0]["images_per_s"]
+    per_worker = (
+        max(v["images_per_s_per_worker"] for k, v in figures["loader"].items() if k > 0)
+        if any(k > 0 for k in figures["loader"])
+        else figures["loader"][0]["images_per_s"]
+    )
     needed = max(1, math.ceil(rate / per_worker))
     figures.update(per_worker_images_per_s=per_worker, workers_needed=needed, headroom=per_worker / rate)
-    print(f"one loader worker feeds {per_worker / rate:.1f}x the model's rate: data.workers={needed} keeps a "
-          f"training process fed ({'the loader is not the bottleneck' if per_worker >= rate else 'add workers'})")
+    print(
+        f"one loader worker feeds {per_worker / rate:.1f}x the model's rate: data.workers={needed} keeps a "
+        f"training process fed ({'the loader is not the bottleneck' if per_worker >= rate else 'add workers'})"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0

@@ -20,9 +20,17 @@ from scripts import emulated_bench
 def main() -> None:
     data = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/cifar10").resolve()
     work = Path(tempfile.gettempdir()) / "slowmo-bench-poll"
-    args = types.SimpleNamespace(data_root=str(emulated_bench.small_test_root(data, work)), out=str(work / "out"),
-                                 work=str(work), width=0.25, batch=16, warmup=12, steps=96, log_every=12,
-                                 rates="135mbit,400mbit")
+    args = types.SimpleNamespace(
+        data_root=str(emulated_bench.small_test_root(data, work)),
+        out=str(work / "out"),
+        work=str(work),
+        width=0.25,
+        batch=16,
+        warmup=12,
+        steps=96,
+        log_every=12,
+        rates="135mbit,400mbit",
+    )
     bench = emulated_bench.Bench(args)
     ms: dict[int, list[float]] = {1: [], 48: []}
     for rep, order in enumerate(((1, 48), (48, 1))):

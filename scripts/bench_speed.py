@@ -139,9 +139,11 @@ class SpeedBench(Bench):
         auto = self.rates is None
         compute, (p, b) = self.compute_only(topo)
         if auto:
-            print(f"  link rates from the measured compute time: comm-bound {self.rates['comm']} "
-                  f"(AR-SGD communication ~{COMM_BOUND_FACTOR}x compute), balanced {self.rates['balanced']}",
-                  flush=True)
+            print(
+                f"  link rates from the measured compute time: comm-bound {self.rates['comm']} "
+                f"(AR-SGD communication ~{COMM_BOUND_FACTOR}x compute), balanced {self.rates['balanced']}",
+                flush=True,
+            )
         for key, configs in plan:
             rate = self.rates[key]
             payload = rate_bits(rate) / 8 * PAYLOAD_EFFICIENCY
@@ -151,25 +153,43 @@ class SpeedBench(Bench):
                     continue
                 model = model_ms(cfg, topo, compute.ms_per_step, payload, p, b)
                 want = expected_bytes(cfg, topo, p, b)
-                self.rows.append({
-                    "topology": topo.label, "rate": rate, "config": cfg.label,
-                    "ms_per_step": round(m.ms_per_step, 1), "model_ms": round(model, 1),
-                    "measured_over_model": round(m.ms_per_step / model, 3),
-                    "compute_ms": round(compute.ms_per_step, 1),
-                    "blocking_ms": round(m.blocking_ms, 1), "overlapped_ms": round(m.overlapped_ms, 1),
-                    "mb_sent_per_step": round(m.bytes_sent / 1e6, 4), "mb_expected": round(want / 1e6, 4),
-                    "bytes_error_pct": round(100 * (m.bytes_sent / want - 1), 2) if want else 0.0,
-                })
+                self.rows.append(
+                    {
+                        "topology": topo.label,
+                        "rate": rate,
+                        "config": cfg.label,
+                        "ms_per_step": round(m.ms_per_step, 1),
+                        "model_ms": round(model, 1),
+                        "measured_over_model": round(m.ms_per_step / model, 3),
+                        "compute_ms": round(compute.ms_per_step, 1),
+                        "blocking_ms": round(m.blocking_ms, 1),
+                        "overlapped_ms": round(m.overlapped_ms, 1),
+                        "mb_sent_per_step": round(m.bytes_sent / 1e6, 4),
+                        "mb_expected": round(want / 1e6, 4),
+                        "bytes_error_pct": round(100 * (m.bytes_sent / want - 1), 2) if want else 0.0,
+                    }
+                )
             self.save()
 
     def save(self) -> None:
         save_rows(self.out, "bench_speed", self.rows, lambda rows: markdown_table(rows) + "\n\n" + targets(rows))
 
 
-
 def markdown_table(rows: list[dict]) -> str:
-    head = ["nodes x procs", "link", "algorithm", "ms/iter", "model ms", "meas/model", "compute ms",
-            "blocking ms", "overlapped ms", "MB sent/iter", "MB expected", "bytes err %"]
+    head = [
+        "nodes x procs",
+        "link",
+        "algorithm",
+        "ms/iter",
+        "model ms",
+        "meas/model",
+        "compute ms",
+        "blocking ms",
+        "overlapped ms",
+        "MB sent/iter",
+        "MB expected",
+        "bytes err %",
+    ]
     return scripting.markdown_table(head, [r.values() for r in rows])
 
 
@@ -188,25 +208,42 @@ def targets(rows: list[dict]) -> str:
     def ratio(topo, rate, num, den, text):
         a, b = _row(rows, topo, rate, num), _row(rows, topo, rate, den)
         if a and b:
-            out.append(f"- {topo} {rate}: {text} = {a['ms_per_step'] / b['ms_per_step']:.3f} "
-                       f"(model {a['model_ms'] / b['model_ms']:.3f})")
+            out.append(
+                f"- {topo} {rate}: {text} = {a['ms_per_step'] / b['ms_per_step']:.3f} "
+                f"(model {a['model_ms'] / b['model_ms']:.3f})"
+            )
 
     for topo, rate in sorted({(r["topology"], r["rate"]) for r in rows}, key=lambda g: (g[0], rate_bits(g[1]))):
         for base in ("AR-SGD", "Local SGD", "SGP", "OSGP"):
             for tau in (12, 48):
-                ratio(topo, rate, f"{base} + SlowMo(tau={tau})", base,
-                      f"{base} + SlowMo(tau={tau}) / {base} [target <= 1.03]")
-        ratio(topo, rate, "AR-SGD", "Local SGD + SlowMo(tau=12)",
-              "AR-SGD / (Local SGD + SlowMo) [target >= 2.5 comm-bound]")
+                ratio(
+                    topo,
+                    rate,
+                    f"{base} + SlowMo(tau={tau})",
+                    base,
+                    f"{base} + SlowMo(tau={tau}) / {base} [target <= 1.03]",
+                )
+        ratio(
+            topo,
+            rate,
+            "AR-SGD",
+            "Local SGD + SlowMo(tau=12)",
+            "AR-SGD / (Local SGD + SlowMo) [target >= 2.5 comm-bound]",
+        )
         ratio(topo, rate, "SGP", "OSGP", "SGP / OSGP [target >= 1.3 comm-bound]")
-        ratio(topo, rate, "OSGP [poll every 1]", "OSGP",
-              "OSGP with a stop-signal poll every step / OSGP polling every 48")
+        ratio(
+            topo, rate, "OSGP [poll every 1]", "OSGP", "OSGP with a stop-signal poll every step / OSGP polling every 48"
+        )
     worst = max(rows, key=lambda r: abs(r["measured_over_model"] - 1))
-    out.append(f"- largest model deviation: {worst['topology']} {worst['rate']} {worst['config']}: "
-               f"measured/model = {worst['measured_over_model']} (target within 0.85-1.15)")
+    out.append(
+        f"- largest model deviation: {worst['topology']} {worst['rate']} {worst['config']}: "
+        f"measured/model = {worst['measured_over_model']} (target within 0.85-1.15)"
+    )
     worst_b = max(rows, key=lambda r: abs(r["bytes_error_pct"]))
-    out.append(f"- largest bytes deviation: {worst_b['config']} ({worst_b['topology']}): "
-               f"{worst_b['bytes_error_pct']} % (target within 1 %)")
+    out.append(
+        f"- largest bytes deviation: {worst_b['config']} ({worst_b['topology']}): "
+        f"{worst_b['bytes_error_pct']} % (target within 1 %)"
+    )
     return "\n".join(out)
 
 
@@ -225,8 +262,13 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.bar([i + 0.2 for i in x], [r["model_ms"] for r in sel], width=0.4, label="model", alpha=0.6)
         ax.axhline(sel[0]["compute_ms"], color="k", lw=0.8, ls="--", label="compute only")
         ax.set_xticks(list(x))
-        short = [r["config"].replace(" + SlowMo(tau=", "\n+SlowMo tau ").replace(")", "")
-                 .replace(" [poll every 1]", "\npoll every step") for r in sel]
+        short = [
+            r["config"]
+            .replace(" + SlowMo(tau=", "\n+SlowMo tau ")
+            .replace(")", "")
+            .replace(" [poll every 1]", "\npoll every step")
+            for r in sel
+        ]
         ax.set_xticklabels(short, fontsize=6.5)
         ax.set_ylabel("ms / iteration")
         ax.set_title(f"{topo} (nodes x processes), link {rate} per node", fontsize=9)
@@ -240,15 +282,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-root", required=True, help="CIFAR-10 (either layout)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "img"), help="where the CSV, Markdown table and PNG go")
-    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "slowmo-bench-speed"),
-                    help="run directories (scratch)")
+    ap.add_argument(
+        "--work", default=str(Path(tempfile.gettempdir()) / "slowmo-bench-speed"), help="run directories (scratch)"
+    )
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch", type=int, default=16, help="per process")
     ap.add_argument("--warmup", type=int, default=12, help="steps excluded from the timing (also the log interval)")
-    ap.add_argument("--steps", type=int, default=24,
-                    help="timed steps, a multiple of 12 (SlowMo with tau=48 runs max(steps, 48))")
-    ap.add_argument("--rates", default="auto", help="comm-bound,balanced link rates (tc syntax, e.g. 40mbit,120mbit); "
-                    "auto: derived from the first topology's measured compute time")
+    ap.add_argument(
+        "--steps", type=int, default=24, help="timed steps, a multiple of 12 (SlowMo with tau=48 runs max(steps, 48))"
+    )
+    ap.add_argument(
+        "--rates",
+        default="auto",
+        help="comm-bound,balanced link rates (tc syntax, e.g. 40mbit,120mbit); "
+        "auto: derived from the first topology's measured compute time",
+    )
     ap.add_argument("--quick", action="store_true", help="2x1 only, 5 configurations, one rate, short runs")
     ap.add_argument("--topologies", default="2x1,4x1,2x2")
     args = ap.parse_args()
@@ -257,8 +305,10 @@ def main() -> None:
     args.data_root = str(small_test_root(Path(args.data_root).resolve(), Path(args.work)))
     args.log_every = args.warmup
     if args.steps % args.log_every or args.steps % 12 or 48 % args.log_every:
-        sys.exit(f"bench_speed: error: --steps={args.steps} must be a multiple of 12 and of --warmup={args.warmup} "
-                 "(and --warmup must divide 48)")
+        sys.exit(
+            f"bench_speed: error: --steps={args.steps} must be a multiple of 12 and of --warmup={args.warmup} "
+            "(and --warmup must divide 48)"
+        )
     if os.geteuid() != 0:
         sys.exit("bench_speed: error: the emulated cluster needs root (network namespaces)")
     bench = SpeedBench(args)
@@ -269,8 +319,11 @@ def main() -> None:
         # the full matrix on 2 nodes at the comm-bound rate, every base +- SlowMo at the balanced
         # one, and the headline configurations on 4 nodes and with the hierarchy: each run costs
         # ~25 s of start-up on this shared machine, and the whole benchmark should stay ~20 min
-        plan = {"2x1": [("comm", PAIRS + TAU48 + POLL_EVERY_STEP), ("balanced", HEADLINE)],
-                "4x1": [("comm", HEADLINE)], "2x2": [("comm", HIERARCHY)]}
+        plan = {
+            "2x1": [("comm", PAIRS + TAU48 + POLL_EVERY_STEP), ("balanced", HEADLINE)],
+            "4x1": [("comm", HEADLINE)],
+            "2x2": [("comm", HIERARCHY)],
+        }
         for name in args.topologies.split(","):
             nodes, nproc = map(int, name.split("x"))
             bench.topology(ClusterShape(nodes, nproc), plan.get(name, [("comm", PAIRS)]))
@@ -279,8 +332,10 @@ def main() -> None:
     print(f"\n{markdown_table(bench.rows)}\n\n{targets(bench.rows)}\n")
     if bench.failures:
         print("bench_speed: FAILED runs: " + "; ".join(bench.failures), file=sys.stderr)
-    print(f"bench_speed: {len(bench.rows)} configurations in {(time.time() - start) / 60:.1f} min; "
-          f"results in {bench.out}/bench_speed.csv, .md, .png")
+    print(
+        f"bench_speed: {len(bench.rows)} configurations in {(time.time() - start) / 60:.1f} min; "
+        f"results in {bench.out}/bench_speed.csv, .md, .png"
+    )
     sys.exit(1 if bench.failures else 0)
 
 

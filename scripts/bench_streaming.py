@@ -49,7 +49,8 @@ How to read the comparison (it is not the same for every variant):
   two ways to average, not of SlowMo's cost on top of an unchanged base.
 * SGP: the outer all-reduce comes on top of the gossip (what the 1 % goal is about), less one
   gossip per outer iteration when F = 1 (the exact average supersedes it); the push-sum weight adds
-  an 8-byte float64 all-reduce per fragment on the streamed path (``FragmentSync.post`` in slowmo_train/algorithms/outer_sync.py).
+  an 8-byte float64 all-reduce per fragment on the streamed path (``FragmentSync.post`` in
+  slowmo_train/algorithms/outer_sync.py).
 
 Per row, per iteration: ms, SlowMo's overhead over its base ((ms - ms_base) / ms_base), the same
 counting only the added blocking time ((blocking - blocking_base) / ms_base: on this shared machine
@@ -96,7 +97,12 @@ from scripts.emulated_bench import (
     save_rows,
     small_test_root,
 )
-from slowmo_train import scripting
+
+if __package__:  # python -m scripts.bench_streaming, or imported
+    from scripts.streaming_report import goal_check, markdown_table, plot
+else:  # python scripts/bench_streaming.py: this folder is sys.path[0]
+    from streaming_report import goal_check, markdown_table, plot
+
 
 ROOT = Path(__file__).resolve().parents[1]
 #: outer period per base (Local SGD's = its averaging period, as in bench_speed)
@@ -109,8 +115,6 @@ DELAYS, FRAGMENTS, DTYPES = (0, 1, 2), (1, 4), ("float32", "bfloat16")
 QUICK_VARIANTS = ((0, 1, "float32"), (1, 1, "float32"), (1, 4, "bfloat16"))
 #: --sharded: (D, F), each unsharded and sharded, float32
 SHARDED_VARIANTS = ((0, 1), (1, 4), (2, 1), (2, 4))
-#: the goal: SlowMo's overhead over its base with D >= 1, in %
-GOAL_PCT = 1.0
 TOPOLOGY = ClusterShape(2, 1)
 
 
@@ -144,9 +148,16 @@ class Variant:
     def config(self) -> Config:
         if self.is_base:
             return Config(self.algorithm)
-        return Config(self.algorithm, self.tau, extra=(
-            f"slowmo.overlap_steps={self.delay}", f"slowmo.fragments={self.fragments}",
-            f"slowmo.outer_dtype={self.dtype}", *(("slowmo.sharded=true",) if self.sharded else ())))
+        return Config(
+            self.algorithm,
+            self.tau,
+            extra=(
+                f"slowmo.overlap_steps={self.delay}",
+                f"slowmo.fragments={self.fragments}",
+                f"slowmo.outer_dtype={self.dtype}",
+                *(("slowmo.sharded=true",) if self.sharded else ()),
+            ),
+        )
 
 
 def build_plan(algorithms: list[str], quick: bool, sharded: bool = False) -> list[Variant]:
@@ -156,8 +167,9 @@ def build_plan(algorithms: list[str], quick: bool, sharded: bool = False) -> lis
     for algorithm in algorithms:
         plan.append(Variant(algorithm))
         if sharded:
-            plan += [Variant(algorithm, TAU[algorithm], d, f, sharded=s) for d, f in SHARDED_VARIANTS
-                     for s in (False, True)]
+            plan += [
+                Variant(algorithm, TAU[algorithm], d, f, sharded=s) for d, f in SHARDED_VARIANTS for s in (False, True)
+            ]
             continue
         plan += [Variant(algorithm, TAU[algorithm], d, f, t) for d, f, t in grid]
         if not quick:
@@ -196,109 +208,30 @@ def make_row(v: Variant, m: Measured, base: Measured, rate: str, p: float, b: fl
     want = expected_bytes(v, p, b, n)
     link_ms = 1000 * outer_bytes(v, p, b, n) / (rate_bits(rate) / 8 * PAYLOAD_EFFICIENCY)
     return {
-        "algorithm": NAMES[v.algorithm], "variant": v.name, "tau": v.tau or "",
-        "overlap_steps": "" if v.is_base else v.delay, "fragments": "" if v.is_base else v.fragments,
-        "outer_dtype": "" if v.is_base else v.dtype, "rate": rate,
+        "algorithm": NAMES[v.algorithm],
+        "variant": v.name,
+        "tau": v.tau or "",
+        "overlap_steps": "" if v.is_base else v.delay,
+        "fragments": "" if v.is_base else v.fragments,
+        "outer_dtype": "" if v.is_base else v.dtype,
+        "rate": rate,
         "ms_per_iter": round(m.ms_per_step, 1),
         "overhead_pct": "" if v.is_base and not v.repeat else round(100 * (m.ms_per_step / base.ms_per_step - 1), 2),
-        "blocking_overhead_pct": "" if v.is_base and not v.repeat
+        "blocking_overhead_pct": ""
+        if v.is_base and not v.repeat
         else round(100 * (m.blocking_ms - base.blocking_ms) / base.ms_per_step, 2),
-        "blocking_ms": round(m.blocking_ms, 1), "overlapped_ms": round(m.overlapped_ms, 1),
+        "blocking_ms": round(m.blocking_ms, 1),
+        "overlapped_ms": round(m.overlapped_ms, 1),
         # measured directly: the blocking time inside SlowMo's own operations (CommStats.outer)
         "slowmo_blocking_ms_per_outer": "" if v.is_base else round(m.extra.get("outer_blocking_ms", 0.0) * v.tau, 1),
-        "slowmo_overlapped_ms_per_outer":
-            "" if v.is_base else round(m.extra.get("outer_overlapped_ms", 0.0) * v.tau, 1),
+        "slowmo_overlapped_ms_per_outer": ""
+        if v.is_base
+        else round(m.extra.get("outer_overlapped_ms", 0.0) * v.tau, 1),
         "outer_link_ms": "" if v.is_base else round(link_ms, 1),
-        "mb_sent_per_iter": round(m.bytes_sent / 1e6, 4), "mb_expected": round(want / 1e6, 4),
+        "mb_sent_per_iter": round(m.bytes_sent / 1e6, 4),
+        "mb_expected": round(want / 1e6, 4),
         "bytes_error_pct": round(100 * (m.bytes_sent / want - 1), 2) if want else 0.0,
     }
-
-
-HEADER = ["base", "variant", "tau", "ms/iter", "overhead %", "blocking overhead %", "blocking ms/iter",
-          "overlapped ms/iter", "SlowMo blocking ms/outer", "SlowMo overlapped ms/outer", "outer link ms/outer",
-          "MB sent/iter", "MB expected", "bytes err %"]
-COLUMNS = ["algorithm", "variant", "tau", "ms_per_iter", "overhead_pct", "blocking_overhead_pct", "blocking_ms",
-           "overlapped_ms", "slowmo_blocking_ms_per_outer", "slowmo_overlapped_ms_per_outer", "outer_link_ms",
-           "mb_sent_per_iter", "mb_expected", "bytes_error_pct"]
-
-
-def markdown_table(rows: list[dict]) -> str:
-    return scripting.markdown_table(HEADER, [[r[c] for c in COLUMNS] for r in rows])
-
-
-def goal_check(rows: list[dict]) -> str:
-    """The goal per base: SlowMo's overhead < GOAL_PCT % with D >= 1, beside the noise floor."""
-    out = []
-    for name in dict.fromkeys(r["algorithm"] for r in rows):
-        mine = [r for r in rows if r["algorithm"] == name]
-        overlapped = [r for r in mine if r["overlap_steps"] not in ("", 0)]
-        if not overlapped:
-            continue
-        passing = [r for r in overlapped if r["overhead_pct"] < GOAL_PCT]
-        best = min(overlapped, key=lambda r: r["overhead_pct"])
-        worst = max(overlapped, key=lambda r: r["overhead_pct"])
-        line = (f"- {name} + SlowMo (tau {overlapped[0]['tau']}), D >= 1: {len(passing)}/{len(overlapped)} variants "
-                f"under {GOAL_PCT:g} % overhead [goal < {GOAL_PCT:g} %]: "
-                f"{'PASS' if len(passing) == len(overlapped) else 'FAIL'}; best {best['variant']} "
-                f"{best['overhead_pct']:+.2f} %, worst {worst['variant']} {worst['overhead_pct']:+.2f} %")
-        blocking = [r for r in mine if r["variant"] == "D0 F1 fp32"]
-        if blocking:
-            line += f"; Alg. 1 (D0 F1 fp32) {blocking[0]['overhead_pct']:+.2f} %"
-        # the added blocking time is not shifted by the compute time's drift on a shared machine
-        by_wait = [r for r in overlapped if r["blocking_overhead_pct"] < GOAL_PCT]
-        line += (f". Counting only the added blocking time: {len(by_wait)}/{len(overlapped)} under {GOAL_PCT:g} % "
-                 f"(worst {max(r['blocking_overhead_pct'] for r in overlapped):+.2f} %)")
-        repeat = [r for r in mine if r["variant"] == "base (repeat)"]
-        if repeat:
-            line += f"; base repeated: {repeat[0]['overhead_pct']:+.2f} % (the noise floor)"
-        out.append(line)
-    if any(r["algorithm"] == "Local SGD" for r in rows):
-        out.append("- Local SGD: SlowMo's synchronisation replaces the base's own average (period = tau = 12, "
-                   "also with F = 4), so these rows compare two ways of averaging the same bytes (half the "
-                   "parameter bytes in bf16), not SlowMo's cost on top of an unchanged base (that is SGP's rows).")
-    return "\n".join(out)
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(dict.fromkeys(r["algorithm"] for r in rows))
-    fig, axes = plt.subplots(2, len(names), figsize=(9, 6), squeeze=False)
-    colors = {"": "0.6", 0: "tab:red", 1: "tab:blue", 2: "tab:green"}
-    for ax, name in zip(axes[1], names):  # SlowMo's own stall per outer iteration (CommStats.outer)
-        sel = [r for r in rows if r["algorithm"] == name and r["variant"] not in ("base", "base (repeat)")]
-        x = list(range(len(sel)))
-        ax.bar(x, [max(float(r["slowmo_blocking_ms_per_outer"]), 0.1) for r in sel],
-               color=[colors[r["overlap_steps"]] for r in sel])
-        ax.plot(x, [float(r["outer_link_ms"]) for r in sel], "k_", ms=14, label="link time of the outer bytes")
-        ax.set_yscale("log")
-        ax.set_xticks(x)
-        ax.set_xticklabels([r["variant"].replace(" ", "\n") for r in sel], fontsize=6)
-        ax.set_ylabel("SlowMo blocking ms / outer step", fontsize=8)
-        ax.legend(fontsize=7, loc="upper right")
-    for ax, name in zip(axes[0], names):
-        sel = [r for r in rows if r["algorithm"] == name]
-        base = sel[0]["ms_per_iter"]
-        x = range(len(sel))
-        ax.bar(list(x), [r["ms_per_iter"] for r in sel], color=[colors[r["overlap_steps"]] for r in sel])
-        ax.axhline(base, color="k", lw=0.8, ls="--")
-        ax.axhline(base * (1 + GOAL_PCT / 100), color="k", lw=0.6, ls=":")
-        ax.set_xticks(list(x))
-        ax.set_xticklabels([r["variant"].replace(" (repeat)", " again").replace(" ", "\n") for r in sel], fontsize=6)
-        low = min(r["ms_per_iter"] for r in sel)
-        ax.set_ylim(low * 0.9, max(r["ms_per_iter"] for r in sel) * 1.03)
-        tau = next((r["tau"] for r in sel if r["tau"]), "")
-        ax.set_title(f"{name} + SlowMo (tau {tau}), link {sel[0]['rate']}", fontsize=9)
-        ax.set_ylabel("ms / iteration")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[k]) for k in ("", 0, 1, 2)]
-    fig.legend(handles, ["base", "D = 0", "D = 1", "D = 2"], fontsize=7, loc="upper right", ncol=4)
-    fig.text(0.01, 0.01, "dashed: base; dotted: base + 1 %", fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.93))
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 class StreamingBench(Bench):
@@ -309,8 +242,11 @@ class StreamingBench(Bench):
         topo = TOPOLOGY
         if self.rates is None:
             compute, _ = self.compute_only(topo)
-            print(f"  comm-bound link rate from the measured compute time ({compute.ms_per_step:.1f} ms/step): "
-                  f"{self.rates['comm']}", flush=True)
+            print(
+                f"  comm-bound link rate from the measured compute time ({compute.ms_per_step:.1f} ms/step): "
+                f"{self.rates['comm']}",
+                flush=True,
+            )
         rate = self.rates["comm"]
         sizes, bases = None, {}
         for v in plan:
@@ -337,19 +273,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-root", required=True, help="CIFAR-10 ImageFolder tree with train/ and test/")
     ap.add_argument("--out", default=str(ROOT / "docs" / "img"), help="where the CSV, Markdown table and PNG go")
-    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "slowmo-bench-streaming"),
-                    help="run directories (scratch)")
+    ap.add_argument(
+        "--work", default=str(Path(tempfile.gettempdir()) / "slowmo-bench-streaming"), help="run directories (scratch)"
+    )
     ap.add_argument("--algorithms", default="local_sgd,sgp", help=f"bases, from {', '.join(TAU)}")
-    ap.add_argument("--rate", default="auto", help="link rate per node (tc syntax, e.g. 95mbit); auto: the "
-                    "comm-bound rate of bench_speed, from a compute-only run")
+    ap.add_argument(
+        "--rate",
+        default="auto",
+        help="link rate per node (tc syntax, e.g. 95mbit); auto: the "
+        "comm-bound rate of bench_speed, from a compute-only run",
+    )
     ap.add_argument("--quick", action="store_true", help=f"{len(QUICK_VARIANTS)} SlowMo variants per base, no repeat")
-    ap.add_argument("--sharded", action="store_true", help="the sharded matrix instead (module docstring), "
-                    "into bench_streaming_sharded.*")
+    ap.add_argument(
+        "--sharded",
+        action="store_true",
+        help="the sharded matrix instead (module docstring), into bench_streaming_sharded.*",
+    )
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch", type=int, default=16, help="per process")
     ap.add_argument("--warmup", type=int, default=12, help="steps excluded from the timing (also the log interval)")
-    ap.add_argument("--steps", type=int, default=48, help="timed steps, a multiple of 12 and of --warmup (runs with "
-                    "tau 48 time max(steps, 48))")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=48,
+        help="timed steps, a multiple of 12 and of --warmup (runs with tau 48 time max(steps, 48))",
+    )
     ap.add_argument("--replot", metavar="CSV", help="only redraw the table and PNG from a saved bench_streaming.csv")
     args = ap.parse_args()
     if args.replot:
@@ -362,16 +310,19 @@ def main() -> None:
     algorithms = args.algorithms.split(",")
     bad = [a for a in algorithms if a not in TAU]
     if bad or not algorithms:
-        sys.exit(f"bench_streaming: error: --algorithms={args.algorithms} must be a comma-separated list of "
-                 f"{', '.join(TAU)}")
+        sys.exit(
+            f"bench_streaming: error: --algorithms={args.algorithms} must be a comma-separated list of {', '.join(TAU)}"
+        )
     if args.rate != "auto":
         try:
             rate_bits(args.rate)
         except ValueError:
             sys.exit(f"bench_streaming: error: --rate={args.rate} must be 'auto' or a tc rate such as 95mbit")
     if args.warmup < 1 or args.steps % 12 or args.steps % args.warmup or 48 % args.warmup:
-        sys.exit(f"bench_streaming: error: --steps={args.steps} must be a multiple of 12 and of --warmup="
-                 f"{args.warmup} (and --warmup must divide 48)")
+        sys.exit(
+            f"bench_streaming: error: --steps={args.steps} must be a multiple of 12 and of --warmup="
+            f"{args.warmup} (and --warmup must divide 48)"
+        )
     if not Path(args.data_root).is_dir():
         sys.exit(f"bench_streaming: error: --data-root={args.data_root} is not a directory")
     if os.geteuid() != 0:
@@ -390,8 +341,10 @@ def main() -> None:
         print(f"\n{markdown_table(bench.rows)}\n\n{goal_check(bench.rows)}\n")
     if bench.failures:
         print("bench_streaming: FAILED runs: " + "; ".join(bench.failures), file=sys.stderr)
-    print(f"bench_streaming: {len(bench.rows)} runs in {(time.time() - start) / 60:.1f} min; "
-          f"results in {bench.out}/{bench.stem}.csv, .md, .png")
+    print(
+        f"bench_streaming: {len(bench.rows)} runs in {(time.time() - start) / 60:.1f} min; "
+        f"results in {bench.out}/{bench.stem}.csv, .md, .png"
+    )
     sys.exit(1 if bench.failures else 0)
 
 

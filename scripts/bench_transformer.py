@@ -50,14 +50,21 @@ def main() -> None:
     torch.manual_seed(0)
 
     worker = WorkerInfo(0, 1, 0, torch.device("cpu"))
-    data = DataConfig(root=args.data_root, cache_dir=args.cache_dir, vocab_size=args.vocab_size,
-                      max_tokens=args.max_tokens, download="false")
+    data = DataConfig(
+        root=args.data_root,
+        cache_dir=args.cache_dir,
+        vocab_size=args.vocab_size,
+        max_tokens=args.max_tokens,
+        download="false",
+    )
     spm_model, splits = prepare_data(data, worker)
     sp = subword.load(spm_model)
     model = build_model(ModelConfig(arch=args.arch, width=args.width), "wmt16", vocab_size=sp.get_piece_size())
     params = sum(x.numel() for x in model.parameters())
-    print(f"{args.arch} width {args.width}: {params / 1e6:.2f}M parameters, vocabulary {sp.get_piece_size()}, "
-          f"{args.threads} thread(s)")
+    print(
+        f"{args.arch} width {args.width}: {params / 1e6:.2f}M parameters, vocabulary {sp.get_piece_size()}, "
+        f"{args.threads} thread(s)"
+    )
 
     batches = TokenBatches(splits["train"], np.arange(len(splits["train"])), args.max_tokens, 0, 1, 0, worker.device)
     it = batches.epoch(0)
@@ -73,8 +80,10 @@ def main() -> None:
         opt.step()
         tokens += units
     train_s = time.perf_counter() - start
-    print(f"training: {tokens / train_s:.0f} target tokens/s ({args.steps} steps of <= {args.max_tokens} padded "
-          f"tokens, {train_s / args.steps:.2f} s/step)")
+    print(
+        f"training: {tokens / train_s:.0f} target tokens/s ({args.steps} steps of <= {args.max_tokens} padded "
+        f"tokens, {train_s / args.steps:.2f} s/step)"
+    )
 
     if args.weights:
         model.load_state_dict(torch.load(Path(args.weights), map_location="cpu", weights_only=True))
@@ -85,8 +94,10 @@ def main() -> None:
     out = translate_corpus(model, sp, splits["test"], np.arange(n), cfg, args.max_tokens, worker.device)
     decode_s = time.perf_counter() - start
     pieces = np.mean([len(sp.encode(h)) for h in out.values()])
-    print(f"beam search: {n / decode_s:.1f} sentences/s (beam {args.beam}, {n} test sentences, "
-          f"{'trained' if args.weights else 'untrained'} model; mean output {pieces:.1f} pieces)")
+    print(
+        f"beam search: {n / decode_s:.1f} sentences/s (beam {args.beam}, {n} test sentences, "
+        f"{'trained' if args.weights else 'untrained'} model; mean output {pieces:.1f} pieces)"
+    )
 
 
 if __name__ == "__main__":

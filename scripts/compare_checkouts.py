@@ -1,9 +1,9 @@
 """Bit for bit: do two checkouts of slowmo-train train the same way? For reshaping code that must not
 change what it computes.
 
-    git worktree add /tmp/baseline main
-    python scripts/compare_checkouts.py --baseline /tmp/baseline            # this checkout against it
-    python scripts/compare_checkouts.py --baseline /tmp/baseline --world 2 --configs osgp,sgp_slowmo
+    git worktree add /path/to/baseline main
+    python scripts/compare_checkouts.py --baseline /path/to/baseline            # this checkout against it
+    python scripts/compare_checkouts.py --baseline /path/to/baseline --world 2 --configs osgp,sgp_slowmo
 
 Each checkout's package (``PYTHONPATH``; same interpreter and torch) trains the same configurations
 through its ``Trainer`` on ``--world`` gloo ranks (3 by default, where the order of a sum over ranks
@@ -36,18 +36,32 @@ CONFIGS = {
     "osgp_slowmo": {"algorithm": {"name": "osgp", "synch_freq": 1}, "slowmo": {**SLOWMO, "tau": 4}},
     "osgp": {"algorithm": {"name": "osgp", "synch_freq": 2}},
     "sgp_slowmo_sharded": {"algorithm": {"name": "sgp"}, "slowmo": {**SLOWMO, "sharded": True}},
-    "local_sgd_streamed": {"algorithm": {"name": "local_sgd", "period": 4},
-                           "slowmo": {**STREAMED, "overlap_steps": 1, "outer_dtype": "bfloat16"}},
-    "osgp_sharded_streamed": {"algorithm": {"name": "osgp", "synch_freq": 1},
-                              "slowmo": {**STREAMED, "sharded": True, "overlap_steps": 2}},
-    "allreduce_decoupled_nesterov": {"algorithm": {"name": "allreduce"},
-                                     "slowmo": {**SLOWMO, "lr_coupling": "decoupled", "nesterov": True,
-                                                "base_buffers": "average"}},
+    "local_sgd_streamed": {
+        "algorithm": {"name": "local_sgd", "period": 4},
+        "slowmo": {**STREAMED, "overlap_steps": 1, "outer_dtype": "bfloat16"},
+    },
+    "osgp_sharded_streamed": {
+        "algorithm": {"name": "osgp", "synch_freq": 1},
+        "slowmo": {**STREAMED, "sharded": True, "overlap_steps": 2},
+    },
+    "allreduce_decoupled_nesterov": {
+        "algorithm": {"name": "allreduce"},
+        "slowmo": {**SLOWMO, "lr_coupling": "decoupled", "nesterov": True, "base_buffers": "average"},
+    },
 }
-BASE = {"model": {"width": 0.125},
-        "train": {"batch_size": 8, "epochs": 3, "max_steps": 13, "log_every": 4, "eval_every_epochs": 1,
-                  "eval_batch_size": 50, "progress": "none"},
-        "checkpoint": {"every_minutes": 0, "every_steps": 0, "at_end": False}}
+BASE = {
+    "model": {"width": 0.125},
+    "train": {
+        "batch_size": 8,
+        "epochs": 3,
+        "max_steps": 13,
+        "log_every": 4,
+        "eval_every_epochs": 1,
+        "eval_batch_size": 50,
+        "progress": "none",
+    },
+    "checkpoint": {"every_minutes": 0, "every_steps": 0, "at_end": False},
+}
 
 
 def merge(*dicts: dict) -> dict:
@@ -59,8 +73,11 @@ def merge(*dicts: dict) -> dict:
 
 
 def _comparable(event: dict) -> dict:
-    return {k: v for k, v in event.items()
-            if k != "time" and not k.endswith("_per_s") and (not k.startswith("comm_") or k.startswith("comm_bytes"))}
+    return {
+        k: v
+        for k, v in event.items()
+        if k != "time" and not k.endswith("_per_s") and (not k.startswith("comm_") or k.startswith("comm_bytes"))
+    }
 
 
 def train(rank: int, world: int, data_root: str, root: str, names: list[str]) -> dict:
@@ -77,9 +94,11 @@ def train(rank: int, world: int, data_root: str, root: str, names: list[str]) ->
         trainer = Trainer(to_job_config(job), DistEnv(rank, world, rank, world, True), torch.device("cpu"), run)
         summary = trainer.run()
         log = run / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl")
-        out[name] = {"params": torch.cat([p.detach().reshape(-1) for p in trainer.task.model.parameters()]).clone(),
-                     "events": [_comparable(json.loads(line)) for line in log.read_text().splitlines()],
-                     "final": summary["final_eval"]}
+        out[name] = {
+            "params": torch.cat([p.detach().reshape(-1) for p in trainer.task.model.parameters()]).clone(),
+            "events": [_comparable(json.loads(line)) for line in log.read_text().splitlines()],
+            "final": summary["final_eval"],
+        }
     return out
 
 
@@ -98,8 +117,10 @@ def compare(a: list[dict], b: list[dict]) -> bool:
             params = torch.equal(pa, pb)
             events = sorted(map(json.dumps, ra[name]["events"])) == sorted(map(json.dumps, rb[name]["events"]))
             same &= params and events
-            print(f"rank {rank} {name:30s} params bitwise {params} (max diff {(pa - pb).abs().max().item():.2e})"
-                  f"  metrics equal {events}")
+            print(
+                f"rank {rank} {name:30s} params bitwise {params} (max diff {(pa - pb).abs().max().item():.2e})"
+                f"  metrics equal {events}"
+            )
     return same
 
 
@@ -123,8 +144,19 @@ def main() -> None:
     for side, checkout in (("baseline", args.baseline), ("candidate", args.candidate)):
         out = work / f"{side}.pt"
         env = {**os.environ, "PYTHONPATH": str(Path(checkout).resolve())}
-        cmd = [sys.executable, __file__, "--baseline", args.baseline, "--world", str(args.world),
-               "--configs", args.configs, "--run", str(data), str(out)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--baseline",
+            args.baseline,
+            "--world",
+            str(args.world),
+            "--configs",
+            args.configs,
+            "--run",
+            str(data),
+            str(out),
+        ]
         print(f"compare_checkouts: training {len(names)} configurations with {checkout} ...", flush=True)
         subprocess.run(cmd, env=env, cwd=checkout, check=True)
         results.append(torch.load(out, weights_only=False))

@@ -104,7 +104,6 @@ def ring(nbytes: float, n: int) -> float:
     return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
 
 
-
 def read_run(run_dir: Path, skip_steps: int, units_per_step: int) -> Measured:
     """Time per step over the logged intervals after ``skip_steps`` (warm-up), from rank 0's
     metrics.jsonl; communication figures weighted by interval length."""
@@ -137,8 +136,9 @@ def model_sizes(run_dir: Path) -> tuple[float, float]:
     from slowmo_train.config import ModelConfig
     from slowmo_train.models import build_model
 
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                                    OmegaConf.load(run_dir / "config.yaml").model))
+    model_cfg = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(run_dir / "config.yaml").model)
+    )
     model = build_model(model_cfg, "cifar10", num_classes=10)
     p = sum(t.numel() * t.element_size() for t in model.parameters())
     b = sum(t.numel() * t.element_size() for t in model.buffers() if t.is_floating_point())
@@ -151,8 +151,10 @@ def small_test_root(data_root: Path, work: Path, per_class: int = 50) -> Path:
     class: the benchmark times training, and evaluating 10,000 images would add ~20 s to every run."""
     train, test = data_root / "train", data_root / "test"
     if not (train.is_dir() and test.is_dir()):
-        raise SystemExit(f"bench_speed: error: --data-root={data_root} must be a CIFAR-10 ImageFolder tree "
-                         "with train/ and test/ (e.g. ../shared/data/cifar10)")
+        raise SystemExit(
+            f"bench_speed: error: --data-root={data_root} must be a CIFAR-10 ImageFolder tree "
+            "with train/ and test/ (e.g. ../shared/data/cifar10)"
+        )
     root = work / "data"
     shutil.rmtree(root, ignore_errors=True)
     (root / "test").mkdir(parents=True)
@@ -174,12 +176,12 @@ COMM_BOUND_FACTOR = 3.0
 def auto_rates(compute_ms: float, allreduce_bytes: float) -> dict[str, str]:
     """Link rates (multiples of 5 mbit) that make AR-SGD's all-reduce take COMM_BOUND_FACTOR x and
     1 x the measured compute time."""
+
     def rate(factor: float) -> str:
         bits = allreduce_bytes * 8 / (factor * compute_ms / 1000) / PAYLOAD_EFFICIENCY
         return f"{max(5, int(round(bits / 5e6)) * 5)}mbit"
 
     return {"comm": rate(COMM_BOUND_FACTOR), "balanced": rate(1.0)}
-
 
 
 class Bench:
@@ -203,25 +205,50 @@ class Bench:
         # the timed window must hold whole outer iterations: tau = 48 gets 48 timed steps
         steps = a.warmup + max(a.steps, cfg.slowmo_tau or 0)
         overrides = [
-            "task=cifar10", "model.arch=resnet18", f"model.width={a.width}", f"train.batch_size={a.batch}",
-            f"train.max_steps={steps}", f"train.log_every={a.log_every}", "train.eval_every_epochs=1000",
-            "train.progress=log", "launcher.threads_per_worker=1", f"data.root={a.data_root}",
-            "checkpoint.every_minutes=0", "checkpoint.at_end=false",
-            f"output_dir={run_dir}", *cfg.overrides(steps),
+            "task=cifar10",
+            "model.arch=resnet18",
+            f"model.width={a.width}",
+            f"train.batch_size={a.batch}",
+            f"train.max_steps={steps}",
+            f"train.log_every={a.log_every}",
+            "train.eval_every_epochs=1000",
+            "train.progress=log",
+            "launcher.threads_per_worker=1",
+            f"data.root={a.data_root}",
+            "checkpoint.every_minutes=0",
+            "checkpoint.at_end=false",
+            f"output_dir={run_dir}",
+            *cfg.overrides(steps),
         ]
         if cfg == COMPUTE_ONLY:
             overrides.append(f"algorithm.period={10 * steps}")
-        cmd = ["bash", str(CLUSTER), "--nodes", str(topo.nodes), "--nproc", str(topo.nproc), "--rate", rate,
-               *self.CLUSTER_ARGS, "--python", sys.executable, "--", *overrides]
+        cmd = [
+            "bash",
+            str(CLUSTER),
+            "--nodes",
+            str(topo.nodes),
+            "--nproc",
+            str(topo.nproc),
+            "--rate",
+            rate,
+            *self.CLUSTER_ARGS,
+            "--python",
+            sys.executable,
+            "--",
+            *overrides,
+        ]
         start = time.time()
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
             tail = (result.stdout + result.stderr)[-3000:]
             raise RuntimeError(f"{topo.label} {cfg.label} at {rate} failed:\n{tail}")
         measured = read_run(run_dir, a.warmup, a.batch * topo.world)
-        print(f"  {topo.label} {rate:>8} {cfg.label:<28} {measured.ms_per_step:8.1f} ms/step "
-              f"(blocking {measured.blocking_ms:.1f}, overlapped {measured.overlapped_ms:.1f}, "
-              f"{measured.bytes_sent / 1e6:.3f} MB sent) [{time.time() - start:.0f} s]", flush=True)
+        print(
+            f"  {topo.label} {rate:>8} {cfg.label:<28} {measured.ms_per_step:8.1f} ms/step "
+            f"(blocking {measured.blocking_ms:.1f}, overlapped {measured.overlapped_ms:.1f}, "
+            f"{measured.bytes_sent / 1e6:.3f} MB sent) [{time.time() - start:.0f} s]",
+            flush=True,
+        )
         return measured
 
     def try_run(self, topo: ClusterShape, cfg: Config, rate: str, tag: str, failure: str) -> Measured | None:
@@ -257,6 +284,7 @@ def save_rows(out: Path, stem: str, rows: list[dict], text: Callable[[list[dict]
 
 def read_rows(path: Path) -> list[dict]:
     """The rows of a CSV that :func:`save_rows` wrote, numbers parsed back (e.g. to redraw a table)."""
+
     def parse(value: str):
         for kind in (int, float):
             try:

@@ -36,10 +36,21 @@ STEPS, EVERY = 40, 10
 
 
 def base_args(data_root: Path, run_dir: Path) -> list[str]:
-    return ["task=cifar10", f"data.root={data_root}", "launcher.nproc_per_node=2", "model.width=0.25",
-            "launcher.threads_per_worker=1", "train.batch_size=64", f"train.max_steps={STEPS}", "train.log_every=5",
-            "train.eval_every_epochs=1000", f"checkpoint.every_steps={EVERY}", "checkpoint.every_minutes=0",
-            "train.progress=log", f"output_dir={run_dir}"]
+    return [
+        "task=cifar10",
+        f"data.root={data_root}",
+        "launcher.nproc_per_node=2",
+        "model.width=0.25",
+        "launcher.threads_per_worker=1",
+        "train.batch_size=64",
+        f"train.max_steps={STEPS}",
+        "train.log_every=5",
+        "train.eval_every_epochs=1000",
+        f"checkpoint.every_steps={EVERY}",
+        "checkpoint.every_minutes=0",
+        "train.progress=log",
+        f"output_dir={run_dir}",
+    ]
 
 
 def launch(args: list[str], log: Path, faults: str | None = None) -> subprocess.Popen:
@@ -47,8 +58,15 @@ def launch(args: list[str], log: Path, faults: str | None = None) -> subprocess.
     if faults:
         env["SLOWMO_TRAIN_FAULTS"] = faults
     out = open(log, "a")
-    return subprocess.Popen([sys.executable, "-m", "slowmo_train", *args], cwd=REPO, env=env, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "slowmo_train", *args],
+        cwd=REPO,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+    )
 
 
 def log_time(run_dir: Path, pattern: str, rank: int | None = None, last: bool = False) -> float | None:
@@ -110,8 +128,11 @@ def scenario(name: str, data_root: Path, work: Path) -> dict:
     args = base_args(data_root, run_dir)
     row: dict = {"fault": name}
     if name in ("kill", "kill_in_save", "hang"):
-        faults = {"kill": "kill@step=25,rank=1", "kill_in_save": "kill_in_save@step=20,rank=1",
-                  "hang": "hang@step=25,rank=1,seconds=600"}[name]
+        faults = {
+            "kill": "kill@step=25,rank=1",
+            "kill_in_save": "kill_in_save@step=20,rank=1",
+            "hang": "hang@step=25,rank=1,seconds=600",
+        }[name]
         extra = ["launcher.max_restarts=1"] + (["launcher.timeout_s=20"] if name == "hang" else [])
         proc = launch(args + extra, log, faults)
         rc = proc.wait(timeout=1800)
@@ -119,10 +140,14 @@ def scenario(name: str, data_root: Path, work: Path) -> dict:
         t_fault = log_time(run_dir, pattern, rank=1)
         t_resumed = log_time(run_dir, r"resumed from", rank=0)
         fault_step = 20 if name == "kill_in_save" else 25
-        row.update(rc=rc, resumed_from=resumed_step(run_dir), fault_step=fault_step,
-                   seconds=(t_resumed - t_fault) if t_fault and t_resumed else float("nan"),
-                   final_step=json.loads((run_dir / "summary.json").read_text())["steps"] if rc == 0 else None,
-                   line=last_line(log))
+        row.update(
+            rc=rc,
+            resumed_from=resumed_step(run_dir),
+            fault_step=fault_step,
+            seconds=(t_resumed - t_fault) if t_fault and t_resumed else float("nan"),
+            final_step=json.loads((run_dir / "summary.json").read_text())["steps"] if rc == 0 else None,
+            line=last_line(log),
+        )
     elif name in ("sigterm_launcher", "ctrl_c"):
         proc = launch(args, log)
         wait_for_step(run_dir, 25)
@@ -136,35 +161,67 @@ def scenario(name: str, data_root: Path, work: Path) -> dict:
         m = re.search(r"at step (\d+)", line)
         stop_step = int(m.group(1)) if m else None
         seconds, resumed, rc2 = relaunch_and_time(args, run_dir, log, t_fault)
-        row.update(rc=rc, fault_step=stop_step, resumed_from=resumed, seconds=seconds, line=line,
-                   final_step=json.loads((run_dir / "summary.json").read_text())["steps"] if rc2 == 0 else None)
+        row.update(
+            rc=rc,
+            fault_step=stop_step,
+            resumed_from=resumed,
+            seconds=seconds,
+            line=line,
+            final_step=json.loads((run_dir / "summary.json").read_text())["steps"] if rc2 == 0 else None,
+        )
     elif name in ("sigterm_one_rank", "nan_stop", "disk_full"):
-        faults = {"sigterm_one_rank": "sigterm@step=25,rank=1", "nan_stop": "nan@step=23,rank=1",
-                  "disk_full": "disk_full@step=30,rank=1"}[name]
+        faults = {
+            "sigterm_one_rank": "sigterm@step=25,rank=1",
+            "nan_stop": "nan@step=23,rank=1",
+            "disk_full": "disk_full@step=30,rank=1",
+        }[name]
         proc = launch(args, log, faults)
         rc = proc.wait(timeout=1800)
-        pattern = {"sigterm_one_rank": r"received SIGTERM", "nan_stop": r"NaN loss at step",
-                   "disk_full": r"checkpoint of step 30 not written"}[name]
+        pattern = {
+            "sigterm_one_rank": r"received SIGTERM",
+            "nan_stop": r"NaN loss at step",
+            "disk_full": r"checkpoint of step 30 not written",
+        }[name]
         t_fault = log_time(run_dir, pattern, rank=1)
         line = last_line(log)
         fault_step = {"sigterm_one_rank": 25, "nan_stop": 25, "disk_full": 30}[name]  # stop/detection step
         seconds, resumed, rc2 = relaunch_and_time(args, run_dir, log, t_fault or time.time())
-        row.update(rc=rc, fault_step=fault_step, resumed_from=resumed, seconds=seconds, line=line,
-                   final_step=json.loads((run_dir / "summary.json").read_text())["steps"] if rc2 == 0 else None)
+        row.update(
+            rc=rc,
+            fault_step=fault_step,
+            resumed_from=resumed,
+            seconds=seconds,
+            line=line,
+            final_step=json.loads((run_dir / "summary.json").read_text())["steps"] if rc2 == 0 else None,
+        )
     elif name == "nan_stop_restarts":
         # a failure that a restart cannot fix: the launcher must not retry it (RUN_DIR/FATAL)
         start = time.time()
         proc = launch(args + ["launcher.max_restarts=3"], log, "nan@step=23,rank=1")
         rc = proc.wait(timeout=1800)
         attempts = len(set(re.findall(r"launch attempt (\d+)", (run_dir / "logs" / "rank0.log").read_text())))
-        row.update(rc=rc, fault_step=25, resumed_from=None, seconds=round(time.time() - start, 1), final_step=None,
-                   attempts=attempts, line=last_line(log))
+        row.update(
+            rc=rc,
+            fault_step=25,
+            resumed_from=None,
+            seconds=round(time.time() - start, 1),
+            final_step=None,
+            attempts=attempts,
+            line=last_line(log),
+        )
     elif name == "nan_skip":
         proc = launch(args + ["train.nonfinite=skip"], log, "nan@step=23,rank=1")
         rc = proc.wait(timeout=1800)
         summary = json.loads((run_dir / "summary.json").read_text())
-        row.update(rc=rc, fault_step=23, resumed_from=None, seconds=0.0, final_step=summary["steps"],
-                   skips=summary["nonfinite_skips"], line=last_line(log))
+        row.update(
+            rc=rc,
+            fault_step=23,
+            resumed_from=None,
+            seconds=0.0,
+            final_step=summary["steps"],
+            skips=summary["nonfinite_skips"],
+            line=last_line(log),
+        )
     elif name == "corrupt_checkpoint":
         proc = launch(args + ["train.max_steps=10"], log)
         proc.wait(timeout=1800)
@@ -184,8 +241,20 @@ def scenario(name: str, data_root: Path, work: Path) -> dict:
     return row
 
 
-SCENARIOS = ["kill", "kill_in_save", "hang", "sigterm_launcher", "sigterm_one_rank", "ctrl_c", "nan_stop",
-             "nan_stop_restarts", "nan_skip", "disk_full", "corrupt_checkpoint", "unwritable_dir"]
+SCENARIOS = [
+    "kill",
+    "kill_in_save",
+    "hang",
+    "sigterm_launcher",
+    "sigterm_one_rank",
+    "ctrl_c",
+    "nan_stop",
+    "nan_stop_restarts",
+    "nan_skip",
+    "disk_full",
+    "corrupt_checkpoint",
+    "unwritable_dir",
+]
 
 
 def main() -> int:

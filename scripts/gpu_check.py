@@ -28,45 +28,32 @@ translation/multi30k/). Exit status 1 if any row failed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import fnmatch
-import itertools
 import json
 import math
-import os
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import torchvision
 
-from slowmo_train import cli, tasks
-from slowmo_train.config import ModelConfig
 from slowmo_train.data import synthetic
-from slowmo_train.models import build_model
-from slowmo_train.scripting import launch_env, markdown_table, read_metrics
-from slowmo_train.tasks.base import HeadlineMetric, Task
-from slowmo_train.tasks.wmt16 import translation_loss
+from slowmo_train.scripting import markdown_table
+
+if __package__ or __name__ != "__main__":  # imported (the tests load this file as a module), or python -m
+    from scripts.gpu_launch import Ctx, Outcome, clean_env, error_line, run_proc
+    from scripts.gpu_speed import SPEED, plain_worker, read_run, slowmo_worker, speed
+else:  # python scripts/gpu_check.py: this folder is sys.path[0]
+    from gpu_launch import Ctx, Outcome, clean_env, error_line, run_proc
+    from gpu_speed import SPEED, plain_worker, read_run, slowmo_worker, speed
 
 TASKS = ("cifar10", "imagenet", "wmt16")
 EXPERIMENTS = [f"{t}_{b}{s}" for t in TASKS for b in ("allreduce", "localsgd", "sgp", "osgp") for s in ("", "_slowmo")]
-SPEED = {"resnet50-fp32": ("resnet50", "fp32", False), "resnet50-bf16": ("resnet50", "bf16", False),
-         "resnet50-bf16-channels_last": ("resnet50", "bf16", True),  # row -> (model, precision, channels_last)
-         "transformer_base-fp32": ("transformer_base", "fp32", False),
-         "transformer_base-bf16": ("transformer_base", "bf16", False)}
-UNITS = {"resnet50": ("samples_per_s", "img/s"), "transformer_base": ("tokens_per_s", "tok/s")}
-FAULTS = "SLOWMO_TRAIN_FAULTS"  # slowmo_train/faults.py: KIND@step=N,rank=R, fired in the first attempt only
-Outcome = tuple[bool, str, str]  # (ok, figure, note)
 
 
 @dataclass
@@ -78,54 +65,29 @@ class Check:
     alone: bool = False  # timed: nothing else may run meanwhile
 
 
-@dataclass
-class Ctx:
-    args: argparse.Namespace
-    gpus: int
-    nproc: int  # ranks per run
-    work: Path
-    data: dict[str, Path] = field(default_factory=dict)  # task -> data.root; under work/ when synthetic
-
-
 # --- launching slowmo-train --------------------------------------------------------------------------
-def clean_env(ctx: Ctx, faults: str | None = None) -> dict:
-    """No torchrun variables nor faults of our own environment; one data cache for all runs."""
-    return launch_env(drop=(FAULTS,), XDG_CACHE_HOME=str(ctx.work / "cache"), PYTHONUNBUFFERED="1",
-                      **({FAULTS: faults} if faults else {}))
-
-
-def run_proc(cmd: list[str], env: dict, cwd: Path, timeout: float, log: Path) -> tuple[int | None, str]:
-    """(exit code, or None after a time-out, which kills the whole process group; stdout + stderr)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, code = proc.communicate(timeout=timeout)[0], proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, code = proc.communicate()[0], None
-    log.write_text(" ".join(cmd) + "\n\n" + out)
-    return code, out
-
-
-def error_line(code: int | None, out: str, timeout: float) -> str:
-    """slowmo-train's one-line error, else a Python exception line, else the first line of output."""
-    if code is None:
-        return f"timed out after {timeout:g}s"
-    lines = [line.strip() for line in out.splitlines() if line.strip()]
-    ours = [line for line in lines if line.startswith("slowmo-train: error")]
-    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line)]
-    other = [line for line in lines if not re.match(r"^\d\d:\d\d:\d\d ", line) and "HYDRA_FULL_ERROR" not in line]
-    return ours[0] if ours else f"exit code {code}: " + (raised[-1:] or other[:1] or ["no output"])[0][:300]
-
-
-def launch(ctx: Ctx, overrides: list[str], run_dir: Path, faults: str | None = None,
-           restarts: int = 0) -> tuple[int | None, str]:
-    args = [*overrides, f"output_dir={run_dir}", f"launcher.backend={'nccl' if ctx.gpus else 'gloo'}",
-            "launcher.nproc_per_node=1", *ctx.args.override]
-    torchrun = ["torch.distributed.run", "--standalone", f"--nproc_per_node={ctx.nproc}", f"--max-restarts={restarts}",
-                "-m"] if ctx.nproc > 1 or restarts else []  # a restart needs torchrun's agent, even for 1 rank
-    return run_proc([sys.executable, "-m", *torchrun, "slowmo_train", *args], clean_env(ctx, faults), ctx.work,
-                    ctx.args.timeout, run_dir.with_suffix(".out"))
+def launch(
+    ctx: Ctx, overrides: list[str], run_dir: Path, faults: str | None = None, restarts: int = 0
+) -> tuple[int | None, str]:
+    args = [
+        *overrides,
+        f"output_dir={run_dir}",
+        f"launcher.backend={'nccl' if ctx.gpus else 'gloo'}",
+        "launcher.nproc_per_node=1",
+        *ctx.args.override,
+    ]
+    torchrun = (
+        ["torch.distributed.run", "--standalone", f"--nproc_per_node={ctx.nproc}", f"--max-restarts={restarts}", "-m"]
+        if ctx.nproc > 1 or restarts
+        else []
+    )  # a restart needs torchrun's agent, even for 1 rank
+    return run_proc(
+        [sys.executable, "-m", *torchrun, "slowmo_train", *args],
+        clean_env(ctx, faults),
+        ctx.work,
+        ctx.args.timeout,
+        run_dir.with_suffix(".out"),
+    )
 
 
 def smoke_overrides(ctx: Ctx, name: str) -> list[str]:
@@ -135,13 +97,15 @@ def smoke_overrides(ctx: Ctx, name: str) -> list[str]:
     return [f"+exp={name}", "+smoke=tiny", *data, "data.download=false", *toy]
 
 
-def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return summary, [e for e in read_metrics(run_dir, "train") if "loss" in e]
-
-
-def finished(ctx: Ctx, overrides: list[str], run_dir: Path, steps: int, train_steps: list[int],
-             resumed: str | None = None, **launch_args) -> str | None:
+def finished(
+    ctx: Ctx,
+    overrides: list[str],
+    run_dir: Path,
+    steps: int,
+    train_steps: list[int],
+    resumed: str | None = None,
+    **launch_args,
+) -> str | None:
     """Run slowmo-train; what is wrong with its exit, summary, metrics and logs (None: nothing)."""
     code, out = launch(ctx, overrides, run_dir, **launch_args)
     if code != 0:
@@ -153,13 +117,14 @@ def finished(ctx: Ctx, overrides: list[str], run_dir: Path, steps: int, train_st
     final, metric, came_from = summary["final_eval"], summary["metric"], summary.get("resumed_from")
     logs = "".join(p.read_text() for p in sorted((run_dir / "logs").glob("rank*.log")))
     for bad, why in (
-            (summary["steps"] != steps, f"summary says {summary['steps']} steps, planned {steps}"),
-            (not math.isfinite(final.get(metric, math.nan)), f"final evaluation lacks a finite {metric}: {final}"),
-            (not all(math.isfinite(e["loss"]) and e["loss"] > 0 for e in train), "a train loss is not finite"),
-            (not (came_from or "").endswith(resumed) if resumed else came_from, f"resumed from {came_from}"),
-            ([e["step"] for e in train] != train_steps, f"train lines at {[e['step'] for e in train]}"),
-            (not (run_dir / "model_final.pt").exists(), "no model_final.pt"),
-            (ctx.gpus and ("backend gloo" in logs or "device cpu" in logs), "ran on gloo/CPU although CUDA is here")):
+        (summary["steps"] != steps, f"summary says {summary['steps']} steps, planned {steps}"),
+        (not math.isfinite(final.get(metric, math.nan)), f"final evaluation lacks a finite {metric}: {final}"),
+        (not all(math.isfinite(e["loss"]) and e["loss"] > 0 for e in train), "a train loss is not finite"),
+        (not (came_from or "").endswith(resumed) if resumed else came_from, f"resumed from {came_from}"),
+        ([e["step"] for e in train] != train_steps, f"train lines at {[e['step'] for e in train]}"),
+        (not (run_dir / "model_final.pt").exists(), "no model_final.pt"),
+        (ctx.gpus and ("backend gloo" in logs or "device cpu" in logs), "ran on gloo/CPU although CUDA is here"),
+    ):
         if bad:
             return why
     return None
@@ -177,6 +142,7 @@ def smoke(name: str, extra: tuple[str, ...] = (), tag: str = "exp") -> Callable[
         run = ctx.work / f"{tag}_{name}"
         bad = finished(ctx, smoke_overrides(ctx, name) + list(extra), run, 4, [2, 4])
         return bad is None, "" if bad else figure_of(run), bad or ""
+
     return check
 
 
@@ -188,6 +154,7 @@ def resume(name: str) -> Callable[[Ctx], Outcome]:
             return False, "", f"first run: {bad}"
         bad = finished(ctx, [*common, "train.max_steps=8", "resume=auto"], run, 8, [2, 4, 6, 8], "step_00000004")
         return bad is None, "" if bad else f"4 -> 8 steps, {figure_of(run)}", f"resumed run: {bad}" if bad else ""
+
     return check
 
 
@@ -195,143 +162,58 @@ def restart(name: str) -> Callable[[Ctx], Outcome]:
     def check(ctx: Ctx) -> Outcome:
         run, rank = ctx.work / f"restart_{name}", ctx.nproc - 1
         overrides = [*smoke_overrides(ctx, name), "checkpoint.every_steps=2", "train.max_steps=6"]
-        bad = finished(ctx, overrides, run, 6, [2, 4, 6], "step_00000002", faults=f"kill@step=3,rank={rank}",
-                       restarts=1)
+        bad = finished(
+            ctx, overrides, run, 6, [2, 4, 6], "step_00000002", faults=f"kill@step=3,rank={rank}", restarts=1
+        )
         log = run / "logs" / f"rank{rank}.log"
         if not bad and "launch attempt 1" not in (log.read_text() if log.exists() else ""):
             bad = f"no restart: {log.name} lacks 'launch attempt 1'"
         return bad is None, "" if bad else f"rank {rank} killed at step 3, resumed at 2, {figure_of(run)}", bad or ""
-    return check
 
-
-def speed(row: str) -> Callable[[Ctx], Outcome]:
-    model, precision, channels_last = SPEED[row]
-
-    def check(ctx: Ctx) -> Outcome:
-        a, rates, env = ctx.args, {}, clean_env(ctx)
-        if ctx.gpus:  # figures per GPU: the first one
-            env["CUDA_VISIBLE_DEVICES"] = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
-        for side in ("plain", "slowmo"):
-            spec = dict(side=side, model=model, precision=precision, channels_last=channels_last, steps=a.speed_steps,
-                        image_size=a.image_size, image_batch=a.image_batch, tokens=a.tokens, vocab=a.vocab,
-                        image_root=str(ctx.data["imagenet1k"]), text_root=str(ctx.data["wmt16"]),
-                        run_dir=str(ctx.work / f"speed_{row}_{side}"))
-            code, out = run_proc([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], env,
-                                 ctx.work, a.timeout, ctx.work / f"speed_{row}_{side}.out")
-            found = [line.split()[1] for line in out.splitlines() if line.startswith("RATE ")]
-            if code != 0 or not found:
-                return False, "", f"{side} loop: {error_line(code if code != 0 else 1, out, a.timeout)}"
-            rates[side] = float(found[-1])
-        ratio = rates["slowmo"] / rates["plain"]
-        fig = f"{rates['slowmo']:,.0f} vs {rates['plain']:,.0f} {UNITS[model][1]} plain = {ratio:.2f}x"
-        return ratio >= a.min_ratio, fig, "" if ratio >= a.min_ratio else f"below --min-ratio {a.min_ratio:g}"
     return check
 
 
 def all_checks() -> list[Check]:
     quick = {"cifar10_sgp_slowmo", "imagenet_localsgd_slowmo", "wmt16_osgp_slowmo"}
     checks = [Check(f"exp:{n}", smoke(n), quick=n in quick) for n in EXPERIMENTS]
-    checks += [Check("resume:cifar10_sgp_slowmo", resume("cifar10_sgp_slowmo"), quick=True),
-               Check("resume:wmt16_localsgd_slowmo", resume("wmt16_localsgd_slowmo")),
-               Check("restart:cifar10_osgp_slowmo", restart("cifar10_osgp_slowmo"), quick=True)]
-    for prec, names in (("bf16", ("imagenet_sgp_slowmo", "wmt16_osgp_slowmo")),
-                        ("fp16", ("cifar10_localsgd_slowmo", "wmt16_allreduce_slowmo"))):
-        checks += [Check(f"{prec}:{n}", smoke(n, (f"train.precision={prec}",), prec), quick=i == 0)
-                   for i, n in enumerate(names)]
-    return checks + [Check(f"speed:{row}", speed(row), gpu_only=True, alone=True,
-                           quick=row in ("resnet50-bf16-channels_last", "transformer_base-bf16")) for row in SPEED]
-
-
-# --- the two sides of a speed row (subprocesses of this script: --worker JSON) ------------------------
-def token_batch(vocab: int, tokens: int, device: torch.device) -> dict:
-    """Sentence pairs of 32 random tokens, no padding, in the task's batch layout (src, prev, tgt: ids >= 4,
-    past the special ids of data/subword.py; ntokens: the target tokens, the loss's unit)."""
-    rows, length, g = max(1, tokens // 64), 32, torch.Generator().manual_seed(0)
-    src, prev, tgt = (torch.randint(4, vocab, (rows, length), generator=g).to(device) for _ in range(3))
-    return {"src": src, "prev": prev, "tgt": tgt, "ntokens": rows * length}
-
-
-def plain_worker(w: dict) -> float:
-    """The hand-written loop: torchvision's ResNet-50 (or the same transformer) on one batch on the device."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if w["model"] == "resnet50":
-        model = torchvision.models.resnet50().to(device)
-        x = torch.randn(w["image_batch"], 3, w["image_size"], w["image_size"], device=device)
-        y = torch.randint(0, 1000, (w["image_batch"],), device=device)
-        if w["channels_last"]:
-            model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-        units, loss_fn = w["image_batch"], lambda: F.cross_entropy(model(x), y)
-    else:
-        model = build_model(ModelConfig(arch=w["model"], dropout=0.1), "wmt16", vocab_size=w["vocab"]).to(device)
-        b = token_batch(w["vocab"], w["tokens"], device)
-        opt = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-8)
-        units, loss_fn = b["ntokens"], lambda: translation_loss(model, b)[0]  # label-smoothed cross-entropy
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[w["precision"]]
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    model.train()
-
-    def steps(n: int) -> None:
-        for _ in range(n):
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = loss_fn()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    steps(w["steps"])  # warm-up: cudnn.benchmark, the allocator, optimizer state
-    start = time.perf_counter()
-    steps(w["steps"])
-    return units * w["steps"] / (time.perf_counter() - start)
-
-
-def slowmo_worker(w: dict) -> float:
-    """slowmo-train's CLI in this process, the task's batches replaced by one batch on the device: the
-    first ImageNet batch of the task's own pipeline (its layout, its model), or random sentence pairs of
-    the benchmark's vocabulary; the evaluation is a stub. Rate: the second logged interval."""
-    name = "imagenet" if w["model"] == "resnet50" else "wmt16"
-    real_builder = tasks.TASKS[name]
-
-    def build(args):
-        if name == "imagenet":
-            task = real_builder(args)
-            batch = next(iter(task.train_batches(0, 0)))
-        else:
-            model = build_model(args.model, "wmt16", vocab_size=w["vocab"]).to(args.worker.device)
-            batch = token_batch(w["vocab"], w["tokens"], args.worker.device)
-            task = Task(model=model, train_batches=None, steps_per_epoch=1, loss=translation_loss, evaluate=None,
-                        metric=HeadlineMetric("ppl", False, "valid"), batch_size=args.batch_size, train_size=10 ** 9,
-                        unit="tokens")
-        metric = task.metric.name
-        return dataclasses.replace(task, train_batches=lambda epoch, skip: itertools.repeat(batch),
-                                   steps_per_epoch=10 ** 6, evaluate=lambda m, final=False: {metric: 0.0})
-    tasks.TASKS[name] = dataclasses.replace(real_builder, build=build) if dataclasses.is_dataclass(real_builder) \
-        else build  # a TaskSpec record, or (older) the builder itself
-    task_args = ["+exp=imagenet_allreduce", f"data.root={w['image_root']}", f"data.image_size={w['image_size']}",
-                 "data.workers=0", f"train.batch_size={w['image_batch']}", "train.total_batch=null",
-                 f"model.channels_last={str(w['channels_last']).lower()}"] if name == "imagenet" else [
-        "+exp=wmt16_allreduce", f"data.root={w['text_root']}", f"model.arch={w['model']}", "model.dropout=0.1"]
-    sys.argv = ["slowmo-train", *task_args, f"train.max_steps={2 * w['steps']}", f"train.log_every={w['steps']}",
-                "train.progress=log", f"train.precision={w['precision']}", "checkpoint.every_minutes=0",
-                "checkpoint.at_end=false", "launcher.nproc_per_node=1", f"output_dir={w['run_dir']}",
-                f"launcher.backend={'nccl' if torch.cuda.is_available() else 'gloo'}", "data.download=false"]
-    cli.main()
-    key = UNITS[w["model"]][0]
-    return [e[key] for e in read_run(Path(w["run_dir"]))[1] if key in e][-1]
+    checks += [
+        Check("resume:cifar10_sgp_slowmo", resume("cifar10_sgp_slowmo"), quick=True),
+        Check("resume:wmt16_localsgd_slowmo", resume("wmt16_localsgd_slowmo")),
+        Check("restart:cifar10_osgp_slowmo", restart("cifar10_osgp_slowmo"), quick=True),
+    ]
+    for prec, names in (
+        ("bf16", ("imagenet_sgp_slowmo", "wmt16_osgp_slowmo")),
+        ("fp16", ("cifar10_localsgd_slowmo", "wmt16_allreduce_slowmo")),
+    ):
+        checks += [
+            Check(f"{prec}:{n}", smoke(n, (f"train.precision={prec}",), prec), quick=i == 0)
+            for i, n in enumerate(names)
+        ]
+    return checks + [
+        Check(
+            f"speed:{row}",
+            speed(row),
+            gpu_only=True,
+            alone=True,
+            quick=row in ("resnet50-bf16-channels_last", "transformer_base-bf16"),
+        )
+        for row in SPEED
+    ]
 
 
 # --- main ------------------------------------------------------------------------------------------------
 def prepare_data(ctx: Ctx, need_imagenet1k: bool) -> None:
     root, world = Path(ctx.args.data_root or "/nonexistent"), max(2, ctx.nproc)  # every rank needs its own batch
-    writers = {"cifar10": lambda p: synthetic.write_image_folder_cifar(p, n_train=max(300, 40 * world), n_test=60),
-               "imagenet": lambda p: synthetic.write_image_folder_imagenet(p, per_class=max(6, 3 * world)),
-               "wmt16": synthetic.write_parallel_text}
-    for task, subdirs in {"cifar10": ["cifar10"], "imagenet": ["imagenet", "imagenet_sample"],
-                          "wmt16": ["multi30k", "translation/multi30k", "wmt16"]}.items():
+    writers = {
+        "cifar10": lambda p: synthetic.write_image_folder_cifar(p, n_train=max(300, 40 * world), n_test=60),
+        "imagenet": lambda p: synthetic.write_image_folder_imagenet(p, per_class=max(6, 3 * world)),
+        "wmt16": synthetic.write_parallel_text,
+    }
+    for task, subdirs in {
+        "cifar10": ["cifar10"],
+        "imagenet": ["imagenet", "imagenet_sample"],
+        "wmt16": ["multi30k", "translation/multi30k", "wmt16"],
+    }.items():
         found = [root / s for s in subdirs if (root / s).is_dir()]
         ctx.data[task] = found[0].resolve() if found else writers[task](ctx.work / "data" / task)
     ctx.data["imagenet1k"] = ctx.work / "data" / "imagenet1k"  # the speed rows: 1000 classes, one image each
@@ -340,13 +222,15 @@ def prepare_data(ctx: Ctx, need_imagenet1k: bool) -> None:
 
 
 def render(rows: list[dict], markdown: bool) -> str:
-    lines = [["check", "result", "figure", "seconds"]] + [[r["check"], r["result"], r["figure"], str(r["seconds"])]
-                                                          for r in rows]
+    lines = [["check", "result", "figure", "seconds"]] + [
+        [r["check"], r["result"], r["figure"], str(r["seconds"])] for r in rows
+    ]
     if markdown:
         return markdown_table(lines[0], [[c.replace("|", "/") for c in line] for line in lines[1:]])
     widths = [max(len(line[i]) for line in lines) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line[:3], widths)) + "  " + line[3].rjust(widths[3])
-                     for line in lines)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line[:3], widths)) + "  " + line[3].rjust(widths[3]) for line in lines
+    )
 
 
 def parse_args() -> argparse.Namespace:
@@ -356,8 +240,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="print the selected rows' names and exit")
     p.add_argument("--out", help="also write the table to FILE: JSON if it ends in .json, else markdown")
     p.add_argument("--data-root", help="DIR with cifar10/, imagenet/, multi30k/ (missing ones: synthetic)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="add a Hydra override to every run except the speed rows' (repeatable)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="add a Hydra override to every run except the speed rows' (repeatable)",
+    )
     p.add_argument("--nproc", type=int, help="ranks per run (default: the GPUs; 1 without CUDA)")
     p.add_argument("--jobs", type=int, help="runs at a time, speed rows excepted (default: 4 with CUDA, else 1)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per launched run (default 300)")
@@ -380,10 +269,16 @@ def main() -> int:
         print(f"RATE {(plain_worker if w['side'] == 'plain' else slowmo_worker)(w):.6g}", flush=True)
         return 0
     patterns = a.only.split(",") if a.only else None
-    checks = [c for c in all_checks() if (not patterns or any(fnmatch.fnmatch(c.name, pat) for pat in patterns))
-              and (not a.quick or c.quick)]
-    checks += [Check(pat, smoke(pat[4:])) for pat in patterns or [] if pat.startswith("exp:")
-               and not any(ch in pat for ch in "*?[") and pat not in [c.name for c in checks]]
+    checks = [
+        c
+        for c in all_checks()
+        if (not patterns or any(fnmatch.fnmatch(c.name, pat) for pat in patterns)) and (not a.quick or c.quick)
+    ]
+    checks += [
+        Check(pat, smoke(pat[4:]))
+        for pat in patterns or []
+        if pat.startswith("exp:") and not any(ch in pat for ch in "*?[") and pat not in [c.name for c in checks]
+    ]
     if a.list or not checks:
         print("\n".join(c.name for c in checks) or f"gpu_check: no row matches {a.only!r} (see --list)")
         return 0 if checks else 2
@@ -395,8 +290,11 @@ def main() -> int:
     runnable = [c for c in checks if gpus or not c.gpu_only or a.speed_on_cpu]
     prepare_data(ctx, any(c.name.startswith("speed:resnet50") for c in runnable))
     where = f"{gpus} x {torch.cuda.get_device_name(0)}, nccl" if gpus else "no CUDA device, gloo on CPU"
-    print(f"gpu_check: {where}, {ctx.nproc} rank(s) per run, torch {torch.__version__}; data: "
-          + ", ".join(f"{t} {'synthetic' if work in ctx.data[t].parents else ctx.data[t]}" for t in TASKS), flush=True)
+    print(
+        f"gpu_check: {where}, {ctx.nproc} rank(s) per run, torch {torch.__version__}; data: "
+        + ", ".join(f"{t} {'synthetic' if work in ctx.data[t].parents else ctx.data[t]}" for t in TASKS),
+        flush=True,
+    )
     results: dict[str, dict] = {}
 
     def run_one(c: Check) -> None:
@@ -407,8 +305,13 @@ def main() -> int:
             except Exception as err:  # a bug in a check or an unreadable run: this row fails, the others go on
                 ok, note = False, f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
         result = ("ok" if ok else "FAIL") if c in runnable else "skipped"
-        results[c.name] = {"check": c.name, "result": result + (f": {note}" if note else ""), "figure": fig,
-                           "seconds": round(time.monotonic() - start, 1), "ok": ok}
+        results[c.name] = {
+            "check": c.name,
+            "result": result + (f": {note}" if note else ""),
+            "figure": fig,
+            "seconds": round(time.monotonic() - start, 1),
+            "ok": ok,
+        }
         print(f"[{len(results)}/{len(checks)}] {c.name}: {results[c.name]['result']} {fig}", file=sys.stderr)
 
     total = time.monotonic()
@@ -419,12 +322,17 @@ def main() -> int:
     rows = [results[c.name] for c in checks]
     failed = [r for r in rows if not r["ok"]]
     print(render(rows, markdown=False))
-    print(f"{len(rows) - len(failed)} of {len(rows)} rows ok or skipped, {len(failed)} failed; "
-          f"{time.monotonic() - total:.0f} s")
+    print(
+        f"{len(rows) - len(failed)} of {len(rows)} rows ok or skipped, {len(failed)} failed; "
+        f"{time.monotonic() - total:.0f} s"
+    )
     if a.out:
         out = Path(a.out)
-        out.write_text(json.dumps({"machine": where, "rows": rows}, indent=2) + "\n" if out.suffix == ".json"
-                       else f"gpu_check: {where}\n\n{render(rows, markdown=True)}\n")
+        out.write_text(
+            json.dumps({"machine": where, "rows": rows}, indent=2) + "\n"
+            if out.suffix == ".json"
+            else f"gpu_check: {where}\n\n{render(rows, markdown=True)}\n"
+        )
     if failed or a.work_dir:
         print(f"gpu_check: runs and logs kept in {work}", file=sys.stderr)
     else:

@@ -62,14 +62,25 @@ def _fmt(seconds: float) -> str:
 def machine_info() -> dict:
     model = ""
     try:
-        model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                      if ln.startswith("model name")), "")
+        model = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            "",
+        )
     except OSError:
         pass
     import torch
 
-    return {"cpu": model or platform.processor(), "cores": os.cpu_count(), "os": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__}
+    return {
+        "cpu": model or platform.processor(),
+        "cores": os.cpu_count(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def run_set(set_name: str, runs_dir: Path, dry_run: bool = False) -> list[str]:
@@ -93,19 +104,29 @@ def run_set(set_name: str, runs_dir: Path, dry_run: bool = False) -> list[str]:
             shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint: nothing to keep
         run_dir.mkdir(parents=True, exist_ok=True)
         eta = statistics.mean(durations) * (len(todo) - i + 1) if durations else None
-        print(f"[{set_name} {i}/{len(todo)}] start {r.name}{' (resume)' if state == 'resume' else ''} | "
-              f"elapsed {_fmt(time.time() - start)}" + (f", eta {_fmt(eta)}" if eta else ""), flush=True)
+        print(
+            f"[{set_name} {i}/{len(todo)}] start {r.name}{' (resume)' if state == 'resume' else ''} | "
+            f"elapsed {_fmt(time.time() - start)}" + (f", eta {_fmt(eta)}" if eta else ""),
+            flush=True,
+        )
         t0 = time.time()
         with open(run_dir / "reproduce.log", "a") as log:
             # its own session: a Ctrl-C reaches the CLI once, from here (the CLI takes a second one as
             # "kill the workers now", which a terminal's SIGINT to the whole group would amount to)
-            proc = subprocess.Popen(r.command(runs_dir, state == "resume"), cwd=REPO, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                r.command(runs_dir, state == "resume"),
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 code = proc.wait()
             except KeyboardInterrupt:
-                print(f"[{set_name}] stopping {r.name}: its workers save a checkpoint (Ctrl-C again: kill them)",
-                      flush=True)
+                print(
+                    f"[{set_name}] stopping {r.name}: its workers save a checkpoint (Ctrl-C again: kill them)",
+                    flush=True,
+                )
                 proc.send_signal(signal.SIGINT)
                 while True:
                     try:
@@ -113,25 +134,25 @@ def run_set(set_name: str, runs_dir: Path, dry_run: bool = False) -> list[str]:
                         break
                     except KeyboardInterrupt:
                         proc.send_signal(signal.SIGINT)
-                print(f"[{set_name}] interrupted during {r.name}; run the same command again to continue",
-                      flush=True)
+                print(f"[{set_name}] interrupted during {r.name}; run the same command again to continue", flush=True)
                 raise
         durations.append(time.time() - t0)
         if code == 0 and run_state(run_dir) == "done":
             print(f"[{set_name} {i}/{len(todo)}] done {r.name} in {_fmt(durations[-1])}", flush=True)
         else:
             failed.append(r.name)
-            print(f"[{set_name} {i}/{len(todo)}] FAILED {r.name} (exit {code}) in {_fmt(durations[-1])}: "
-                  f"{last_error(run_dir / 'reproduce.log')}", flush=True)
+            print(
+                f"[{set_name} {i}/{len(todo)}] FAILED {r.name} (exit {code}) in {_fmt(durations[-1])}: "
+                f"{last_error(run_dir / 'reproduce.log')}",
+                flush=True,
+            )
     return failed
-
 
 
 def last_error(log: Path) -> str:
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.exists() else []
     errors = [ln for ln in lines if "error" in ln.lower()]
     return (errors or lines or ["no output"])[-1].strip()[:300] + f" (log: {log})"
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,21 +24,28 @@ from slowmo_train.models.transformer import Transformer
 
 
 @torch.no_grad()
-def beam_search(model: Transformer, src: torch.Tensor, beam: int = 4, lenpen: float = 0.6, max_len_a: float = 1.2,
-                max_len_b: int = 10, incremental: bool = True) -> list[list[int]]:
+def beam_search(
+    model: Transformer,
+    src: torch.Tensor,
+    beam: int = 4,
+    lenpen: float = 0.6,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+    incremental: bool = True,
+) -> list[list[int]]:
     """Best hypothesis (token ids without BOS/EOS) for each row of the right-padded ``src`` (B, S)."""
     was_training = model.training
     model.eval()
     device, bsz, k = src.device, src.shape[0], beam
     src_len = (src != PAD).sum(1)
-    max_len = (max_len_a * src_len.float() + max_len_b).long().clamp(min=1)          # (B,)
+    max_len = (max_len_a * src_len.float() + max_len_b).long().clamp(min=1)  # (B,)
     memory, mask = model.encode(src)
     rows = torch.arange(bsz, device=device).repeat_interleave(k)
     memory, mask = memory.index_select(0, rows), mask.index_select(0, rows)
-    active = torch.arange(bsz, device=device)          # original sentence of each active group
+    active = torch.arange(bsz, device=device)  # original sentence of each active group
     tokens = torch.full((bsz * k, 1), BOS, dtype=torch.long, device=device)
     scores = torch.full((bsz, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0                                  # all beams start identical: expand only one
+    scores[:, 0] = 0.0  # all beams start identical: expand only one
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(bsz)]
     cache = model.new_cache() if incremental else None
     step = 0
@@ -53,10 +60,10 @@ def beam_search(model: Transformer, src: torch.Tensor, beam: int = 4, lenpen: fl
         lprobs[:, BOS] = float("-inf")
         at_limit = (max_len[active] <= step + 1).repeat_interleave(k)
         lprobs[at_limit, :EOS] = float("-inf")
-        lprobs[at_limit, EOS + 1:] = float("-inf")
+        lprobs[at_limit, EOS + 1 :] = float("-inf")
         vocab = lprobs.shape[1]
         cand = (scores.view(n, k, 1) + lprobs.view(n, k, vocab)).view(n, k * vocab)
-        cand_scores, cand_idx = cand.topk(2 * k, dim=1)             # (n, 2k), best first
+        cand_scores, cand_idx = cand.topk(2 * k, dim=1)  # (n, 2k), best first
         cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
         is_eos = (cand_tok == EOS) & torch.isfinite(cand_scores)
 
@@ -76,7 +83,7 @@ def beam_search(model: Transformer, src: torch.Tensor, beam: int = 4, lenpen: fl
         next_tok = cand_tok.gather(1, keep)
 
         alive = (~done).nonzero().squeeze(1)
-        rows = (alive[:, None] * k + next_beam[alive]).view(-1)    # flat indices of surviving beams
+        rows = (alive[:, None] * k + next_beam[alive]).view(-1)  # flat indices of surviving beams
         tokens = torch.cat([tokens.index_select(0, rows), next_tok[alive].view(-1, 1)], dim=1)
         scores = next_scores[alive]
         active = active[alive]

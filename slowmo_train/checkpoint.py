@@ -22,13 +22,10 @@ once a pipelined 8-byte all-reduce says every rank has written its file; :meth:`
 waits for it (before the next save and at the end of training). A save at a stop signal or at the
 last step (``wait=True``) writes directly from the live tensors (no copy: the process exits next),
 is complete when it returns, and cancels a background save still in flight (its directory is
-removed). The host copy is kept for the next save (pinned allocation is slow, fresh host pages
-fault in at ~1 GB/s): background saves cost one copy of the rank's state in host memory; set
-``checkpoint.background=false`` where host memory is short. States under
-``checkpoint.background_min_mb`` (on every rank) are written directly: they take well under a second,
-and a background save is complete only a few steps after it starts (a crash in between falls back
-to the previous checkpoint), so small states would gain nothing for that window. Measured costs: docs/RESULTS.md,
-"Checkpoint time at cluster scale" (``scripts/bench_checkpoint.py``).
+removed). The host copy (slowmo_train/checkpoint_snapshot.py) is kept for the next save: one copy
+of the rank's state in host memory (``checkpoint.background=false`` where that is short). States
+under ``checkpoint.background_min_mb`` are written directly (well under a second; a background save
+completes a few steps after it starts). Costs: docs/RESULTS.md, "Checkpoint time at cluster scale".
 
 A rank file holds everything the next step depends on: model, base optimizer, algorithm state
 (SlowMo x0/u shards, push-sum numerators/weight with in-flight OSGP messages), gradient scaler, the
@@ -36,191 +33,48 @@ Python/NumPy/torch/CUDA RNG states, the step (the data position follows from it:
 ``train_batches(epoch, skip)`` are deterministic) and the trainer's counters, including the loss
 accumulated since the last log line, so that the logged losses of a resumed run equal those of an
 uninterrupted one. Files are read with ``torch.load(weights_only=True)``: no code runs from a file.
-
-Which config keys may differ on resume (:data:`MUTABLE_ON_RESUME`): run length (``train.max_steps``),
-logging, evaluation cadence and settings, checkpoint cadence, launcher settings other than the world
-size, data paths, and the device's math and layout (``train.tf32``, ``model.channels_last``: a run
-saved on the CPU resumes on GPUs). Everything else (task, model, algorithm, SlowMo, optimizer and schedule,
-``train.epochs``, batch sizes, precision, seed) and the world size must match, or the resume stops
-with one line naming the key.
+Finding, checking and reading checkpoints, and the config keys a resume may change
+(``MUTABLE_ON_RESUME``), are in slowmo_train/checkpoint_files.py (re-exported here).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import io
 import json
 import logging
 import os
-import random
-import re
 import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from slowmo_train import control
-from slowmo_train.faults import FaultInjector, RunError
+from slowmo_train.checkpoint_files import (  # noqa: F401  (the checkpoint API in one place)
+    CHECKPOINTS,
+    FORMAT,
+    MANIFEST,
+    MUTABLE_ON_RESUME,
+    CheckpointError,
+    capture_rng,
+    check_compatible,
+    check_complete,
+    check_model_shapes,
+    checkpoint_root,
+    list_step_dirs,
+    load_rank_state,
+    newest_complete,
+    read_manifest,
+    resolve_resume,
+    restore_rng,
+    step_dir,
+)
+from slowmo_train.checkpoint_snapshot import HostStaging, state_bytes
+from slowmo_train.faults import FaultInjector
 
 log = logging.getLogger("slowmo_train")
-
-FORMAT = 1
-MANIFEST = "manifest.json"
-CHECKPOINTS = "checkpoints"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-#: config keys (prefixes ending in ".") that may change when a run is resumed; all others must match
-MUTABLE_ON_RESUME = (
-    "train.max_steps", "train.log_every", "train.eval_every_epochs", "train.eval_batch_size", "train.progress",
-    "train.nonfinite", "train.max_nonfinite_skips", "checkpoint.", "launcher.", "eval.", "data.root",
-    "data.cache_dir", "data.download", "data.workers", "name", "output_dir", "resume", "train.tf32",
-    "model.channels_last",
-)
-
-
-class CheckpointError(RunError):
-    """A checkpoint cannot be written or used; the message names the file and the problem."""
-
-
-# --- where checkpoints are ----------------------------------------------------------------------
-def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
-
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return checkpoint_root(run_dir) / f"step_{step:08d}"
-
-
-def list_step_dirs(root: Path) -> list[tuple[int, Path]]:
-    """(step, directory) of every checkpoint directory under ``root``, newest first."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return sorted(found, reverse=True)
-
-
-def read_manifest(ckpt: Path) -> dict:
-    path = ckpt / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt} is not a complete checkpoint: {MANIFEST} is missing "
-                              "(the save was interrupted)") from None
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "files" not in manifest:
-        raise CheckpointError(f"{path} is not a slowmo-train checkpoint manifest of format {FORMAT}")
-    return manifest
-
-
-def check_complete(ckpt: Path) -> dict:
-    """The manifest of ``ckpt`` if every file it lists exists with the listed size, else
-    CheckpointError naming the first problem."""
-    manifest = read_manifest(ckpt)
-    for rank in range(int(manifest["world_size"])):
-        entry = manifest["files"].get(str(rank))
-        if entry is None:
-            raise CheckpointError(f"{ckpt / MANIFEST} lists no file for rank {rank}")
-        path = ckpt / entry["file"]
-        if not path.is_file():
-            raise CheckpointError(f"{path} (rank {rank}) is missing")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointError(f"{path} (rank {rank}) is truncated or was changed: {size} bytes, "
-                                  f"the manifest says {entry['bytes']}")
-    return manifest
-
-
-def newest_complete(root: Path) -> tuple[Path | None, list[str]]:
-    """The newest complete checkpoint under ``root`` (a ``checkpoints`` directory) and a warning
-    for every newer incomplete one that was skipped."""
-    warnings = []
-    for _, ckpt in list_step_dirs(root):
-        try:
-            check_complete(ckpt)
-            return ckpt, warnings
-        except CheckpointError as err:
-            warnings.append(f"skipping incomplete checkpoint: {err}")
-    return None, warnings
-
-
-def resolve_resume(resume: str, run_dir: Path | None) -> tuple[Path | None, list[str]]:
-    """Turn ``resume`` (none | auto | PATH) into a complete checkpoint directory or None (start
-    fresh), plus warnings to log. Raises CheckpointError for a PATH that cannot be used."""
-    if resume == "none":
-        return None, []
-    if resume == "auto":
-        return newest_complete(checkpoint_root(run_dir)) if run_dir is not None else (None, [])
-    path = Path(resume).expanduser()
-    if (path / MANIFEST).exists():
-        check_complete(path)
-        return path, []
-    for root in (path / CHECKPOINTS, path):  # a run directory, or its checkpoints/ directory
-        if list_step_dirs(root):
-            ckpt, warnings = newest_complete(root)
-            if ckpt is None:
-                raise CheckpointError(f"resume={resume}: no complete checkpoint in {root} ({'; '.join(warnings)})")
-            return ckpt, warnings
-    if path.is_dir() and _STEP_DIR.match(path.name):
-        read_manifest(path)  # raises: the save of this checkpoint never completed
-    raise CheckpointError(f"resume={resume}: not a checkpoint (no {MANIFEST}) nor a run directory with "
-                          f"{CHECKPOINTS}/; use resume=auto or the path of RUN_DIR/{CHECKPOINTS}/step_N")
-
-
-# --- which config changes a resume allows ----------------------------------------------------------
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-
-
-def _mutable(key: str) -> bool:
-    return any(key == m or (m.endswith(".") and key.startswith(m)) for m in MUTABLE_ON_RESUME)
-
-
-def check_compatible(manifest: dict, config: dict, world_size: int, where: Path) -> None:
-    """Raise CheckpointError (one line) if this run cannot continue the checkpoint's."""
-    if int(manifest["world_size"]) != world_size:
-        raise CheckpointError(f"{where} was written by {manifest['world_size']} workers, this run has {world_size}: "
-                              "resume with the same number of workers (launcher.nproc_per_node / torchrun)")
-    saved, now = _flatten(manifest.get("config", {})), _flatten(config)
-    for key in sorted(saved.keys() & now.keys()):
-        if not _mutable(key) and saved[key] != now[key]:
-            raise CheckpointError(
-                f"{where} was written with {key}={saved[key]!r}, this run has {key}={now[key]!r}: only run "
-                "length, logging, evaluation, checkpoint and launcher settings and data paths may change on "
-                f"resume; set {key}={saved[key]!r} or start a new run (another output_dir, resume=none)")
-
-
-# --- RNG state ------------------------------------------------------------------------------------
-def capture_rng() -> dict:
-    """Every global RNG as plain types and tensors (what weights_only loading accepts)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -242,7 +96,7 @@ class _HashingWriter:
         for start in range(0, len(view), self.PIECE):
             if self.cancel is not None and self.cancel.is_set():
                 raise SaveCancelled()
-            piece = view[start:start + self.PIECE]
+            piece = view[start : start + self.PIECE]
             self.sha.update(piece)  # hashlib and file writes release the GIL: training goes on meanwhile
             self.f.write(piece)
         self.bytes += len(view)
@@ -286,110 +140,6 @@ def write_atomic(path: Path, save_fn, on_write=None, cancel: threading.Event | N
     return writer.sha.hexdigest(), writer.bytes
 
 
-# --- host snapshots (background saves) -------------------------------------------------------------
-def _as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
-    """A flat uint8 tensor over the whole of ``storage``."""
-    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-
-
-class HostStaging:
-    """Copies of a state in host memory, whose buffers are reused from one save to the next.
-
-    Copies are made per storage, not per tensor, so that what ``torch.save`` writes is what it would
-    have written from the live state: tensors that share memory (tied embeddings, views into a flat
-    buffer) still share it, and each storage is stored once. Device storages go to pinned buffers
-    through non-blocking copies followed by one synchronize per device. (PyTorch's pinned allocator
-    rounds each buffer up to a power of two: transformer weights are powers of two already, ResNet
-    convolutions are not and may take up to twice their size in pinned memory.)"""
-
-    def __init__(self):
-        self._free: dict[tuple[int, bool], list[torch.UntypedStorage]] = {}
-
-    def copy(self, state: Any) -> tuple[Any, list[tuple[tuple[int, bool], torch.UntypedStorage]]]:
-        """(the copy, the host buffers it uses: hand them to :meth:`release` once it is written)."""
-        copies: dict[tuple, tuple[tuple[int, bool], torch.UntypedStorage]] = {}
-        devices: set[torch.device] = set()
-
-        def host(storage: torch.UntypedStorage) -> torch.UntypedStorage:
-            key = (storage.device, storage.data_ptr(), storage.nbytes())
-            if key not in copies:
-                pinned = storage.device.type == "cuda"
-                size = (storage.nbytes(), pinned)
-                free = self._free.get(size)
-                buffer = free.pop() if free else torch.empty(
-                    storage.nbytes(), dtype=torch.uint8, pin_memory=pinned).untyped_storage()
-                _as_bytes(buffer).copy_(_as_bytes(storage), non_blocking=pinned)
-                if pinned:
-                    devices.add(storage.device)
-                copies[key] = (size, buffer)
-            return copies[key][1]
-
-        seen: dict[int, Any] = {}  # an object met twice is copied once, as pickle stores it once
-
-        def walk(obj: Any) -> Any:
-            if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
-                return obj
-            if id(obj) not in seen:
-                seen[id(obj)] = copy_of(obj)
-            return seen[id(obj)]
-
-        def copy_of(obj: Any) -> Any:
-            if isinstance(obj, torch.Tensor):
-                t = obj.detach()
-                if t.layout != torch.strided or type(t) is not torch.Tensor or t.is_quantized or t.is_conj() \
-                        or t.is_neg():
-                    return t.to("cpu", copy=True)  # rare kinds: a plain (synchronous) copy
-                out = torch.empty(0, dtype=t.dtype)
-                return out.set_(host(t.untyped_storage()), t.storage_offset(), t.size(), t.stride())
-            if isinstance(obj, dict):
-                out = copy.copy(obj)  # keeps the type and attributes (a module state_dict's _metadata)
-                for key, value in obj.items():
-                    out[key] = walk(value)
-                return out
-            if isinstance(obj, list):
-                return [walk(x) for x in obj]
-            if isinstance(obj, tuple):
-                items = [walk(x) for x in obj]
-                return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-            return copy.deepcopy(obj)
-
-        snapshot = walk(state)
-        for device in devices:
-            torch.cuda.synchronize(device)
-        self._free.clear()  # buffers this state no longer needs (a shape changed) go back to the system
-        return snapshot, list(copies.values())
-
-    def clear(self) -> None:
-        self._free.clear()
-
-    def release(self, buffers: list[tuple[tuple[int, bool], torch.UntypedStorage]]) -> None:
-        """Keep ``buffers`` (written and no longer referenced by a writer) for the next copy."""
-        for size, buffer in buffers:
-            self._free.setdefault(size, []).append(buffer)
-
-
-def state_bytes(state: Any) -> int:
-    """Bytes of the tensor storages in ``state`` (each counted once): what a rank file holds."""
-    seen: dict[tuple, int] = {}
-
-    def walk(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            if obj.layout == torch.strided:
-                storage = obj.untyped_storage()
-                seen[(obj.device, storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-            else:
-                seen[(id(obj),)] = obj.element_size() * obj.numel()
-        elif isinstance(obj, dict):
-            for value in obj.values():
-                walk(value)
-        elif isinstance(obj, (list, tuple)):
-            for value in obj:
-                walk(value)
-
-    walk(state)
-    return sum(seen.values())
-
-
 class _BackgroundSave:
     """A checkpoint whose rank file a thread is writing from a host snapshot."""
 
@@ -411,8 +161,18 @@ class Checkpointer:
     docstring). Without it, and for states under ``background_min_bytes`` on every rank, every save
     is written and complete when :meth:`save` returns."""
 
-    def __init__(self, run_dir: Path, keep: int, rank: int, world_size: int, faults: FaultInjector | None = None,
-                 every_steps: int = 0, at_end: bool = True, background: bool = False, background_min_bytes: int = 0):
+    def __init__(
+        self,
+        run_dir: Path,
+        keep: int,
+        rank: int,
+        world_size: int,
+        faults: FaultInjector | None = None,
+        every_steps: int = 0,
+        at_end: bool = True,
+        background: bool = False,
+        background_min_bytes: int = 0,
+    ):
         self.run_dir, self.keep, self.rank, self.world_size = Path(run_dir), keep, rank, world_size
         self.faults, self.every_steps, self.at_end, self.background = faults, every_steps, at_end, background
         self.background_min_bytes = background_min_bytes
@@ -459,8 +219,9 @@ class Checkpointer:
         job = _BackgroundSave(step, ckpt, config, meta, start)
         snapshot, job.buffers = self._staging.copy(state)
         job.snapshot_s = time.perf_counter() - start
-        job.thread = threading.Thread(target=self._write_in_background, args=(job, snapshot),
-                                      name=f"checkpoint-step{step}", daemon=True)
+        job.thread = threading.Thread(
+            target=self._write_in_background, args=(job, snapshot), name=f"checkpoint-step{step}", daemon=True
+        )
         del snapshot  # the thread holds the only reference: the copy is freed when it is written
         self._pending, self.last_saved_at = job, time.monotonic()
         job.thread.start()
@@ -539,8 +300,11 @@ class Checkpointer:
         except Exception as err:  # any rank's problem must reach every rank, not hang them in the gather
             if cancel is not None and cancel.is_set():
                 return {**status, "cancelled": True}
-            reason = (err.strerror or str(err)) if isinstance(err, OSError) else \
-                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            reason = (
+                (err.strerror or str(err))
+                if isinstance(err, OSError)
+                else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            )
             status["error"] = f"rank {self.rank} cannot write {ckpt / name}: {reason}"
         if self.faults:
             self.faults.after_checkpoint_write(step)
@@ -558,20 +322,25 @@ class Checkpointer:
         job, self._pending = self._pending, None
         job.thread.join()
         self._staging.release(job.buffers)
-        status = job.status or {"file": f"rank{self.rank}.pt",
-                                "error": f"rank {self.rank}: the thread writing {job.ckpt} ended without a result"}
+        status = job.status or {
+            "file": f"rank{self.rank}.pt",
+            "error": f"rank {self.rank}: the thread writing {job.ckpt} ended without a result",
+        }
         self.last_timing = {"snapshot_s": job.snapshot_s, "written_s": job.written_s}
         return self._complete(job.step, job.ckpt, status, job.config, job.meta, job.started)
 
-    def _complete(self, step: int, ckpt: Path, status: dict, config: dict, meta: dict | None,
-                  start: float) -> Path | None:
+    def _complete(
+        self, step: int, ckpt: Path, status: dict, config: dict, meta: dict | None, start: float
+    ) -> Path | None:
         """The collective half: gather the statuses, raise any rank's error on every rank, write the
         manifest (rank 0), prune."""
         statuses = control.all_gather_object(status)
         errors = [s["error"] for s in statuses if "error" in s]
         if errors:
-            raise CheckpointError(f"checkpoint of step {step} not written: {errors[0]}; "
-                                  f"the previous checkpoint ({self.last_path or 'none'}) is intact")
+            raise CheckpointError(
+                f"checkpoint of step {step} not written: {errors[0]}; "
+                f"the previous checkpoint ({self.last_path or 'none'}) is intact"
+            )
         if any(s.get("cancelled") for s in statuses):
             if self.rank == 0:
                 shutil.rmtree(ckpt, ignore_errors=True)
@@ -580,17 +349,25 @@ class Checkpointer:
 
         error = None
         if self.rank == 0:
-            manifest = {"format": FORMAT, "step": step, "world_size": self.world_size,
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {}), "config": config,
-                        "files": {str(r): s for r, s in enumerate(statuses)}}
+            manifest = {
+                "format": FORMAT,
+                "step": step,
+                "world_size": self.world_size,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **(meta or {}),
+                "config": config,
+                "files": {str(r): s for r, s in enumerate(statuses)},
+            }
             try:
                 write_atomic(ckpt / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
             except OSError as err:
                 error = f"cannot write {ckpt / MANIFEST}: {err.strerror or err}"
         error = control.broadcast_object(error)
         if error is not None:
-            raise CheckpointError(f"checkpoint of step {step} not written: {error}; "
-                                  f"the previous checkpoint ({self.last_path or 'none'}) is intact")
+            raise CheckpointError(
+                f"checkpoint of step {step} not written: {error}; "
+                f"the previous checkpoint ({self.last_path or 'none'}) is intact"
+            )
         self.last_path = ckpt
         if "written_s" not in self.last_timing:  # a direct save: the step waited for all of it
             self.last_saved_at = time.monotonic()
@@ -599,8 +376,11 @@ class Checkpointer:
             self.prune()
             mb = sum(s["bytes"] for s in statuses) / len(statuses) / 2**20
             t = self.last_timing
-            how = (f"{t['snapshot_s']:.2f}s in the step, durable after {t['durable_s']:.2f}s"
-                   if "written_s" in t else f"{t['durable_s']:.2f}s")
+            how = (
+                f"{t['snapshot_s']:.2f}s in the step, durable after {t['durable_s']:.2f}s"
+                if "written_s" in t
+                else f"{t['durable_s']:.2f}s"
+            )
             log.info("checkpoint of step %d: %s (%.1f MB/rank, %s)", step, ckpt, mb, how)
         return ckpt
 
@@ -618,47 +398,3 @@ class Checkpointer:
                 complete += 1
             elif complete > 0:
                 shutil.rmtree(ckpt, ignore_errors=True)
-
-
-# --- reading --------------------------------------------------------------------------------------
-def load_rank_state(ckpt: Path, rank: int) -> tuple[dict, dict]:
-    """(manifest, this rank's state) after verifying size and checksum; CheckpointError otherwise.
-
-    The state is loaded onto the CPU, whatever device wrote it: each component moves what it needs
-    to its device when it loads its part (``load_state_dict`` copies into the model's tensors, the
-    optimizer casts to its parameters' device and keeps scalar step counters on the CPU), and the
-    RNG states, which ``torch.set_rng_state`` accepts only as CPU tensors, stay where they are."""
-    manifest = check_complete(ckpt)
-    entry = manifest["files"][str(rank)]
-    path = ckpt / entry["file"]
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CheckpointError(f"{path} is corrupt: its SHA-256 does not match {ckpt / MANIFEST}")
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling/zip error: the file is unusable
-        raise CheckpointError(f"{path} cannot be loaded: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a slowmo-train rank checkpoint of format {FORMAT}")
-    if int(state.get("rank", -1)) != rank or int(state.get("step", -1)) != int(manifest["step"]):
-        raise CheckpointError(f"{path} holds rank {state.get('rank')} step {state.get('step')}, "
-                              f"expected rank {rank} step {manifest['step']}")
-    return manifest, state
-
-
-def check_model_shapes(saved: dict, model: torch.nn.Module, path: Path) -> None:
-    """One line naming the first parameter/buffer whose name or shape differs."""
-    current = model.state_dict()
-    for key in list(current) + [k for k in saved if k not in current]:  # in model order
-        if key not in current:
-            raise CheckpointError(f"{path}: the checkpoint has model entry {key!r} that this model lacks "
-                                  "(model.arch changed?)")
-        if key not in saved:
-            raise CheckpointError(f"{path}: this model has entry {key!r} that the checkpoint lacks "
-                                  "(model.arch changed?)")
-        if tuple(saved[key].shape) != tuple(current[key].shape):
-            raise CheckpointError(f"{path}: model entry {key} has shape {list(saved[key].shape)} in the checkpoint "
-                                  f"and {list(current[key].shape)} in this model (model.width or model.arch changed?)")

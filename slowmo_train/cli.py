@@ -32,18 +32,16 @@ from slowmo_train import dist as sdist
 from slowmo_train.config import ConfigError, JobConfig, per_worker_batch, register_configs, to_job_config
 from slowmo_train.config_checks import validate
 from slowmo_train.data.cifar10 import DatasetError
-from slowmo_train.faults import (
-    RecordedFailure,
-    RunError,
+from slowmo_train.faults import RecordedFailure, RunError, restart_attempt, under_elastic_agent
+from slowmo_train.launch import (
     clear_fatal,
     is_deterministic,
+    launch_local,
     read_fatal,
     record_fatal,
-    restart_attempt,
+    report_stop,
     stop_elastic_agent,
-    under_elastic_agent,
 )
-from slowmo_train.launch import launch_local, report_stop
 from slowmo_train.registry import ALGORITHM_SPECS
 from slowmo_train.tasks import TASKS
 
@@ -113,8 +111,11 @@ def check_model(job: JobConfig) -> None:
 
     archs = MODELS.get(job.task.name, {})
     if job.model.arch not in archs:
-        raise ConfigError("model.arch", job.model.arch,
-                          f"not an architecture of task {job.task.name}; choose one of {', '.join(archs) or '(none)'}")
+        raise ConfigError(
+            "model.arch",
+            job.model.arch,
+            f"not an architecture of task {job.task.name}; choose one of {', '.join(archs) or '(none)'}",
+        )
 
 
 def check_topology(job: JobConfig, env: sdist.DistEnv, world: int) -> None:
@@ -128,8 +129,11 @@ def check_topology(job: JobConfig, env: sdist.DistEnv, world: int) -> None:
     try:
         build_graph(job.algorithm.graph, workers, job.algorithm.peers_per_itr)
     except ValueError as err:
-        raise ConfigError("algorithm.peers_per_itr", job.algorithm.peers_per_itr,
-                          f"{err} (each of the {workers} workers needs that many other workers)") from None
+        raise ConfigError(
+            "algorithm.peers_per_itr",
+            job.algorithm.peers_per_itr,
+            f"{err} (each of the {workers} workers needs that many other workers)",
+        ) from None
 
 
 def check_batch_size(job: JobConfig, world: int) -> None:
@@ -142,8 +146,12 @@ def check_batch_size(job: JobConfig, world: int) -> None:
     if batch > share:
         key = "train.total_batch" if job.train.total_batch is not None else "train.batch_size"
         value = job.train.total_batch if job.train.total_batch is not None else batch
-        raise ConfigError(key, value, f"a batch of {batch} per worker is larger than the {share} training examples "
-                                      f"each of the {world} workers gets ({n} in {job.data.root}); lower it")
+        raise ConfigError(
+            key,
+            value,
+            f"a batch of {batch} per worker is larger than the {share} training examples "
+            f"each of the {world} workers gets ({n} in {job.data.root}); lower it",
+        )
 
 
 def check_run_dir(job: JobConfig) -> None:
@@ -157,8 +165,9 @@ def check_run_dir(job: JobConfig) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise ConfigError("output_dir", job.output_dir,
-                          f"cannot write there ({err.strerror or err}); choose a writable directory") from None
+        raise ConfigError(
+            "output_dir", job.output_dir, f"cannot write there ({err.strerror or err}); choose a writable directory"
+        ) from None
 
 
 def check_resume(job: JobConfig, job_dict: dict, world: int) -> None:
@@ -173,9 +182,13 @@ def check_resume(job: JobConfig, job_dict: dict, world: int) -> None:
         if run_dir is not None:
             newest, _ = ckpt.newest_complete(ckpt.checkpoint_root(run_dir))
             if newest is not None:
-                raise ConfigError("resume", job.resume, f"output_dir={job.output_dir} already holds checkpoints "
-                                  f"(newest: {newest.name}); continue that run with resume=auto, or choose another "
-                                  "output_dir")
+                raise ConfigError(
+                    "resume",
+                    job.resume,
+                    f"output_dir={job.output_dir} already holds checkpoints "
+                    f"(newest: {newest.name}); continue that run with resume=auto, or choose another "
+                    "output_dir",
+                )
         return
     try:
         path, warnings = ckpt.resolve_resume(job.resume, run_dir)
@@ -196,8 +209,11 @@ def preflight(job: JobConfig, env: sdist.DistEnv, world: int) -> None:
     TASKS[job.task.name].check_data(job.data)
     check_batch_size(job, world)
     if env.under_launcher and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and not job.output_dir:
-        raise ConfigError("output_dir", None, "torchrun --max-restarts needs output_dir=DIR, so that restarted "
-                                              "workers find the run's checkpoints")
+        raise ConfigError(
+            "output_dir",
+            None,
+            "torchrun --max-restarts needs output_dir=DIR, so that restarted workers find the run's checkpoints",
+        )
     check_run_dir(job)
 
 
@@ -241,8 +257,13 @@ def worker_main(job_dict: dict, run_dir: str | None) -> dict:
         math = configure_device_math(device, job.train.tf32)
         if env.rank == 0:
             log.info("run directory: %s", run_dir)
-            log.info("backend %s, device %s (%s), %s threads per worker", backend, device, math,
-                     threads or torch.get_num_threads())
+            log.info(
+                "backend %s, device %s (%s), %s threads per worker",
+                backend,
+                device,
+                math,
+                threads or torch.get_num_threads(),
+            )
         # the loop comes from the algorithm table: the synchronous Trainer or the asynchronous runner
         loop = {"sync": Trainer, "async": AsyncRunner}[ALGORITHM_SPECS[job.algorithm.name].kind]
         summary = loop(job, env, device, Path(run_dir)).run()

@@ -39,10 +39,18 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     """Check values and ranges. ``world_size`` (when known) checks divisibility constraints. The task
     name and the architecture are checked by ``cli.preflight``, which knows the tasks."""
     _check(job.model.width > 0, "model.width", job.model.width, "must be > 0")
-    _check(job.model.channels_last in ("auto", True, False), "model.channels_last", job.model.channels_last,
-           "must be auto, true or false")
-    _check(job.model.dropout is None or 0 <= job.model.dropout < 1, "model.dropout", job.model.dropout,
-           "must be null (the preset's) or in [0, 1)")
+    _check(
+        job.model.channels_last in ("auto", True, False),
+        "model.channels_last",
+        job.model.channels_last,
+        "must be auto, true or false",
+    )
+    _check(
+        job.model.dropout is None or 0 <= job.model.dropout < 1,
+        "model.dropout",
+        job.model.dropout,
+        "must be null (the preset's) or in [0, 1)",
+    )
     o = job.optim
     _one_of("optim.name", o.name, OPTIM_NAMES)
     _one_of("optim.schedule", o.schedule, SCHEDULE_NAMES)
@@ -52,15 +60,27 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two values in [0, 1)")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
-    _check(o.warmup_steps is None or o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps,
-           "must be null or an integer >= 0")
+    _check(
+        o.warmup_steps is None or o.warmup_steps >= 0,
+        "optim.warmup_steps",
+        o.warmup_steps,
+        "must be null or an integer >= 0",
+    )
     _check(0 < o.decay <= 1, "optim.decay", o.decay, "must be in (0, 1]")
     _check(o.milestone_epochs_of > 0, "optim.milestone_epochs_of", o.milestone_epochs_of, "must be > 0")
-    _check(all(0 < m <= o.milestone_epochs_of for m in o.milestones), "optim.milestones", list(o.milestones),
-           f"epochs in (0, optim.milestone_epochs_of={o.milestone_epochs_of}]")
+    _check(
+        all(0 < m <= o.milestone_epochs_of for m in o.milestones),
+        "optim.milestones",
+        list(o.milestones),
+        f"epochs in (0, optim.milestone_epochs_of={o.milestone_epochs_of}]",
+    )
     if o.nesterov and o.name == "sgd":
-        _check(o.momentum > 0, "optim.momentum", o.momentum,
-               "Nesterov SGD needs momentum > 0 (or set optim.nesterov=false)")
+        _check(
+            o.momentum > 0,
+            "optim.momentum",
+            o.momentum,
+            "Nesterov SGD needs momentum > 0 (or set optim.nesterov=false)",
+        )
 
     a = job.algorithm
     _one_of("algorithm", a.name, registry.names())
@@ -69,8 +89,12 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _check(a.peers_per_itr >= 1, "algorithm.peers_per_itr", a.peers_per_itr, "must be an integer >= 1")
     _check(a.synch_freq >= 1, "algorithm.synch_freq", a.synch_freq, "must be an integer >= 1")
     _check(a.consensus_every >= 0, "algorithm.consensus_every", a.consensus_every, "must be >= 0")
-    _check(a.nprocs_per_node is None or a.nprocs_per_node >= 1, "algorithm.nprocs_per_node", a.nprocs_per_node,
-           "must be null (automatic) or an integer >= 1")
+    _check(
+        a.nprocs_per_node is None or a.nprocs_per_node >= 1,
+        "algorithm.nprocs_per_node",
+        a.nprocs_per_node,
+        "must be null (automatic) or an integer >= 1",
+    )
 
     if registry.ALGORITHM_SPECS[a.name].kind == registry.ASYNC:
         _validate_async(job, world_size)
@@ -81,19 +105,39 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _check(s.tau >= 1, "slowmo.tau", s.tau, "must be an integer >= 1")
     _one_of("slowmo.base_buffers", s.base_buffers, BASE_BUFFER_MODES)
     _one_of("slowmo.lr_coupling", s.lr_coupling, LR_COUPLINGS)
-    _check(not (s.nesterov and s.lr_coupling == "coupled"), "slowmo.nesterov", s.nesterov,
-           "Nesterov outer momentum needs slowmo.lr_coupling=decoupled")
+    _check(
+        not (s.nesterov and s.lr_coupling == "coupled"),
+        "slowmo.nesterov",
+        s.nesterov,
+        "Nesterov outer momentum needs slowmo.lr_coupling=decoupled",
+    )
     if s.enabled and a.name == "local_sgd":
-        _check(s.tau % a.period == 0, "slowmo.tau", s.tau,
-               f"must be a multiple of algorithm.period={a.period} when SlowMo wraps Local SGD")
+        _check(
+            s.tau % a.period == 0,
+            "slowmo.tau",
+            s.tau,
+            f"must be a multiple of algorithm.period={a.period} when SlowMo wraps Local SGD",
+        )
     _one_of("slowmo.outer_dtype", s.outer_dtype, OUTER_DTYPES)
-    _check(s.fragments >= 1 and s.tau % s.fragments == 0, "slowmo.fragments", s.fragments,
-           f"must be an integer >= 1 dividing slowmo.tau={s.tau}")
-    _check(0 <= s.overlap_steps < s.tau, "slowmo.overlap_steps", s.overlap_steps,
-           f"must be an integer in [0, slowmo.tau={s.tau})")
-    _check(not (s.sharded and s.outer_dtype != "float32"), "slowmo.sharded", s.sharded,
-           "works only with slowmo.outer_dtype=float32 (16-bit outer messages carry x0 - x_i, which needs the "
-           "whole x0 on every rank)")
+    _check(
+        s.fragments >= 1 and s.tau % s.fragments == 0,
+        "slowmo.fragments",
+        s.fragments,
+        f"must be an integer >= 1 dividing slowmo.tau={s.tau}",
+    )
+    _check(
+        0 <= s.overlap_steps < s.tau,
+        "slowmo.overlap_steps",
+        s.overlap_steps,
+        f"must be an integer in [0, slowmo.tau={s.tau})",
+    )
+    _check(
+        not (s.sharded and s.outer_dtype != "float32"),
+        "slowmo.sharded",
+        s.sharded,
+        "works only with slowmo.outer_dtype=float32 (16-bit outer messages carry x0 - x_i, which needs the "
+        "whole x0 on every rank)",
+    )
 
     t = job.train
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be an integer >= 1")
@@ -109,14 +153,22 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     if t.total_batch is not None:
         _check(t.total_batch >= 1, "train.total_batch", t.total_batch, "must be null or an integer >= 1")
         if world_size is not None:
-            _check(t.total_batch % world_size == 0, "train.total_batch", t.total_batch,
-                   f"must be divisible by the number of workers ({world_size})")
+            _check(
+                t.total_batch % world_size == 0,
+                "train.total_batch",
+                t.total_batch,
+                f"must be divisible by the number of workers ({world_size})",
+            )
 
     la = job.launcher
     _check(la.nproc_per_node >= 1, "launcher.nproc_per_node", la.nproc_per_node, "must be an integer >= 1")
     _one_of("launcher.backend", la.backend, ("auto", "gloo", "nccl"))
-    _check(la.threads_per_worker is None or la.threads_per_worker >= 1, "launcher.threads_per_worker",
-           la.threads_per_worker, "must be null or an integer >= 1")
+    _check(
+        la.threads_per_worker is None or la.threads_per_worker >= 1,
+        "launcher.threads_per_worker",
+        la.threads_per_worker,
+        "must be null or an integer >= 1",
+    )
     _check(la.timeout_s > 0, "launcher.timeout_s", la.timeout_s, "must be > 0 seconds")
     _check(la.max_restarts >= 0, "launcher.max_restarts", la.max_restarts, "must be an integer >= 0")
     c = job.checkpoint
@@ -125,11 +177,19 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _check(c.keep >= 1, "checkpoint.keep", c.keep, "must be an integer >= 1")
     _check(c.poll_every >= 1, "checkpoint.poll_every", c.poll_every, "must be an integer >= 1")
     _check(job.resume != "", "resume", job.resume, "use none, auto or the path of a checkpoint or run directory")
-    _check(job.resume != "auto" or job.output_dir is not None, "resume", job.resume,
-           "needs output_dir=DIR (the run directory to continue in)")
+    _check(
+        job.resume != "auto" or job.output_dir is not None,
+        "resume",
+        job.resume,
+        "needs output_dir=DIR (the run directory to continue in)",
+    )
     if world_size is not None and a.nprocs_per_node is not None:
-        _check(world_size % a.nprocs_per_node == 0, "algorithm.nprocs_per_node", a.nprocs_per_node,
-               f"must divide the number of workers ({world_size})")
+        _check(
+            world_size % a.nprocs_per_node == 0,
+            "algorithm.nprocs_per_node",
+            a.nprocs_per_node,
+            f"must divide the number of workers ({world_size})",
+        )
 
     d = job.data
     _check(d.train_subset is None or d.train_subset >= 1, "data.train_subset", d.train_subset, "must be null or >= 1")
@@ -143,42 +203,78 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     e = job.eval
     _check(e.beam >= 1, "eval.beam", e.beam, "must be an integer >= 1")
     _check(e.lenpen >= 0, "eval.lenpen", e.lenpen, "must be >= 0")
-    _check(e.max_len_a >= 0 and e.max_len_b >= 0, "eval.max_len_a/max_len_b", (e.max_len_a, e.max_len_b),
-           "must be >= 0")
+    _check(
+        e.max_len_a >= 0 and e.max_len_b >= 0, "eval.max_len_a/max_len_b", (e.max_len_a, e.max_len_b), "must be >= 0"
+    )
     _one_of("eval.bleu_split", e.bleu_split, ("valid", "test"))
     _check(e.bleu_every_evals >= 0, "eval.bleu_every_evals", e.bleu_every_evals, "must be an integer >= 0")
-    _check(e.bleu_max_sentences is None or e.bleu_max_sentences >= 1, "eval.bleu_max_sentences",
-           e.bleu_max_sentences, "must be null or an integer >= 1")
+    _check(
+        e.bleu_max_sentences is None or e.bleu_max_sentences >= 1,
+        "eval.bleu_max_sentences",
+        e.bleu_max_sentences,
+        "must be null or an integer >= 1",
+    )
     if check_paths and download_mode(d) == "false":
-        _check(os.path.isdir(d.root), "data.root", d.root,
-               "directory does not exist; point data.root at a copy of the dataset, "
-               "or set data.download=auto to fetch it when online")
+        _check(
+            os.path.isdir(d.root),
+            "data.root",
+            d.root,
+            "directory does not exist; point data.root at a copy of the dataset, "
+            "or set data.download=auto to fetch it when online",
+        )
 
 
 def _validate_async(job: JobConfig, world_size: int | None) -> None:
     a = job.algorithm
-    _check(not job.slowmo.enabled, "slowmo.enabled", job.slowmo.enabled,
-           f"SlowMo wraps synchronous base algorithms; algorithm={a.name} is asynchronous, set slowmo.enabled=false")
+    _check(
+        not job.slowmo.enabled,
+        "slowmo.enabled",
+        job.slowmo.enabled,
+        f"SlowMo wraps synchronous base algorithms; algorithm={a.name} is asynchronous, set slowmo.enabled=false",
+    )
     _one_of("algorithm.mode", a.mode, ("simulated", "real"))
     _one_of("algorithm.compute_time_dist", a.compute_time_dist, ("gamma", "exponential", "uniform", "constant"))
     _check(a.sim_workers >= 1, "algorithm.sim_workers", a.sim_workers, "must be an integer >= 1")
     _check(a.compute_time_shape > 0, "algorithm.compute_time_shape", a.compute_time_shape, "must be > 0")
     _check(a.compute_time_scale > 0, "algorithm.compute_time_scale", a.compute_time_scale, "must be > 0")
     _check(a.servers >= 1, "algorithm.servers", a.servers, "must be an integer >= 1")
-    _check(job.optim.name == "sgd", "optim.name", job.optim.name,
-           f"algorithm={a.name} applies its own momentum rule; use optim=sgd_nesterov (optim.name=sgd)")
-    _check(job.train.precision == "fp32", "train.precision", job.train.precision,
-           f"algorithm={a.name} runs in fp32 only; set train.precision=fp32")
-    _check(job.train.total_batch is None, "train.total_batch", job.train.total_batch,
-           f"algorithm={a.name} has no total batch per step; set train.batch_size (per worker) and "
-           "train.total_batch=null")
-    _check(job.launcher.max_restarts == 0, "launcher.max_restarts", job.launcher.max_restarts,
-           f"algorithm={a.name} does not restart its workers; set launcher.max_restarts=0 "
-           "(continue a stopped run with resume=auto)")
+    _check(
+        job.optim.name == "sgd",
+        "optim.name",
+        job.optim.name,
+        f"algorithm={a.name} applies its own momentum rule; use optim=sgd_nesterov (optim.name=sgd)",
+    )
+    _check(
+        job.train.precision == "fp32",
+        "train.precision",
+        job.train.precision,
+        f"algorithm={a.name} runs in fp32 only; set train.precision=fp32",
+    )
+    _check(
+        job.train.total_batch is None,
+        "train.total_batch",
+        job.train.total_batch,
+        f"algorithm={a.name} has no total batch per step; set train.batch_size (per worker) and train.total_batch=null",
+    )
+    _check(
+        job.launcher.max_restarts == 0,
+        "launcher.max_restarts",
+        job.launcher.max_restarts,
+        f"algorithm={a.name} does not restart its workers; set launcher.max_restarts=0 "
+        "(continue a stopped run with resume=auto)",
+    )
     if world_size is not None and a.mode == "simulated":
-        _check(world_size == 1, "launcher.nproc_per_node", world_size,
-               "algorithm.mode=simulated runs all workers in one process; set launcher.nproc_per_node=1 "
-               "(algorithm.sim_workers sets the number of simulated workers)")
+        _check(
+            world_size == 1,
+            "launcher.nproc_per_node",
+            world_size,
+            "algorithm.mode=simulated runs all workers in one process; set launcher.nproc_per_node=1 "
+            "(algorithm.sim_workers sets the number of simulated workers)",
+        )
     if world_size is not None and a.mode == "real":
-        _check(world_size > a.servers, "launcher.nproc_per_node", world_size,
-               f"algorithm.mode=real needs the algorithm.servers={a.servers} server rank(s) plus at least one worker")
+        _check(
+            world_size > a.servers,
+            "launcher.nproc_per_node",
+            world_size,
+            f"algorithm.mode=real needs the algorithm.servers={a.servers} server rank(s) plus at least one worker",
+        )

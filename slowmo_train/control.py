@@ -57,8 +57,10 @@ def rank() -> int:
 def _host_tensor(values, dtype: torch.dtype, what: str) -> torch.Tensor:
     if torch.is_tensor(values):
         if values.device.type != "cpu":
-            raise ValueError(f"control.{what} carries host values, got a tensor on {values.device}: read device "
-                             "values at a log point (.cpu()) or send them on the data plane (algorithms/comm.py)")
+            raise ValueError(
+                f"control.{what} carries host values, got a tensor on {values.device}: read device "
+                "values at a log point (.cpu()) or send them on the data plane (algorithms/comm.py)"
+            )
         return values.detach().to(dtype).reshape(-1).clone()
     return torch.tensor([float(v) for v in values], dtype=dtype)
 
@@ -76,8 +78,9 @@ class Pending:
         return self._tensor.tolist()
 
 
-def all_reduce_async(values: Sequence[float] | torch.Tensor, op: str = "sum",
-                     dtype: torch.dtype = torch.float64) -> Pending:
+def all_reduce_async(
+    values: Sequence[float] | torch.Tensor, op: str = "sum", dtype: torch.dtype = torch.float64
+) -> Pending:
     """Start reducing ``values`` (numbers or a CPU tensor) over all ranks; ``op`` is sum, max or min."""
     tensor = _host_tensor(values, dtype, "all_reduce")
     if world_size() == 1:
@@ -85,8 +88,9 @@ def all_reduce_async(values: Sequence[float] | torch.Tensor, op: str = "sum",
     return Pending(dist.all_reduce(tensor, op=_OPS[op], group=_group, async_op=True), tensor)
 
 
-def all_reduce(values: Sequence[float] | torch.Tensor, op: str = "sum",
-               dtype: torch.dtype = torch.float64) -> list[float]:
+def all_reduce(
+    values: Sequence[float] | torch.Tensor, op: str = "sum", dtype: torch.dtype = torch.float64
+) -> list[float]:
     """``values`` reduced over all ranks (blocking), as floats. float64 keeps integers (counts,
     token totals) exact up to 2**53."""
     return all_reduce_async(values, op, dtype).wait()

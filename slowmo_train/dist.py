@@ -22,6 +22,7 @@ from slowmo_train.faults import RunError
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class DistEnv:
     """What torchrun told this process (or a single-process default)."""
@@ -68,12 +69,15 @@ def device_for(env: DistEnv, backend: str) -> torch.device:
         return torch.device("cpu")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
-        raise DeviceError("launcher.backend=nccl needs CUDA GPUs and this machine has none: "
-                          "use launcher.backend=gloo (or auto)")
+        raise DeviceError(
+            "launcher.backend=nccl needs CUDA GPUs and this machine has none: use launcher.backend=gloo (or auto)"
+        )
     if env.local_world_size > count:
-        raise DeviceError(f"{env.local_world_size} processes on this node but {count} GPU(s): local ranks "
-                          f"{count} and 0 would share cuda:0; start at most {count} per node "
-                          "(torchrun --nproc_per_node, launcher.nproc_per_node) or use launcher.backend=gloo")
+        raise DeviceError(
+            f"{env.local_world_size} processes on this node but {count} GPU(s): local ranks "
+            f"{count} and 0 would share cuda:0; start at most {count} per node "
+            "(torchrun --nproc_per_node, launcher.nproc_per_node) or use launcher.backend=gloo"
+        )
     torch.cuda.set_device(env.local_rank)
     return torch.device("cuda", env.local_rank)
 
@@ -84,8 +88,9 @@ def default_group_backend(backend: str) -> str:
     return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
 
 
-def init_process_group(env: DistEnv, backend: str, timeout_s: float = 1800.0,
-                       device: torch.device | None = None) -> None:
+def init_process_group(
+    env: DistEnv, backend: str, timeout_s: float = 1800.0, device: torch.device | None = None
+) -> None:
     """Join the default process group and create the control plane's gloo group
     (slowmo_train/control.py). A single process gets a private in-memory group so that every
     algorithm can use the same collectives at world size 1."""
@@ -100,8 +105,9 @@ def init_process_group(env: DistEnv, backend: str, timeout_s: float = 1800.0,
         # The elastic agent's store outlives a restart (torchrun --max-restarts, launcher.max_restarts):
         # without a per-attempt prefix, restarted workers can read the dead workers' Gloo addresses.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
-                                    is_master=False, timeout=timeout)
+        agent_store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size, is_master=False, timeout=timeout
+        )
         store = dist.PrefixStore(f"slowmo-train/attempt{attempt}", agent_store)
         dist.init_process_group(store=store, rank=env.rank, world_size=env.world_size, **kwargs)
     elif env.under_launcher:

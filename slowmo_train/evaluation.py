@@ -19,8 +19,14 @@ from slowmo_train.tasks.base import HeadlineMetric
 class Evaluator:
     """When to evaluate (every ``every`` steps and at the last) and what the best result was."""
 
-    def __init__(self, metric: HeadlineMetric, every: int, steps_per_epoch: int, writer: MetricsWriter | None,
-                 step_word: str = "step"):
+    def __init__(
+        self,
+        metric: HeadlineMetric,
+        every: int,
+        steps_per_epoch: int,
+        writer: MetricsWriter | None,
+        step_word: str = "step",
+    ):
         self.metric, self.every, self.steps_per_epoch = metric, every, steps_per_epoch
         self.writer, self.step_word = writer, step_word
         self.evals_done = 0
@@ -43,8 +49,10 @@ class Evaluator:
             self.writer.write("eval", step, epoch=round(epoch, 4), **record)
         if progress is not None:
             shown = " ".join(f"{k} {v:.4g}" for k, v in result.items() if k != metric.name)
-            progress.message(f"epoch {epoch:.2f} {self.step_word} {step}: {metric.split} {metric.name} {value:.2f}"
-                             + (f" ({shown})" if shown else ""))
+            progress.message(
+                f"epoch {epoch:.2f} {self.step_word} {step}: {metric.split} {metric.name} {value:.2f}"
+                + (f" ({shown})" if shown else "")
+            )
         return record
 
     def state_dict(self) -> dict:

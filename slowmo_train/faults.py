@@ -31,7 +31,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -76,62 +75,6 @@ def under_elastic_agent() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ and LOCAL_LAUNCHER_ENV not in os.environ
 
 
-# --- failures that a restart cannot fix ---------------------------------------------------------------
-#: a run that failed this way records it here (RUN_DIR/FATAL): the launcher, or the workers a
-#: launcher restarts, read it first and end the job instead of retrying
-FATAL = "FATAL"
-
-
-def is_deterministic(err: BaseException) -> bool:
-    """A failure that would happen again on a restart: non-finite values with ``nonfinite=stop``,
-    an unusable checkpoint or a resume mismatch, a config or data error found in a worker, a device
-    mismatch. Peers that died or hung (PeerError) and anything unexpected may be transient."""
-    from slowmo_train.config import ConfigError
-
-    if isinstance(err, PeerError):
-        return False
-    return isinstance(err, (RunError, ConfigError, ValueError)) or type(err).__name__ == "DatasetError"
-
-
-def record_fatal(run_dir: Path | None, line: str) -> None:
-    """Write ``line`` (what the user reads) to RUN_DIR/FATAL, atomically."""
-    if run_dir is None:
-        return
-    path = Path(run_dir) / FATAL
-    tmp = path.with_name(f".{FATAL}.{os.getpid()}")
-    try:
-        tmp.write_text(line + "\n")
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-
-
-def read_fatal(run_dir: Path | None) -> str | None:
-    try:
-        return (Path(run_dir) / FATAL).read_text().strip() if run_dir is not None else None
-    except OSError:
-        return None
-
-
-def clear_fatal(run_dir: Path | None) -> None:
-    """A new job (not a restart) starts without the last job's verdict."""
-    if run_dir is not None:
-        (Path(run_dir) / FATAL).unlink(missing_ok=True)
-
-
-def stop_elastic_agent() -> None:
-    """Under torchrun: end the elastic agent (this worker's parent) so that it does not restart the
-    workers into the same failure, and prints no traceback after our line. The agent offers no way to
-    say "do not retry" (it restarts a failed group while --max-restarts lasts), so it gets SIGKILL;
-    torchrun then exits with status 137 and the other workers of the node end with the same error."""
-    agent = os.getppid()
-    if agent > 1:
-        try:
-            os.kill(agent, signal.SIGKILL)
-        except OSError:
-            pass
-
-
 # --- stop signals ---------------------------------------------------------------------------------
 class StopSignals:
     """SIGTERM (what Slurm sends before it kills a job) and SIGINT (Ctrl-C) set a flag instead of
@@ -153,8 +96,9 @@ class StopSignals:
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
-            log.info("received %s: stopping after the current step and saving a checkpoint",
-                     signal.Signals(signum).name)
+            log.info(
+                "received %s: stopping after the current step and saving a checkpoint", signal.Signals(signum).name
+            )
 
     @property
     def requested(self) -> bool:
@@ -171,8 +115,17 @@ class StopSignals:
 
 
 # --- peers ------------------------------------------------------------------------------------------
-_COMM_HINTS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "gloo",
-               "nccl", "socket", "peer")
+_COMM_HINTS = (
+    "timed out",
+    "timeout",
+    "connection closed",
+    "connection reset",
+    "broken pipe",
+    "gloo",
+    "nccl",
+    "socket",
+    "peer",
+)
 
 
 def is_comm_failure(err: BaseException) -> bool:
@@ -192,8 +145,10 @@ def peer_error(err: BaseException, operation: str, step: int, rank: int, timeout
         detail = detail[:200] + "..."
     timed_out = "timed out" in detail.lower() or "timeout" in detail.lower()
     what = f"timed out after launcher.timeout_s={timeout_s:g}s" if timed_out else "failed"
-    return PeerError(f"rank {rank}: {operation} {what} at step {step}: a peer is hung or dead "
-                     f"(see logs/rank*.log in the run directory) [{detail}]")
+    return PeerError(
+        f"rank {rank}: {operation} {what} at step {step}: a peer is hung or dead "
+        f"(see logs/rank*.log in the run directory) [{detail}]"
+    )
 
 
 # --- non-finite values ------------------------------------------------------------------------------
@@ -232,7 +187,8 @@ class NonFiniteGuard:
             raise NonFiniteError(
                 f"non-finite loss or parameters on rank {', '.join(map(str, bad))} in {since} "
                 f"(train.nonfinite={self.mode}); the last good checkpoint is {self.last_checkpoint() or 'none'}: "
-                "lower optim.lr, check the data, or set train.nonfinite=skip")
+                "lower optim.lr, check the data, or set train.nonfinite=skip"
+            )
         self.finite_at = step
 
     def agree(self, step: int, tensors) -> bool:
@@ -242,13 +198,19 @@ class NonFiniteGuard:
             return True
         self.skips += 1
         ranks = ", ".join(map(str, bad))
-        log.warning("step %d: non-finite loss/gradients on rank %s: update skipped on every rank (%d of at most %d)",
-                    step, ranks, self.skips, self.max_skips)
+        log.warning(
+            "step %d: non-finite loss/gradients on rank %s: update skipped on every rank (%d of at most %d)",
+            step,
+            ranks,
+            self.skips,
+            self.max_skips,
+        )
         if self.skips > self.max_skips:
             raise NonFiniteError(
                 f"{self.skips} steps skipped for non-finite values (train.max_nonfinite_skips={self.max_skips}), "
                 f"the last at step {step} on rank {ranks}; the last good checkpoint is "
-                f"{self.last_checkpoint() or 'none'}: lower optim.lr or check the data")
+                f"{self.last_checkpoint() or 'none'}: lower optim.lr or check the data"
+            )
         return False
 
 
@@ -270,8 +232,9 @@ class StopPoller:
         self._pending: control.Pending | None = None
 
     def _local(self) -> list[float]:
-        due = self.rank == 0 and self.checkpoint_minutes > 0 and \
-            self.seconds_since_save() >= self.checkpoint_minutes * 60
+        due = (
+            self.rank == 0 and self.checkpoint_minutes > 0 and self.seconds_since_save() >= self.checkpoint_minutes * 60
+        )
         return [float(self.signals.signum or 0), float(due)]
 
     @staticmethod
@@ -319,10 +282,19 @@ def parse_faults(text: str) -> list[Fault]:
         kind, _, rest = item.partition("@")
         fields = dict(kv.split("=", 1) for kv in rest.split(",") if "=" in kv)
         if kind not in FAULT_KINDS or "step" not in fields:
-            raise ValueError(f"{FAULTS_ENV}: cannot parse {item!r}; expected KIND@step=N[,rank=R][,seconds=S]"
-                             f"[,attempt=A] with KIND one of {', '.join(FAULT_KINDS)}")
-        faults.append(Fault(kind, int(fields["step"]), int(fields.get("rank", 0)),
-                            float(fields.get("seconds", 60.0)), int(fields.get("attempt", 0))))
+            raise ValueError(
+                f"{FAULTS_ENV}: cannot parse {item!r}; expected KIND@step=N[,rank=R][,seconds=S]"
+                f"[,attempt=A] with KIND one of {', '.join(FAULT_KINDS)}"
+            )
+        faults.append(
+            Fault(
+                kind,
+                int(fields["step"]),
+                int(fields.get("rank", 0)),
+                float(fields.get("seconds", 60.0)),
+                int(fields.get("attempt", 0)),
+            )
+        )
     return faults
 
 

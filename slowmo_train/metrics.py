@@ -104,8 +104,15 @@ class TrainLog:
     the extra metrics, each written at the step that measured it. Time spent in :meth:`paused`
     regions (evaluation, checkpoints) is not training time and does not count in the rate."""
 
-    def __init__(self, writer: MetricsWriter, progress: Progress, every: int, steps_per_epoch: int, unit: str,
-                 device: torch.device):
+    def __init__(
+        self,
+        writer: MetricsWriter,
+        progress: Progress,
+        every: int,
+        steps_per_epoch: int,
+        unit: str,
+        device: torch.device,
+    ):
         self.writer, self.progress, self.every = writer, progress, every
         self.steps_per_epoch, self.unit, self.device = steps_per_epoch, unit, device
         self.loss_sum = torch.zeros((), device=device)
@@ -136,9 +143,15 @@ class TrainLog:
         elapsed = time.perf_counter() - self._start
         loss, units = control.mean([self.loss_sum.item() / max(1, self.loss_steps), self.units])
         rate = units * control.world_size() / max(elapsed, 1e-9)
-        record = {"epoch": round(step / self.steps_per_epoch, 4), "loss": loss, "lr": lr, f"{self.unit}_per_s": rate,
-                  **{f"comm_{key}_per_step": m.mean() for key, m in self.comm.items()},
-                  **self.write_pending(merge_step=step), **(fields or {})}
+        record = {
+            "epoch": round(step / self.steps_per_epoch, 4),
+            "loss": loss,
+            "lr": lr,
+            f"{self.unit}_per_s": rate,
+            **{f"comm_{key}_per_step": m.mean() for key, m in self.comm.items()},
+            **self.write_pending(merge_step=step),
+            **(fields or {}),
+        }
         self.writer.write("train", step, **record)
         self.progress.update(step, f"loss {loss:.3f} lr {lr:.3g} {rate:.0f} {self.unit}/s", force_line=True)
         if step % self.every == 0:
@@ -201,8 +214,12 @@ class Progress:
             from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[status]}"), refresh_per_second=4,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                refresh_per_second=4,
             )
             self._task = self._bar.add_task("train", total=total_steps, status="")
             self._bar.start()

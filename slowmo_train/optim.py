@@ -45,8 +45,13 @@ def _param_groups(cfg: OptimConfig, model: nn.Module) -> list:
 def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     params = _param_groups(cfg, model)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params,
+            lr=lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     raise ValueError(f"optim.name={cfg.name!r} is unknown; choose one of sgd, adam")
@@ -57,8 +62,9 @@ class LrSchedule:
     given) is the run's length; a step past its end gets the last step's rate (an asynchronous
     worker reads the parameters once more after the final update)."""
 
-    def __init__(self, cfg: OptimConfig, steps_per_epoch: int, epochs: float, peak: float = 1.0,
-                 total_steps: int | None = None):
+    def __init__(
+        self, cfg: OptimConfig, steps_per_epoch: int, epochs: float, peak: float = 1.0, total_steps: int | None = None
+    ):
         self.kind = cfg.schedule
         self.peak, self.total_steps = peak, total_steps
         scale = epochs / cfg.milestone_epochs_of

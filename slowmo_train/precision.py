@@ -39,8 +39,10 @@ def configure_device_math(device: torch.device, tf32: bool) -> str:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     has_tf32 = torch.cuda.get_device_capability(device)[0] >= 8
-    return (f"{torch.cuda.get_device_name(device)}, cudnn.benchmark on, "
-            f"TF32 {'on' if tf32 and has_tf32 else 'off'}{'' if has_tf32 else ' (not on this GPU)'}")
+    return (
+        f"{torch.cuda.get_device_name(device)}, cudnn.benchmark on, "
+        f"TF32 {'on' if tf32 and has_tf32 else 'off'}{'' if has_tf32 else ' (not on this GPU)'}"
+    )
 
 
 class Precision:
@@ -73,8 +75,10 @@ class Precision:
         return stepped
 
     def state_dict(self) -> dict:
-        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "skipped_steps": self.skipped_steps}
+        return {
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "skipped_steps": self.skipped_steps,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and state.get("scaler"):

@@ -32,16 +32,19 @@ class AlgorithmSpec:
     gossip: bool = False
 
 
-ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {spec.name: spec for spec in (
-    AlgorithmSpec("allreduce", SYNC),               # AR-SGD: gradient all-reduce every step
-    AlgorithmSpec("local_sgd", SYNC),               # exact average every algorithm.period steps
-    AlgorithmSpec("sgp", SYNC, gossip=True),        # Stochastic Gradient Push (Assran et al., 2019)
-    AlgorithmSpec("osgp", SYNC, gossip=True),       # SGP with gossip overlapped with computation
-    AlgorithmSpec("asgd", ASYNC),                   # asynchronous SGD (Hakimi et al., arXiv 1907.11612)
-    AlgorithmSpec("nag_asgd", ASYNC),               # one momentum buffer on the master
-    AlgorithmSpec("dana", ASYNC),                   # DANA-Zero: per-worker momentum, look-ahead reads
-    AlgorithmSpec("dana_slim", ASYNC),              # DANA-Slim: the momentum on the workers
-)}
+ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
+    spec.name: spec
+    for spec in (
+        AlgorithmSpec("allreduce", SYNC),  # AR-SGD: gradient all-reduce every step
+        AlgorithmSpec("local_sgd", SYNC),  # exact average every algorithm.period steps
+        AlgorithmSpec("sgp", SYNC, gossip=True),  # Stochastic Gradient Push (Assran et al., 2019)
+        AlgorithmSpec("osgp", SYNC, gossip=True),  # SGP with gossip overlapped with computation
+        AlgorithmSpec("asgd", ASYNC),  # asynchronous SGD (Hakimi et al., arXiv 1907.11612)
+        AlgorithmSpec("nag_asgd", ASYNC),  # one momentum buffer on the master
+        AlgorithmSpec("dana", ASYNC),  # DANA-Zero: per-worker momentum, look-ahead reads
+        AlgorithmSpec("dana_slim", ASYNC),  # DANA-Slim: the momentum on the workers
+    )
+}
 
 
 def names(kind: str | None = None) -> tuple[str, ...]:
@@ -53,5 +56,7 @@ def check_table(table: Iterable[str], kind: str, where: str) -> None:
     """Raise if the closed table ``where`` of ``kind`` does not hold exactly this table's names of that kind."""
     have, want = set(table), set(names(kind))
     if have != want:
-        raise RuntimeError(f"{where} and slowmo_train.registry.ALGORITHM_SPECS disagree on the {kind} algorithms: "
-                           f"missing {sorted(want - have)}, unknown {sorted(have - want)}")
+        raise RuntimeError(
+            f"{where} and slowmo_train.registry.ALGORITHM_SPECS disagree on the {kind} algorithms: "
+            f"missing {sorted(want - have)}, unknown {sorted(have - want)}"
+        )

@@ -54,8 +54,9 @@ def find_runs(paths: list[str]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if not path.is_dir():
-            raise ReportError(f"{raw} is not a directory; pass run directories (holding {RUN_FILE}) "
-                              "or a folder above them")
+            raise ReportError(
+                f"{raw} is not a directory; pass run directories (holding {RUN_FILE}) or a folder above them"
+            )
         if (path / RUN_FILE).exists():
             found.append(path)
             continue
@@ -137,16 +138,20 @@ def rows_for(runs: list[Run], names: list[str]) -> tuple[list[str], list[dict]]:
         metric = run.metric
         final = run.summary.get("final_eval", {}) or {}
         secs = step_seconds(run)
-        row = {"run": name, **{k: flat.get(k) for k in keys},
-               "steps": run.summary.get("steps", run.train[-1]["step"] if run.train else 0),
-               "metric": metric,
-               "final": _round(final.get(metric)) if metric else None,
-               "best": _round(run.summary.get("best")),
-               "final_loss": _round(run.train[-1]["loss"]) if run.train else None,
-               "ms_per_step": _round(1000 * secs, 1) if secs is not None else None,
-               "train_wall_s": _round(wall_times(run, run.train[-1:])[0], 1) if run.train else None,
-               "mb_sent_per_step": _round(run.summary.get("comm_bytes_sent_per_step", 0) / 1e6, 4)
-               if "comm_bytes_sent_per_step" in run.summary else None}
+        row = {
+            "run": name,
+            **{k: flat.get(k) for k in keys},
+            "steps": run.summary.get("steps", run.train[-1]["step"] if run.train else 0),
+            "metric": metric,
+            "final": _round(final.get(metric)) if metric else None,
+            "best": _round(run.summary.get("best")),
+            "final_loss": _round(run.train[-1]["loss"]) if run.train else None,
+            "ms_per_step": _round(1000 * secs, 1) if secs is not None else None,
+            "train_wall_s": _round(wall_times(run, run.train[-1:])[0], 1) if run.train else None,
+            "mb_sent_per_step": _round(run.summary.get("comm_bytes_sent_per_step", 0) / 1e6, 4)
+            if "comm_bytes_sent_per_step" in run.summary
+            else None,
+        }
         rows.append(row)
     return keys, rows
 
@@ -191,8 +196,15 @@ def plot(runs: list[Run], labels: list[str], path: Path) -> None:
             axes[1, 0].plot([e["step"] for e in evals], [e[metric] for e in evals], marker="o", ms=3, label=label)
             axes[1, 1].plot(wall_times(run, evals), [e[metric] for e in evals], marker="o", ms=3, label=label)
     split = next((e.get("split") for r in runs for e in r.evals), "eval")
-    for ax, (x, y) in zip(axes.flat, [("step", "train loss"), ("wall time (s)", "train loss"),
-                                      ("step", f"{split} {metric}"), ("wall time (s)", f"{split} {metric}")]):
+    for ax, (x, y) in zip(
+        axes.flat,
+        [
+            ("step", "train loss"),
+            ("wall time (s)", "train loss"),
+            ("step", f"{split} {metric}"),
+            ("wall time (s)", f"{split} {metric}"),
+        ],
+    ):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)

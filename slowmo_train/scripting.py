@@ -19,8 +19,19 @@ from typing import Any
 
 #: what torchrun (torch.distributed.elastic) sets for its workers, besides the TORCHELASTIC_* variables;
 #: a slowmo-train started with them in its environment would take itself for one of those workers
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                      "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+TORCHRUN_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 def metrics_file(run_dir: Path | str, rank: int = 0) -> Path:
@@ -64,8 +75,11 @@ def compose_config(overrides: Iterable[str] = (), return_hydra_config: bool = Fa
 
     register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        return compose(config_name="config", overrides=plain_group_overrides(list(overrides)),
-                       return_hydra_config=return_hydra_config)
+        return compose(
+            config_name="config",
+            overrides=plain_group_overrides(list(overrides)),
+            return_hydra_config=return_hydra_config,
+        )
 
 
 def launch_env(drop: Iterable[str] = (), **extra: str) -> dict[str, str]:

@@ -26,22 +26,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from slowmo_train import control
 from slowmo_train.algorithms import build_algorithm, comm
 from slowmo_train.algorithms.base import Algorithm, averaged_model
-from slowmo_train.checkpoint import (
-    FORMAT,
-    Checkpointer,
-    CheckpointError,
-    capture_rng,
-    check_compatible,
-    check_model_shapes,
-    load_rank_state,
-    read_manifest,
-    resolve_resume,
-    restore_rng,
-    write_atomic,
-)
+from slowmo_train.checkpoint import FORMAT, Checkpointer, capture_rng, restore_rng, write_atomic
 from slowmo_train.config import JobConfig, per_worker_batch
 from slowmo_train.dist import DistEnv, build_topology, resolve_procs_per_node
 from slowmo_train.evaluation import Evaluator
@@ -58,6 +45,7 @@ from slowmo_train.metrics import MetricsWriter, Progress, TrainLog
 from slowmo_train.optim import build_optimizer
 from slowmo_train.plan import make_plan
 from slowmo_train.precision import Precision
+from slowmo_train.resume import resume_trainer
 from slowmo_train.tasks import TASKS, Task, TaskArgs, WorkerInfo
 
 log = logging.getLogger("slowmo_train")
@@ -73,9 +61,15 @@ def broadcast_model_(model: torch.nn.Module, src: int = 0) -> None:
 
 def task_args(job: JobConfig, worker: WorkerInfo) -> TaskArgs:
     """What a task is built from: its config sections and who this worker is."""
-    return TaskArgs(model=job.model, data=job.data, eval=job.eval,
-                    batch_size=per_worker_batch(job.train, worker.world_size),
-                    eval_batch_size=job.train.eval_batch_size, seed=job.seed, worker=worker)
+    return TaskArgs(
+        model=job.model,
+        data=job.data,
+        eval=job.eval,
+        batch_size=per_worker_batch(job.train, worker.world_size),
+        eval_batch_size=job.train.eval_batch_size,
+        seed=job.seed,
+        worker=worker,
+    )
 
 
 def keep_artifacts(artifacts: dict[str, str], run_dir: Path) -> None:
@@ -98,28 +92,40 @@ class Trainer:
         log.info("rank %d: process %d, launch attempt %d", env.rank, os.getpid(), restart_attempt())
         torch.manual_seed(job.seed)
         self.topology = build_topology(resolve_procs_per_node(job.algorithm.nprocs_per_node, env))
-        self.task: Task = TASKS[job.task.name](task_args(job, WorkerInfo(env.rank, env.world_size, env.local_rank,
-                                                                         device)))
+        self.task: Task = TASKS[job.task.name](
+            task_args(job, WorkerInfo(env.rank, env.world_size, env.local_rank, device))
+        )
         if env.rank == 0:
             keep_artifacts(self.task.artifacts, run_dir)
         broadcast_model_(self.task.model)
-        self.plan = plan = make_plan(job.train, job.optim, self.task.steps_per_epoch,
-                                     self.task.batch_size * env.world_size)
+        self.plan = plan = make_plan(
+            job.train, job.optim, self.task.steps_per_epoch, self.task.batch_size * env.world_size
+        )
         self.optimizer = build_optimizer(job.optim, self.task.model, plan.peak_lr)
         self.schedule = plan.lr_schedule(job.optim)
         self.precision = Precision(job.train.precision, device)
-        self.algorithm: Algorithm = build_algorithm(job.algorithm, job.slowmo, self.task.model, self.optimizer,
-                                                    self.topology, device)
+        self.algorithm: Algorithm = build_algorithm(
+            job.algorithm, job.slowmo, self.task.model, self.optimizer, self.topology, device
+        )
         self.config_dict = OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
         ckpt = job.checkpoint
-        self.checkpointer = Checkpointer(run_dir, ckpt.keep, env.rank, env.world_size, self.faults,
-                                         every_steps=ckpt.every_steps, at_end=ckpt.at_end,
-                                         background=ckpt.background,
-                                         background_min_bytes=int(ckpt.background_min_mb * 2**20))
-        self.poller = StopPoller(self.signals, ckpt.poll_every, ckpt.every_minutes,
-                                 self.checkpointer.seconds_since_save, env.rank)
-        self.guard = NonFiniteGuard(job.train.nonfinite, job.train.max_nonfinite_skips,
-                                    lambda: self.checkpointer.last_path)
+        self.checkpointer = Checkpointer(
+            run_dir,
+            ckpt.keep,
+            env.rank,
+            env.world_size,
+            self.faults,
+            every_steps=ckpt.every_steps,
+            at_end=ckpt.at_end,
+            background=ckpt.background,
+            background_min_bytes=int(ckpt.background_min_mb * 2**20),
+        )
+        self.poller = StopPoller(
+            self.signals, ckpt.poll_every, ckpt.every_minutes, self.checkpointer.seconds_since_save, env.rank
+        )
+        self.guard = NonFiniteGuard(
+            job.train.nonfinite, job.train.max_nonfinite_skips, lambda: self.checkpointer.last_path
+        )
         self.evaluator = Evaluator(self.task.metric, plan.eval_every_steps, plan.steps_per_epoch, None)
         self.train_log = TrainLog(None, None, job.train.log_every, plan.steps_per_epoch, self.task.unit, device)
         self.step = self.start_step = 0
@@ -135,23 +141,40 @@ class Trainer:
         log.info(
             "task=%s model=%s(%.2fM params) algorithm=%s | %d processes = %d worker(s) x %d per node | "
             "batch %d/worker, %d total | peak lr %.4g | %d steps/epoch, %d steps | precision %s | torch threads %d",
-            self.job.task.name, self.job.model.arch, params / 1e6, self.algorithm.describe(),
-            self.env.world_size, t.workers, t.procs_per_node, self.task.batch_size, p.batch, p.peak_lr,
-            p.steps_per_epoch, p.total_steps, self.precision.mode, torch.get_num_threads(),
+            self.job.task.name,
+            self.job.model.arch,
+            params / 1e6,
+            self.algorithm.describe(),
+            self.env.world_size,
+            t.workers,
+            t.procs_per_node,
+            self.task.batch_size,
+            p.batch,
+            p.peak_lr,
+            p.steps_per_epoch,
+            p.total_steps,
+            self.precision.mode,
+            torch.get_num_threads(),
         )
 
     # --- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """This rank's complete state after ``self.step`` steps (see slowmo_train/checkpoint.py)."""
         return {
-            "format": FORMAT, "step": self.step, "rank": self.env.rank, "world_size": self.env.world_size,
+            "format": FORMAT,
+            "step": self.step,
+            "rank": self.env.rank,
+            "world_size": self.env.world_size,
             "model": self.task.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "algorithm": self.algorithm.state_dict(),
             "precision": self.precision.state_dict(),
             "rng": capture_rng(),
-            "trainer": {**self.evaluator.state_dict(), "nonfinite_skips": self.guard.skips,
-                        **self.train_log.state_dict()},
+            "trainer": {
+                **self.evaluator.state_dict(),
+                "nonfinite_skips": self.guard.skips,
+                **self.train_log.state_dict(),
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -168,70 +191,9 @@ class Trainer:
         self.train_log.load_state_dict(t)
 
     def resume(self) -> Path | None:
-        """Pick the checkpoint (rank 0 decides, every rank loads its own file) and load it (collective).
-        Any rank's problem stops every rank with the same one-line CheckpointError."""
-        self.operation = "resume"
-        choice = None
-        if self.env.rank == 0:
-            resume = self.job.resume
-            # a launcher restart (a worker died) continues from the newest checkpoint of this run
-            if restart_attempt() > 0:
-                log.warning("restart %d of this job: resuming from the newest complete checkpoint", restart_attempt())
-                resume = "auto"
-            try:
-                ckpt, warnings = resolve_resume(resume, self.run_dir)
-                if ckpt is None and resume == "auto" and self.job.resume not in ("none", "auto"):
-                    ckpt, warnings = resolve_resume(self.job.resume, self.run_dir)
-                for warning in warnings:
-                    log.warning(warning)
-                choice = ("ok", str(ckpt) if ckpt else None)
-            except CheckpointError as err:
-                choice = ("error", str(err))
-        status, value = control.broadcast_object(choice)
-        if status == "error":
-            raise CheckpointError(value)
-        if value is None:
-            return None
-        ckpt = Path(value)
-        self._replay_first_iteration(int(read_manifest(ckpt)["step"]))
-        error = None
-        try:
-            manifest, state = load_rank_state(ckpt, self.env.rank)
-            check_compatible(manifest, self.config_dict, self.env.world_size, ckpt)
-            check_model_shapes(state["model"], self.task.model, ckpt / manifest["files"][str(self.env.rank)]["file"])
-            self.load_state_dict(state)
-        except CheckpointError as err:
-            error = str(err)
-        except (KeyError, ValueError, RuntimeError, TypeError) as err:
-            error = f"{ckpt}: rank {self.env.rank} cannot restore its state: {' '.join(str(err).split())[:300]}"
-        errors = [e for e in control.all_gather_object(error) if e]
-        if errors:
-            raise CheckpointError(errors[0])
-        self.checkpointer.last_path = self.resumed_from = ckpt
-        self.start_step = self.guard.finite_at = self.step
-        log.info("resumed from %s at step %d (epoch %d, batch %d of it)", ckpt, self.step,
-                 self.step // self.plan.steps_per_epoch, self.step % self.plan.steps_per_epoch)
-        return ckpt
-
-    def _replay_first_iteration(self, step: int) -> None:
-        """One throwaway forward/backward before the checkpoint is loaded (which then overwrites
-        every parameter, buffer, gradient-free optimizer state and RNG it touched). Whatever a run
-        builds lazily during its first iteration is thus in place, as in an uninterrupted run: DDP
-        re-orders its gradient buckets by gradient-ready order after one iteration, and with 3+
-        ranks the bucket layout decides the order in which the all-reduce sums, i.e. the last bits."""
-        self.operation = "resume (first-iteration replay)"
-        spe = self.plan.steps_per_epoch
-        batch = next(iter(self.task.train_batches(step // spe, step % spe)))
-        self.algorithm.train_model.train()
-        with self.precision.autocast():
-            loss, _ = self.task.loss(self.algorithm.train_model, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.algorithm.after_backward(step)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.algorithm.comm.settle()
-        self.algorithm.comm.pop()
-        self.algorithm.comm.totals = {k: 0 * v for k, v in self.algorithm.comm.totals.items()}
+        """Continue from ``resume=auto|PATH`` (always after a launcher restart): a step of its own,
+        collective (slowmo_train/resume.py)."""
+        return resume_trainer(self)
 
     def save_checkpoint(self, wait: bool = False) -> Path:
         """Collective: check that every rank's state is finite, then write the checkpoint (in the
@@ -299,8 +261,13 @@ class Trainer:
             final = self.train()
         except Exception as err:
             if is_comm_failure(err):
-                raise peer_error(err, self.operation, self.step + (self.operation == "training step"),
-                                 self.env.rank, self.job.launcher.timeout_s) from None
+                raise peer_error(
+                    err,
+                    self.operation,
+                    self.step + (self.operation == "training step"),
+                    self.env.rank,
+                    self.job.launcher.timeout_s,
+                ) from None
             raise
         finally:
             self.signals.restore()
@@ -368,8 +335,11 @@ class Trainer:
 
     def _may_start(self) -> bool:
         if self.step >= self.plan.total_steps:
-            log.info("nothing to train: the run is at step %d of %d (raise train.max_steps or train.epochs)",
-                     self.step, self.plan.total_steps)
+            log.info(
+                "nothing to train: the run is at step %d of %d (raise train.max_steps or train.epochs)",
+                self.step,
+                self.plan.total_steps,
+            )
             return False
         self.stopped_by = self.poller.now()  # a signal during start-up: stop before the first step
         return self.stopped_by is None
@@ -386,14 +356,19 @@ class Trainer:
         totals = self.algorithm.comm.totals
         steps = max(1, self.step - self.start_step)  # the communication counters cover this process only
         ev = self.evaluator
-        summary = {"steps": self.step, "final_eval": final, "metric": self.task.metric.name,
-                   "higher_is_better": self.task.metric.higher_is_better,
-                   "best": ev.best, "best_step": ev.best_step,
-                   "stopped_by": self.stopped_by,
-                   "checkpoint": str(self.checkpointer.last_path) if self.checkpointer.last_path else None,
-                   "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-                   "nonfinite_skips": self.guard.skips,
-                   **{f"comm_{key}_per_step": value / steps for key, value in totals.items()}}
+        summary = {
+            "steps": self.step,
+            "final_eval": final,
+            "metric": self.task.metric.name,
+            "higher_is_better": self.task.metric.higher_is_better,
+            "best": ev.best,
+            "best_step": ev.best_step,
+            "stopped_by": self.stopped_by,
+            "checkpoint": str(self.checkpointer.last_path) if self.checkpointer.last_path else None,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "nonfinite_skips": self.guard.skips,
+            **{f"comm_{key}_per_step": value / steps for key, value in totals.items()},
+        }
         if self.env.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

@@ -37,8 +37,10 @@ def _find_run_dir(path: Path) -> Path:
     for candidate in (path, *path.parents):
         if (candidate / "config.yaml").is_file():
             return candidate
-    raise TranslateError(f"no config.yaml in {path} or its parents: pass a slowmo-train run directory "
-                         f"(or a model_final.pt / checkpoint inside one)")
+    raise TranslateError(
+        f"no config.yaml in {path} or its parents: pass a slowmo-train run directory "
+        f"(or a model_final.pt / checkpoint inside one)"
+    )
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -54,10 +56,16 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         manifest, _ = load_rank_state(path, 0)
         for rank in range(int(manifest["world_size"])):
             states.append(load_rank_state(path, rank)[1]["model"])
-        return {k: (sum(s[k].double() for s in states) / len(states)).to(states[0][k].dtype)
-                if states[0][k].is_floating_point() else states[0][k] for k in states[0]}
-    raise TranslateError(f"{path} holds no {FINAL_MODEL} and is not a checkpoint directory: the run may not have "
-                         "finished; pass a checkpoint (RUN_DIR/checkpoints/step_*) instead")
+        return {
+            k: (sum(s[k].double() for s in states) / len(states)).to(states[0][k].dtype)
+            if states[0][k].is_floating_point()
+            else states[0][k]
+            for k in states[0]
+        }
+    raise TranslateError(
+        f"{path} holds no {FINAL_MODEL} and is not a checkpoint directory: the run may not have "
+        "finished; pass a checkpoint (RUN_DIR/checkpoints/step_*) instead"
+    )
 
 
 def load_translator(path: str | Path, spm_model: str | None = None):
@@ -80,22 +88,25 @@ def load_translator(path: str | Path, spm_model: str | None = None):
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise TranslateError(f"the weights at {path} do not fit {job.model.arch} with vocabulary "
-                             f"{sp.get_piece_size()} ({str(err).splitlines()[0]})") from None
+        raise TranslateError(
+            f"the weights at {path} do not fit {job.model.arch} with vocabulary "
+            f"{sp.get_piece_size()} ({str(err).splitlines()[0]})"
+        ) from None
     return model.eval(), sp, job
 
 
-def translate_lines(model, sp, lines: list[str], beam: int, lenpen: float, max_len_a: float, max_len_b: int,
-                    batch_sentences: int = 32) -> list[str]:
+def translate_lines(
+    model, sp, lines: list[str], beam: int, lenpen: float, max_len_a: float, max_len_b: int, batch_sentences: int = 32
+) -> list[str]:
     """Translations of ``lines``, in order (batched by length for speed)."""
     encoded = [sp.encode(line.strip()) + [EOS] for line in lines]
     order = sorted(range(len(lines)), key=lambda i: len(encoded[i]))
     out = [""] * len(lines)
     for start in range(0, len(order), batch_sentences):
-        chunk = order[start:start + batch_sentences]
+        chunk = order[start : start + batch_sentences]
         src = torch.full((len(chunk), max(len(encoded[i]) for i in chunk)), PAD, dtype=torch.long)
         for row, i in enumerate(chunk):
-            src[row, :len(encoded[i])] = torch.tensor(encoded[i])
+            src[row, : len(encoded[i])] = torch.tensor(encoded[i])
         for i, hyp in zip(chunk, beam_search(model, src, beam, lenpen, max_len_a, max_len_b)):
             out[i] = sp.decode(hyp)
     return out
@@ -132,9 +143,16 @@ def main(argv: list[str] | None = None) -> None:
     if beam < 1 or args.batch < 1:
         print("slowmo-translate: error: --beam and --batch must be >= 1", file=sys.stderr)
         sys.exit(2)
-    hyps = translate_lines(model, sp, lines, beam, e.lenpen if args.lenpen is None else args.lenpen,
-                           e.max_len_a if args.max_len_a is None else args.max_len_a,
-                           e.max_len_b if args.max_len_b is None else args.max_len_b, args.batch)
+    hyps = translate_lines(
+        model,
+        sp,
+        lines,
+        beam,
+        e.lenpen if args.lenpen is None else args.lenpen,
+        e.max_len_a if args.max_len_a is None else args.max_len_a,
+        e.max_len_b if args.max_len_b is None else args.max_len_b,
+        args.batch,
+    )
     for hyp in hyps:
         print(hyp)
 

@@ -29,8 +29,15 @@ def free_port() -> int:
 
 def _worker(rank, world_size, port, fn, args, queue, env, backend):
     os.environ.update(env)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "LOCAL_RANK": str(rank)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "LOCAL_RANK": str(rank),
+        }
+    )
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
     torch.set_num_threads(1)
     try:
@@ -49,15 +56,18 @@ def _worker(rank, world_size, port, fn, args, queue, env, backend):
         destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, args: tuple = (), env: dict | None = None, timeout: float = 300.0,
-                    backend: str = "gloo") -> list:
+def run_distributed(
+    fn, world_size: int, args: tuple = (), env: dict | None = None, timeout: float = 300.0, backend: str = "gloo"
+) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks (the default group's ``backend``,
     gloo unless a test asks for another); return results by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, env or {}, backend), daemon=True)
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, env or {}, backend), daemon=True)
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, object] = {}

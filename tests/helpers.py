@@ -28,8 +28,14 @@ def compose_job(*overrides: str):
 
 
 # --- the training step ------------------------------------------------------------------------------
-def hook_step(algorithm, optimizer: torch.optim.Optimizer, k: int, loss_fn: Callable, batch,
-              set_lr: Callable[[int], None] | None = None) -> torch.Tensor:
+def hook_step(
+    algorithm,
+    optimizer: torch.optim.Optimizer,
+    k: int,
+    loss_fn: Callable,
+    batch,
+    set_lr: Callable[[int], None] | None = None,
+) -> torch.Tensor:
     """One optimizer step ``k`` through the algorithm's hooks, in the order of
     ``slowmo_train.trainer.Trainer.train_step`` (fp32, no fault injection, no skipped steps): the lr
     at ``algorithm.lr_schedule_step(k)`` (``set_lr``; None keeps the optimizer's), before_forward, the
@@ -51,10 +57,19 @@ def hook_step(algorithm, optimizer: torch.optim.Optimizer, k: int, loss_fn: Call
 #: the exact-resume runs (tests/test_resume.py, tests/test_slowmo_streaming.py): 200 images / 2 ranks /
 #: batch 16 = 6 steps per epoch, so RESUME_STEPS crosses the epoch boundary
 RESUME_STEPS = 10
-RESUME_BASE = {"model": {"width": 0.125},
-               "train": {"batch_size": 16, "epochs": 3, "log_every": 3, "eval_every_epochs": 100,
-                         "eval_batch_size": 100, "progress": "none"},
-               "optim": {"warmup_epochs": 1.0}, "checkpoint": {"every_minutes": 0}}
+RESUME_BASE = {
+    "model": {"width": 0.125},
+    "train": {
+        "batch_size": 16,
+        "epochs": 3,
+        "log_every": 3,
+        "eval_every_epochs": 100,
+        "eval_batch_size": 100,
+        "progress": "none",
+    },
+    "optim": {"warmup_epochs": 1.0},
+    "checkpoint": {"every_minutes": 0},
+}
 
 
 def merge(*dicts: dict) -> dict:
@@ -75,8 +90,7 @@ def run_trainer(job_dict: dict, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(to_job_config(job_dict), read_env(), torch.device("cpu"), run_dir)
     trainer.run()
-    return {"model": {k: v.clone() for k, v in trainer.task.model.state_dict().items()},
-            "step": trainer.step}
+    return {"model": {k: v.clone() for k, v in trainer.task.model.state_dict().items()}, "step": trainer.step}
 
 
 def rank_state(run_dir: Path, step: int, rank: int) -> dict:

@@ -98,8 +98,8 @@ class SlowMoSpec:
     sharded: bool = False  # no effect on the mathematics; the implementation must agree either way
     base_buffers: str = "reset"
     fragments: int = 1
-    overlap: int = 0               # D: steps between an outer all-reduce and its update
-    outer_dtype: str = "float32"   # float32 (no cast) | bfloat16 | float16
+    overlap: int = 0  # D: steps between an outer all-reduce and its update
+    outer_dtype: str = "float32"  # float32 (no cast) | bfloat16 | float16
 
     @property
     def streamed(self) -> bool:
@@ -111,11 +111,11 @@ class Case:
     """One training configuration, shared by the simulator and the distributed test."""
 
     name: str
-    algorithm: str                 # allreduce | local_sgd | sgp | osgp
-    period: int = 2                # Local SGD H
+    algorithm: str  # allreduce | local_sgd | sgp | osgp
+    period: int = 2  # Local SGD H
     graph: str = "exponential"
     peers: int = 1
-    synch_freq: int = 1            # OSGP staleness s
+    synch_freq: int = 1  # OSGP staleness s
     procs_per_node: int = 1
     slowmo: SlowMoSpec | None = None
     #: reference only: an exact average (params, statistics; optimizer state kept) every N steps
@@ -180,8 +180,9 @@ class Simulator:
         self.procs = world_size
         self.n = world_size // case.procs_per_node
         init = initial_parameters()
-        self.workers = [Worker([p.clone() for p in init], [None] * len(init), [p.clone() for p in init])
-                        for _ in range(self.n)]
+        self.workers = [
+            Worker([p.clone() for p in init], [None] * len(init), [p.clone() for p in init]) for _ in range(self.n)
+        ]
         self.stats = [torch.zeros(HIDDEN, dtype=DTYPE) for _ in range(self.procs)]
         self.in_flight: list[tuple[int, int, list[torch.Tensor], float]] = []  # (sent at, dst, num, w)
         self.x0 = [p.clone() for p in init]
@@ -288,9 +289,13 @@ class Simulator:
     def slowmo_outer_step(self, k: int, lrs: list[float]) -> None:
         spec = self.case.slowmo
         avg = self.exact_average()
-        self.consensus[k] = sum(
-            float(sum(((x / w.weight - a) ** 2).sum() for x, a in zip(w.numerator, avg)) ** 0.5)
-            for w in self.workers) / self.n
+        self.consensus[k] = (
+            sum(
+                float(sum(((x / w.weight - a) ** 2).sum() for x, a in zip(w.numerator, avg)) ** 0.5)
+                for w in self.workers
+            )
+            / self.n
+        )
         for group, gamma in zip(PARAM_GROUPS, lrs):
             for i in group.indices:
                 d = self.x0[i] - avg[i]
@@ -340,8 +345,9 @@ class Simulator:
             if self.n == 2:  # a 16-bit all-reduce of two values adds once in 16 bits
                 total = to_wire(total, spec.outer_dtype)
             d = total / sum(w.weight for w in self.workers)
-            self.pending.append({"apply": k + delay, "lo": lo, "hi": hi, "d": d,
-                                 "thetas": thetas, "lrs": element_lrs(lrs)[lo:hi]})
+            self.pending.append(
+                {"apply": k + delay, "lo": lo, "hi": hi, "d": d, "thetas": thetas, "lrs": element_lrs(lrs)[lo:hi]}
+            )
         for message in [m for m in self.pending if m["apply"] == k]:
             self.pending.remove(message)
             lo, hi, d, gamma = message["lo"], message["hi"], message["d"], message["lrs"]
@@ -403,7 +409,7 @@ def unflat(vector: torch.Tensor) -> list[torch.Tensor]:
     out, offset = [], 0
     for shape in SHAPES:
         n = int(torch.Size(shape).numel())
-        out.append(vector[offset:offset + n].reshape(shape).clone())
+        out.append(vector[offset : offset + n].reshape(shape).clone())
         offset += n
     return out
 
@@ -411,8 +417,9 @@ def unflat(vector: torch.Tensor) -> list[torch.Tensor]:
 def element_lrs(lrs: list[float]) -> torch.Tensor:
     """The lr of every element of the flattened parameter vector."""
     per_param = {i: lr for group, lr in zip(PARAM_GROUPS, lrs) for i in group.indices}
-    return torch.cat([torch.full((int(torch.Size(s).numel()),), per_param[i], dtype=DTYPE)
-                      for i, s in enumerate(SHAPES)])
+    return torch.cat(
+        [torch.full((int(torch.Size(s).numel()),), per_param[i], dtype=DTYPE) for i, s in enumerate(SHAPES)]
+    )
 
 
 def to_wire(x: torch.Tensor, dtype: str) -> torch.Tensor:

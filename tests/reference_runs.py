@@ -66,21 +66,48 @@ class TinyNet(nn.Module):
 
 def build_optimizer(model: TinyNet) -> torch.optim.Optimizer:
     params = list(model.parameters())
-    return torch.optim.SGD([
-        {"params": [params[i] for i in g.indices], "lr": g.lr, "momentum": g.momentum,
-         "weight_decay": g.weight_decay, "nesterov": g.nesterov}
-        for g in PARAM_GROUPS
-    ])
+    return torch.optim.SGD(
+        [
+            {
+                "params": [params[i] for i in g.indices],
+                "lr": g.lr,
+                "momentum": g.momentum,
+                "weight_decay": g.weight_decay,
+                "nesterov": g.nesterov,
+            }
+            for g in PARAM_GROUPS
+        ]
+    )
 
 
 def configs_for(case: Case) -> tuple[AlgorithmConfig, SlowMoConfig]:
-    algo = AlgorithmConfig(name=case.algorithm, period=case.period, peers_per_itr=case.peers, graph=case.graph,
-                           synch_freq=case.synch_freq, nprocs_per_node=case.procs_per_node, consensus_every=0)
+    algo = AlgorithmConfig(
+        name=case.algorithm,
+        period=case.period,
+        peers_per_itr=case.peers,
+        graph=case.graph,
+        synch_freq=case.synch_freq,
+        nprocs_per_node=case.procs_per_node,
+        consensus_every=0,
+    )
     s = case.slowmo
-    slowmo = SlowMoConfig(enabled=False) if s is None else SlowMoConfig(
-        enabled=True, alpha=s.alpha, beta=s.beta, tau=s.tau, base_buffers=s.base_buffers,
-        lr_coupling=s.coupling, nesterov=s.nesterov, sharded=s.sharded, fragments=s.fragments,
-        overlap_steps=s.overlap, outer_dtype=s.outer_dtype)
+    slowmo = (
+        SlowMoConfig(enabled=False)
+        if s is None
+        else SlowMoConfig(
+            enabled=True,
+            alpha=s.alpha,
+            beta=s.beta,
+            tau=s.tau,
+            base_buffers=s.base_buffers,
+            lr_coupling=s.coupling,
+            nesterov=s.nesterov,
+            sharded=s.sharded,
+            fragments=s.fragments,
+            overlap_steps=s.overlap,
+            outer_dtype=s.outer_dtype,
+        )
+    )
     return algo, slowmo
 
 
@@ -112,8 +139,13 @@ def train_case(case: Case, topology, rank: int) -> dict:
         stats.append(model.stat.running_mean.detach().clone())
     algorithm.close()
     consensus = mean_over_ranks(consensus)  # each rank reports its own distance; the metric is their mean
-    return {"params": torch.stack(params), "stats": torch.stack(stats), "sent": sent, "consensus": consensus,
-            "error": None}
+    return {
+        "params": torch.stack(params),
+        "stats": torch.stack(stats),
+        "sent": sent,
+        "consensus": consensus,
+        "error": None,
+    }
 
 
 def run_all_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, dict]:

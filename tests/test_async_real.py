@@ -63,8 +63,9 @@ def test_one_server_two_workers_trains_with_staleness_about_one(torchvision_cifa
 
 def test_two_servers_shard_the_parameters(torchvision_cifar, tmp_path):
     out = tmp_path / "run"
-    results = run_distributed(_train, 4, args=(str(torchvision_cifar), str(tmp_path / "cache"), str(out),
-                                                "dana_slim", 2))
+    results = run_distributed(
+        _train, 4, args=(str(torchvision_cifar), str(tmp_path / "cache"), str(out), "dana_slim", 2)
+    )
     # every gradient goes to both servers, so both shards apply the same number of updates
     assert results[0]["steps"] == results[1]["steps"] >= 24
     assert results[0]["final_eval"] == results[1]["final_eval"]
@@ -77,13 +78,27 @@ def test_two_servers_shard_the_parameters(torchvision_cifar, tmp_path):
 def test_cli_runs_real_mode_with_three_processes(tmp_path, folder_cifar):
     """Through the user's entry point: algorithm=nag_asgd algorithm.mode=real launcher.nproc_per_node=3."""
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "slowmo_train", "algorithm=nag_asgd", "algorithm.mode=real",
-           "launcher.nproc_per_node=3", "launcher.threads_per_worker=1", f"data.root={folder_cifar}",
-           "data.download=false", f"data.cache_dir={tmp_path / 'cache'}", "model.width=0.0625",
-           "train.batch_size=10", "train.epochs=2", "train.progress=log", f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slowmo_train",
+        "algorithm=nag_asgd",
+        "algorithm.mode=real",
+        "launcher.nproc_per_node=3",
+        "launcher.threads_per_worker=1",
+        f"data.root={folder_cifar}",
+        "data.download=false",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.width=0.0625",
+        "train.batch_size=10",
+        "train.epochs=2",
+        "train.progress=log",
+        f"output_dir={out}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        cmd, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "real" and summary["workers"] == 2

@@ -82,8 +82,9 @@ def _sigterm_at_pop(monkeypatch, at: int) -> None:
 
 
 @pytest.mark.parametrize("name", ["dana", "asgd", "dana_slim"])
-def test_simulated_cut_and_resumed_equals_uncut(torchvision_cifar, tmp_path, single_process_group, one_thread,
-                                                monkeypatch, name):
+def test_simulated_cut_and_resumed_equals_uncut(
+    torchvision_cifar, tmp_path, single_process_group, one_thread, monkeypatch, name
+):
     cache = tmp_path / "cache"
     straight = _run(_job(torchvision_cifar, cache, name, tmp_path / "straight"))
     assert straight["steps"] == TOTAL and straight["stopped_by"] is None
@@ -118,8 +119,9 @@ def test_simulated_cut_and_resumed_equals_uncut(torchvision_cifar, tmp_path, sin
     assert second["final_eval"] == straight["final_eval"] and second["best"] == straight["best"]
 
 
-def test_simulated_resume_refuses_another_worker_count(torchvision_cifar, tmp_path, single_process_group, one_thread,
-                                                       monkeypatch):
+def test_simulated_resume_refuses_another_worker_count(
+    torchvision_cifar, tmp_path, single_process_group, one_thread, monkeypatch
+):
     out = tmp_path / "run"
     with monkeypatch.context() as m:
         _sigterm_at_pop(m, 3)
@@ -131,6 +133,7 @@ def test_simulated_resume_refuses_another_worker_count(torchvision_cifar, tmp_pa
 
 
 # --- real mode: 1 server + 1 worker, whose arrival order is deterministic ------------------------------
+
 
 def _real_runs(rank, world_size, root, cache, base, name):
     """In the same gloo ranks: an uncut run, a run cut at update 15 (train.max_steps: it stops at an
@@ -163,8 +166,9 @@ def _real_runs(rank, world_size, root, cache, base, name):
 def test_real_one_server_one_worker_cut_and_resumed_equals_uncut(torchvision_cifar, tmp_path, name):
     from tests.distributed_helpers import run_distributed
 
-    results = run_distributed(_real_runs, 2, args=(str(torchvision_cifar), str(tmp_path / "cache"), str(tmp_path),
-                                                   name))
+    results = run_distributed(
+        _real_runs, 2, args=(str(torchvision_cifar), str(tmp_path / "cache"), str(tmp_path), name)
+    )
     straight, cut, resumed = results[0]
     total = straight["steps"]  # 200 images / 2 ranks / batch 10 = 10 updates per epoch, 3 epochs
     assert total == 30 and cut["steps"] == 15 and resumed["steps"] == total

@@ -104,8 +104,9 @@ def test_dana_zero_and_slim_agree_with_many_stale_workers():
     order = torch.randint(0, workers, (STEPS,), generator=torch.Generator().manual_seed(3)).tolist()
     # every worker holds the gradient it computed at what it last read (initially theta0)
     pending_zero = {w: _grad_at(model, zero.params_for(w, LR).clone(), xs[w], ys[w]) for w in range(workers)}
-    pending_slim = {w: sides[w].message(_grad_at(model, slim.params_for(w, LR).clone(), xs[w], ys[w]))
-                    for w in range(workers)}
+    pending_slim = {
+        w: sides[w].message(_grad_at(model, slim.params_for(w, LR).clone(), xs[w], ys[w])) for w in range(workers)
+    }
     for k, w in enumerate(order):
         zero.master_update(w, pending_zero[w], LR)
         slim.master_update(w, pending_slim[w], LR)

@@ -91,6 +91,7 @@ def test_bad_distribution_is_rejected():
 
 # --- the simulated runner on tiny CIFAR-format data -------------------------------------------------
 
+
 @pytest.fixture
 def one_thread():
     # tiny convolutions on a shared, busy CPU are many times slower with several intra-op threads
@@ -128,8 +129,9 @@ def _run(job):
 
 
 @pytest.mark.parametrize("name", ["nag_asgd", "dana_slim"])
-def test_simulated_runner_with_one_worker_is_nesterov_sgd(torchvision_cifar, tmp_path, single_process_group, one_thread,
-                                                          name):
+def test_simulated_runner_with_one_worker_is_nesterov_sgd(
+    torchvision_cifar, tmp_path, single_process_group, one_thread, name
+):
     """Staleness 0 end to end: one simulated worker trains exactly as torch's Nesterov SGD on the task."""
     from slowmo_train.optim import peak_lr
     from slowmo_train.tasks import TASKS, TaskArgs, WorkerInfo
@@ -139,11 +141,25 @@ def test_simulated_runner_with_one_worker_is_nesterov_sgd(torchvision_cifar, tmp
     assert summary["steps"] == 10 and summary["staleness_mean"] == 0.0
 
     torch.manual_seed(job.seed)
-    task = TASKS["cifar10"](TaskArgs(job.model, job.data, job.eval, job.train.batch_size, job.train.eval_batch_size,
-                                     job.seed, WorkerInfo(0, 1, 0, torch.device("cpu"))))
+    task = TASKS["cifar10"](
+        TaskArgs(
+            job.model,
+            job.data,
+            job.eval,
+            job.train.batch_size,
+            job.train.eval_batch_size,
+            job.seed,
+            WorkerInfo(0, 1, 0, torch.device("cpu")),
+        )
+    )
     o = job.optim
-    opt = torch.optim.SGD(task.model.parameters(), lr=peak_lr(o, job.train.batch_size), momentum=o.momentum,
-                          nesterov=True, weight_decay=o.weight_decay)
+    opt = torch.optim.SGD(
+        task.model.parameters(),
+        lr=peak_lr(o, job.train.batch_size),
+        momentum=o.momentum,
+        nesterov=True,
+        weight_decay=o.weight_decay,
+    )
     for batch in task.train_batches(0, 0):
         opt.zero_grad()
         task.loss(task.model, batch)[0].backward()

@@ -22,9 +22,28 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_allreduce.py"
 def test_bench_prints_both_throughputs_and_the_ratio(tmp_path):
     root = write_image_folder_cifar(tmp_path / "cifar", n_train=200, n_test=20)
     env = launch_env()
-    cmd = [sys.executable, str(SCRIPT), "--data-root", str(root), "--cache-dir", str(tmp_path / "cache"),
-           "--width", "0.125", "--batch-size", "8", "--warmup", "2", "--steps", "4", "--log-every", "2",
-           "--rounds", "1", "--timeout", "240"]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--data-root",
+        str(root),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--width",
+        "0.125",
+        "--batch-size",
+        "8",
+        "--warmup",
+        "2",
+        "--steps",
+        "4",
+        "--log-every",
+        "2",
+        "--rounds",
+        "1",
+        "--timeout",
+        "240",
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
@@ -45,10 +64,13 @@ def test_bench_streaming_plan_is_the_issue_matrix():
         for v in mine[1:-1]:
             args = v.config().overrides(60)
             assert f"algorithm={algorithm}" in args and f"slowmo.tau={tau}" in args
-            assert {f"slowmo.overlap_steps={v.delay}", f"slowmo.fragments={v.fragments}",
-                    f"slowmo.outer_dtype={v.dtype}"} <= set(args)
+            assert {
+                f"slowmo.overlap_steps={v.delay}",
+                f"slowmo.fragments={v.fragments}",
+                f"slowmo.outer_dtype={v.dtype}",
+            } <= set(args)
             if algorithm == "local_sgd":
-                assert args[args.index("slowmo.enabled=true"):].count("algorithm.period=12") == 1
+                assert args[args.index("slowmo.enabled=true") :].count("algorithm.period=12") == 1
         assert "slowmo.enabled=true" not in mine[0].config().overrides(60)
     tags = [(v.config().tag, v.repeat) for v in plan]
     assert len(tags) == len(set(tags)) == 28
@@ -72,12 +94,19 @@ def test_bench_streaming_rows_bytes_and_goal_check():
     # a whole-model outer all-reduce supersedes the gossip of the outer iteration's last step
     assert bs.expected_bytes(sgp["D0 F1 fp32"], p, b, n) == pytest.approx((p + 4) * 47 / 48 + (p + 4 + b) / 48)
     assert bs.expected_bytes(sgp["base"], p, b, n) == p + 4
-    fast = bs.Measured(100.5, 21.0, 30.0, bs.expected_bytes(lsgd["D1 F1 fp32"], p, b, n),
-                       {"outer_blocking_ms": 1.0, "outer_overlapped_ms": 2.5})
+    fast = bs.Measured(
+        100.5,
+        21.0,
+        30.0,
+        bs.expected_bytes(lsgd["D1 F1 fp32"], p, b, n),
+        {"outer_blocking_ms": 1.0, "outer_overlapped_ms": 2.5},
+    )
     slow = bs.Measured(103.0, 25.0, 10.0, bs.expected_bytes(lsgd["D2 F4 fp32"], p, b, n) * 1.02)
-    rows = [bs.make_row(lsgd["base"], base, base, "95mbit", p, b, n),
-            bs.make_row(lsgd["D1 F1 fp32"], fast, base, "95mbit", p, b, n),
-            bs.make_row(lsgd["base (repeat)"], bs.Measured(99.0, 20.0, 0.0, (p + b) / 12), base, "95mbit", p, b, n)]
+    rows = [
+        bs.make_row(lsgd["base"], base, base, "95mbit", p, b, n),
+        bs.make_row(lsgd["D1 F1 fp32"], fast, base, "95mbit", p, b, n),
+        bs.make_row(lsgd["base (repeat)"], bs.Measured(99.0, 20.0, 0.0, (p + b) / 12), base, "95mbit", p, b, n),
+    ]
     assert rows[0]["overhead_pct"] == "" and rows[1]["overhead_pct"] == 0.5 and rows[2]["overhead_pct"] == -1.0
     # SlowMo's own blocking / overlapped time per outer iteration: the trainer's outer counters x tau
     assert rows[1]["slowmo_blocking_ms_per_outer"] == 12.0 and rows[1]["slowmo_overlapped_ms_per_outer"] == 30.0

@@ -17,8 +17,12 @@ from slowmo_train import checkpoint as ck
 from slowmo_train.faults import FaultInjector
 from slowmo_train.metrics import truncate_jsonl
 
-CONFIG = {"model": {"arch": "resnet18", "width": 0.25}, "train": {"max_steps": 10, "log_every": 5, "epochs": 3},
-          "seed": 0, "launcher": {"nproc_per_node": 1}}
+CONFIG = {
+    "model": {"arch": "resnet18", "width": 0.25},
+    "train": {"max_steps": 10, "log_every": 5, "epochs": 3},
+    "seed": 0,
+    "launcher": {"nproc_per_node": 1},
+}
 
 
 def _state(step: int, rank: int = 0) -> dict:
@@ -214,8 +218,7 @@ def test_truncate_jsonl_drops_later_steps_and_torn_lines(tmp_path):
 def test_fault_spec_parsing_and_finiteness_check():
     from slowmo_train.faults import Fault, all_finite, parse_faults
 
-    assert parse_faults("kill@step=7,rank=1; hang@step=3,seconds=5") == [
-        Fault("kill", 7, 1), Fault("hang", 3, 0, 5.0)]
+    assert parse_faults("kill@step=7,rank=1; hang@step=3,seconds=5") == [Fault("kill", 7, 1), Fault("hang", 3, 0, 5.0)]
     with pytest.raises(ValueError, match="SLOWMO_TRAIN_FAULTS: cannot parse 'explode@step=1'"):
         parse_faults("explode@step=1")
     assert all_finite([torch.ones(3), None]) and not all_finite([torch.tensor([1.0, float("inf")])])

@@ -3,11 +3,12 @@ written by a thread, the checkpoint completed later on the main thread; every gu
 save still holds (atomic files, manifest last, errors on every rank, incomplete never loaded).
 
     .venv/bin/python -m pytest -q tests/test_checkpoint_background.py
-    .venv/bin/python -m pytest -q -m slow tests/test_checkpoint_background.py   # + the SIGTERM drill
+    .venv/bin/python -m pytest -q -s -m slow tests/test_checkpoint_background.py   # kill in a write, drill
 
-The drill (slow) runs the real trainer under torchrun on the transformer-big state (Adam + SlowMo,
-toy data), sends SIGTERM mid-run and checks that a complete checkpoint exists before the grace
-period that scripts/slurm/slowmo_train.sbatch gives torchrun (TORCH_ELASTIC_SHUTDOWN_TIMEOUT).
+The drill (slow, ~1 min, ~10 GB of memory) runs the real trainer under torchrun on the
+transformer-big state (Adam + SlowMo, toy data), sends SIGTERM mid-run and checks that a complete
+checkpoint exists before the grace period that scripts/slurm/slowmo_train.sbatch gives torchrun
+(TORCH_ELASTIC_SHUTDOWN_TIMEOUT); with -s it prints its timings (docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -38,11 +39,18 @@ def _state(step: int) -> dict:
     torch.manual_seed(step)
     weight = torch.randn(64, 32)
     flat = torch.randn(100)
-    return {"format": ck.FORMAT, "step": step, "rank": 0,
-            "model": {"embed": weight, "out": weight,  # tied: one storage, as a shared embedding
-                      "bias": torch.zeros(32)},
-            "algorithm": {"flat": flat, "pieces": [flat[:40], flat[40:]]},  # views into one buffer
-            "optimizer": {"state": {0: {"step": torch.tensor(3.0), "betas": (0.9, 0.98)}}, "lr": 0.1}}
+    return {
+        "format": ck.FORMAT,
+        "step": step,
+        "rank": 0,
+        "model": {
+            "embed": weight,
+            "out": weight,  # tied: one storage, as a shared embedding
+            "bias": torch.zeros(32),
+        },
+        "algorithm": {"flat": flat, "pieces": [flat[:40], flat[40:]]},  # views into one buffer
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "betas": (0.9, 0.98)}}, "lr": 0.1},
+    }
 
 
 def _saver(run_dir: Path, faults=None, keep: int = 5) -> ck.Checkpointer:
@@ -66,8 +74,9 @@ def test_background_save_completes_at_a_later_poll_with_the_state_of_its_step(tm
     assert saver.poll() is None, "the first poll only starts the agreement"
     assert saver.poll() == path and not saver.pending and saver.last_path == path
     _, saved = ck.load_rank_state(path, 0)
-    assert torch.equal(saved["model"]["embed"], expected["embed"]) and torch.equal(saved["model"]["bias"],
-                                                                                   expected["bias"])
+    assert torch.equal(saved["model"]["embed"], expected["embed"]) and torch.equal(
+        saved["model"]["bias"], expected["bias"]
+    )
     assert saved["model"]["out"].untyped_storage().data_ptr() == saved["model"]["embed"].untyped_storage().data_ptr()
     pieces = saved["algorithm"]["pieces"]
     assert pieces[1].untyped_storage().data_ptr() == saved["algorithm"]["flat"].untyped_storage().data_ptr()
@@ -169,6 +178,22 @@ def test_an_unpicklable_state_is_one_error_line_not_a_hang(tmp_path):
         saver.finish()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_state_goes_through_pinned_buffers_and_one_sync(tmp_path):
+    """On a GPU: pinned non-blocking copies, then the device keeps training (in-place updates
+    queued right after the save) without touching what is written."""
+    state = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _state(3)["model"].items()}
+    expected = {k: v.cpu() for k, v in state.items()}
+    saver = _saver(tmp_path)
+    saver.save(3, {"format": ck.FORMAT, "step": 3, "rank": 0, "model": state}, CONFIG)
+    assert all(size[1] for size, _ in saver._pending.buffers), "device storages go to pinned buffers"
+    for _ in range(10):
+        state["embed"].mul_(2.0)
+    path = saver.finish()
+    _, saved = ck.load_rank_state(path, 0)
+    assert all(torch.equal(saved["model"][k], expected[k]) for k in expected)
+
+
 def test_a_state_under_the_threshold_is_written_directly(tmp_path):
     small = ck.state_bytes(_state(2))
     assert small == 64 * 32 * 4 + 32 * 4 + 100 * 4 + 4  # tied and viewed storages counted once
@@ -181,15 +206,27 @@ def test_a_state_under_the_threshold_is_written_directly(tmp_path):
 def test_background_is_a_mutable_config_key():
     from slowmo_train.config import CheckpointConfig
 
-    assert CheckpointConfig().background is True and ck._mutable("checkpoint.background")
+    assert CheckpointConfig().background is True
+    saved = {"world_size": 2, "config": {"checkpoint": {"background": True}}}
+    ck.check_compatible(saved, {"checkpoint": {"background": False}}, 2, Path("ckpt"))  # no CheckpointError
 
 
 # --- the trainer, 2 gloo ranks ----------------------------------------------------------------------
-BASE = {"model": {"width": 0.125}, "train": {"batch_size": 16, "epochs": 3, "log_every": 3, "eval_every_epochs": 100,
-                                             "eval_batch_size": 100, "progress": "none"},
-        "optim": {"warmup_epochs": 1.0}, "algorithm": {"name": "osgp", "synch_freq": 2},
-        "slowmo": {"enabled": True, "tau": 4, "beta": 0.5},
-        "checkpoint": {"every_minutes": 0, "every_steps": 3, "keep": 5, "background_min_mb": 0}}
+BASE = {
+    "model": {"width": 0.125},
+    "train": {
+        "batch_size": 16,
+        "epochs": 3,
+        "log_every": 3,
+        "eval_every_epochs": 100,
+        "eval_batch_size": 100,
+        "progress": "none",
+    },
+    "optim": {"warmup_epochs": 1.0},
+    "algorithm": {"name": "osgp", "synch_freq": 2},
+    "slowmo": {"enabled": True, "tau": 4, "beta": 0.5},
+    "checkpoint": {"every_minutes": 0, "every_steps": 3, "keep": 5, "background_min_mb": 0},
+}
 
 
 class _Lines(logging.Handler):
@@ -213,13 +250,18 @@ def _trainer_cases(rank: int, world_size: int, root: str, data_root: str) -> dic
     run_trainer(merge(base, {"checkpoint": {"background": False}}), runs["direct"])
     # resume the background run's step-6 checkpoint (written while steps 7-8 ran) in a new run
     resumed = run_trainer(merge(base, {"resume": str(ck.step_dir(runs["background"], 6))}), runs["resumed"])
-    manifests = {mode: {step: ck.read_manifest(ck.step_dir(runs[mode], step))["files"] for step in (3, 6, 8)}
-                 for mode in ("background", "direct")}
-    return {"manifests": manifests,
-            "model_equal": all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"]),
-            "algorithm_equal": states_equal(rank_state(runs["background"], 8, rank)["algorithm"],
-                                            rank_state(runs["resumed"], 8, rank)["algorithm"]),
-            "log": "\n".join(lines.lines)}
+    manifests = {
+        mode: {step: ck.read_manifest(ck.step_dir(runs[mode], step))["files"] for step in (3, 6, 8)}
+        for mode in ("background", "direct")
+    }
+    return {
+        "manifests": manifests,
+        "model_equal": all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"]),
+        "algorithm_equal": states_equal(
+            rank_state(runs["background"], 8, rank)["algorithm"], rank_state(runs["resumed"], 8, rank)["algorithm"]
+        ),
+        "log": "\n".join(lines.lines),
+    }
 
 
 @pytest.mark.multiproc
@@ -237,6 +279,32 @@ def test_trainer_background_checkpoints_equal_direct_ones_and_resume_exactly(tmp
     assert re.search(r"checkpoint of step 3: .*s in the step, durable after", results[0]["log"]), results[0]["log"]
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_kill_during_a_background_write_falls_back_to_the_previous_checkpoint(tmp_path):
+    """Rank 1's writer thread SIGKILLs its process after writing its step-6 file (the previous save,
+    step 3, is complete: a save first completes the one before): no manifest for step 6, so the
+    restart skips it with a warning and resumes from step 3."""
+    from tests.conftest import write_torchvision_cifar
+    from tests.test_faults import _launch, _train_steps
+
+    data = write_torchvision_cifar(tmp_path / "data")
+    run = tmp_path / "run"
+    result = _launch(
+        ["train.max_steps=8", "checkpoint.every_steps=3", "launcher.max_restarts=1", "checkpoint.background_min_mb=0"],
+        run,
+        data,
+        faults="kill_in_save@step=6,rank=1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log0 = (run / "logs" / "rank0.log").read_text()
+    assert "skipping incomplete checkpoint" in log0 and "step_00000006" in log0
+    assert re.search(r"checkpoint of step 3: .*s in the step, durable after", log0), log0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["resumed_from"].endswith("step_00000003")
+    assert _train_steps(run) == [2, 4, 6, 8]
+
+
 # --- the grace period the Slurm script gives torchrun ------------------------------------------------
 SBATCH = REPO / "scripts" / "slurm" / "slowmo_train.sbatch"
 
@@ -251,12 +319,14 @@ def test_sbatch_gives_torchrun_a_grace_period_under_the_usr1_lead(tmp_path, give
 
     env, log = _fake_bin(tmp_path)
     recorder = tmp_path / "bin" / "envpython"
-    recorder.write_text('#!/bin/bash\n'
-                        'echo "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-unset}" > "$FAKE_LOG/node$SLURM_NODEID.grace"\n')
+    recorder.write_text(
+        '#!/bin/bash\necho "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-unset}" > "$FAKE_LOG/node$SLURM_NODEID.grace"\n'
+    )
     recorder.chmod(0o755)
     env.update(PYTHON=str(recorder), **given)
-    result = subprocess.run(["bash", str(SBATCH), "task=cifar10"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(SBATCH), "task=cifar10"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert {(log / f"node{n}.grace").read_text().strip() for n in range(3)} == {expected}
     lead = int(re.search(r"^#SBATCH --signal=B:USR1@(\d+)$", SBATCH.read_text(), re.M).group(1))
@@ -267,10 +337,23 @@ def test_sbatch_gives_torchrun_a_grace_period_under_the_usr1_lead(tmp_path, give
 
 
 # slowmo.base_buffers=keep (configs/paper/wmt16.yaml): Adam's moments are in every checkpoint
-DRILL = ["task=wmt16", "model.arch=transformer_big", "optim=adam", "slowmo.enabled=true", "slowmo.tau=4",
-         "slowmo.base_buffers=keep", "data.vocab_size=60", "data.max_tokens=64", "train.max_steps=1000",
-         "train.log_every=1", "train.progress=log", "train.eval_every_epochs=100", "checkpoint.every_minutes=0",
-         "checkpoint.every_steps=3", "launcher.threads_per_worker=1"]
+DRILL = [
+    "task=wmt16",
+    "model.arch=transformer_big",
+    "optim=adam",
+    "slowmo.enabled=true",
+    "slowmo.tau=4",
+    "slowmo.base_buffers=keep",
+    "data.vocab_size=60",
+    "data.max_tokens=64",
+    "train.max_steps=1000",
+    "train.log_every=1",
+    "train.progress=log",
+    "train.eval_every_epochs=100",
+    "checkpoint.every_minutes=0",
+    "checkpoint.every_steps=3",
+    "launcher.threads_per_worker=1",
+]
 
 
 @pytest.mark.slow
@@ -286,10 +369,21 @@ def test_sigterm_drill_transformer_big_under_torchrun(tmp_path):
     data = write_parallel_text(tmp_path / "multi30k")
     run = tmp_path / "run"
     env = {**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(grace), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           "-m", "slowmo_train", *DRILL, f"data.root={data}", f"output_dir={run}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "-m",
+        "slowmo_train",
+        *DRILL,
+        f"data.root={data}",
+        f"output_dir={run}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     log0 = run / "logs" / "rank0.log"
     try:
         deadline = time.time() + 600
@@ -320,6 +414,8 @@ def test_sigterm_drill_transformer_big_under_torchrun(tmp_path):
     mb = manifest["files"]["0"]["bytes"] / 2**20
     complete = (path / ck.MANIFEST).stat().st_mtime - sent
     summary = (run / "summary.json").stat().st_mtime - sent  # the worker's last act
-    print(f"\nSIGTERM drill: stop at step {step}, {mb:.0f} MB/rank; after SIGTERM: checkpoint complete "
-          f"{complete:.1f}s, worker done {summary:.1f}s, torchrun exited {elapsed:.1f}s (grace {grace}s)\n" + "\n".join(
-              line for line in text.splitlines() if "checkpoint" in line or "SIGTERM" in line))
+    print(
+        f"\nSIGTERM drill: stop at step {step}, {mb:.0f} MB/rank; after SIGTERM: checkpoint complete "
+        f"{complete:.1f}s, worker done {summary:.1f}s, torchrun exited {elapsed:.1f}s (grace {grace}s)\n"
+        + "\n".join(line for line in text.splitlines() if "checkpoint" in line or "SIGTERM" in line)
+    )

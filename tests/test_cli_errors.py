@@ -17,14 +17,21 @@ import torch
 
 from slowmo_train.scripting import compose_config, launch_env
 
-TINY = ["task=cifar10", "model.width=0.125", "train.batch_size=16", "train.eval_batch_size=50", "train.progress=log",
-        "launcher.threads_per_worker=1"]
+TINY = [
+    "task=cifar10",
+    "model.width=0.125",
+    "train.batch_size=16",
+    "train.eval_batch_size=50",
+    "train.progress=log",
+    "launcher.threads_per_worker=1",
+]
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = launch_env(drop=["SLOWMO_TRAIN_FAULTS"])
-    return subprocess.run([sys.executable, "-m", "slowmo_train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "slowmo_train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240
+    )
 
 
 def _one_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -38,17 +45,26 @@ def _one_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["model.arch=resnet50"],
-     "model.arch='resnet50' is invalid: not an architecture of task cifar10; choose one of resnet18"),
-    (["algorithm=sgp", "algorithm.peers_per_itr=5", "launcher.nproc_per_node=2"],
-     "algorithm.peers_per_itr=5 is invalid"),
-    (["train.batch_size=100000", "launcher.nproc_per_node=2"],
-     "a batch of 100000 per worker is larger than the 100 training examples each of the 2 workers gets"),
-    (["resume=auto"], "resume='auto' is invalid: needs output_dir=DIR"),
-    (["checkpoint.keep=0"], "checkpoint.keep=0 is invalid"),
-    (["train.nonfinite=ignore"], "train.nonfinite='ignore' is invalid: choose one of stop, skip"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["model.arch=resnet50"],
+            "model.arch='resnet50' is invalid: not an architecture of task cifar10; choose one of resnet18",
+        ),
+        (
+            ["algorithm=sgp", "algorithm.peers_per_itr=5", "launcher.nproc_per_node=2"],
+            "algorithm.peers_per_itr=5 is invalid",
+        ),
+        (
+            ["train.batch_size=100000", "launcher.nproc_per_node=2"],
+            "a batch of 100000 per worker is larger than the 100 training examples each of the 2 workers gets",
+        ),
+        (["resume=auto"], "resume='auto' is invalid: needs output_dir=DIR"),
+        (["checkpoint.keep=0"], "checkpoint.keep=0 is invalid"),
+        (["train.nonfinite=ignore"], "train.nonfinite='ignore' is invalid: choose one of stop, skip"),
+    ],
+)
 def test_bad_input_is_one_line_before_workers(args, expected, tmp_path, torchvision_cifar):
     line = _one_error(_run(TINY + [f"data.root={torchvision_cifar}", *args], tmp_path))
     assert expected in line, line

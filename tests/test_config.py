@@ -15,8 +15,10 @@ from slowmo_train.config_checks import validate
 from tests.helpers import EXPERIMENTS, compose_job
 
 CONFIG_DIR = cli.config_dir()
-GROUPS = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml"))
-          for g in ("task", "algorithm", "slowmo", "optim", "launcher", "checkpoint")}
+GROUPS = {
+    g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml"))
+    for g in ("task", "algorithm", "slowmo", "optim", "launcher", "checkpoint")
+}
 
 
 def test_defaults_compose_and_validate(tmp_path):
@@ -52,7 +54,12 @@ def test_smoke_before_or_after_the_experiment_composes_the_same(exp):
 
 def test_the_plus_spelling_of_the_defaults_list_groups_is_accepted():
     assert cli.plain_group_overrides(["+exp=a", "+smoke=tiny", "exp=b", "+train.tf=1", "optim.lr=0.2"]) == [
-        "exp=a", "smoke=tiny", "exp=b", "+train.tf=1", "optim.lr=0.2"]
+        "exp=a",
+        "smoke=tiny",
+        "exp=b",
+        "+train.tf=1",
+        "optim.lr=0.2",
+    ]
 
 
 def test_slowmo_experiments_are_their_base_plus_slowmo():
@@ -71,8 +78,12 @@ def test_group_files_set_only_what_differs_from_the_schema():
         for option in options:
             node = OmegaConf.load(Path(CONFIG_DIR) / group / f"{option}.yaml")
             tree = OmegaConf.to_container(node) if group in ("task", "smoke") else {group: OmegaConf.to_container(node)}
-            same = [f"{section}.{key}" for section, values in (tree or {}).items() for key, value in values.items()
-                    if key != "name" and schema[section][key] == value]
+            same = [
+                f"{section}.{key}"
+                for section, values in (tree or {}).items()
+                for key, value in values.items()
+                if key != "name" and schema[section][key] == value
+            ]
             assert same == [], f"{group}/{option}.yaml repeats the schema's defaults: {same}"
 
 
@@ -89,11 +100,24 @@ def test_algorithm_and_task_tables_agree():
 
 
 def test_user_keys_reach_the_job(tmp_path):
-    job = to_job_config(compose_job(
-        "task=cifar10", "algorithm=local_sgd", "slowmo.enabled=true", "slowmo.alpha=0.5", "slowmo.beta=0.6",
-        "slowmo.tau=24", "optim.lr=0.2", "train.batch_size=32", "train.epochs=3", "train.max_steps=7",
-        f"data.root={tmp_path}", "seed=5", "launcher.nproc_per_node=4", "model.width=0.5",
-    ))
+    job = to_job_config(
+        compose_job(
+            "task=cifar10",
+            "algorithm=local_sgd",
+            "slowmo.enabled=true",
+            "slowmo.alpha=0.5",
+            "slowmo.beta=0.6",
+            "slowmo.tau=24",
+            "optim.lr=0.2",
+            "train.batch_size=32",
+            "train.epochs=3",
+            "train.max_steps=7",
+            f"data.root={tmp_path}",
+            "seed=5",
+            "launcher.nproc_per_node=4",
+            "model.width=0.5",
+        )
+    )
     assert (job.slowmo.alpha, job.slowmo.beta, job.slowmo.tau) == (0.5, 0.6, 24)
     assert (job.optim.lr, job.train.batch_size, job.train.epochs, job.train.max_steps) == (0.2, 32, 3, 7)
     assert (job.seed, job.launcher.nproc_per_node, job.model.width) == (5, 4, 0.5)
@@ -129,18 +153,32 @@ def test_invalid_values_name_key_value_and_rule(override, key, tmp_path):
 
 
 def test_tau_must_be_a_multiple_of_the_local_sgd_period(tmp_path):
-    job = to_job_config(compose_job("algorithm=local_sgd", "algorithm.period=5", "slowmo.enabled=true",
-                                    "slowmo.tau=12", f"data.root={tmp_path}"))
+    job = to_job_config(
+        compose_job(
+            "algorithm=local_sgd", "algorithm.period=5", "slowmo.enabled=true", "slowmo.tau=12", f"data.root={tmp_path}"
+        )
+    )
     with pytest.raises(ConfigError, match="slowmo.tau=12 .*multiple of algorithm.period=5"):
         validate(job, world_size=2)
 
 
 def test_gossip_bases_take_fragments_and_local_sgd_needs_them_to_divide_tau(tmp_path):
-    job = to_job_config(compose_job("algorithm=sgp", "slowmo.enabled=true", "slowmo.tau=4", "slowmo.fragments=2",
-                                    f"data.root={tmp_path}"))
+    job = to_job_config(
+        compose_job(
+            "algorithm=sgp", "slowmo.enabled=true", "slowmo.tau=4", "slowmo.fragments=2", f"data.root={tmp_path}"
+        )
+    )
     validate(job, world_size=2)
-    job = to_job_config(compose_job("algorithm=local_sgd", "algorithm.period=1", "slowmo.enabled=true",
-                                    "slowmo.tau=4", "slowmo.fragments=3", f"data.root={tmp_path}"))
+    job = to_job_config(
+        compose_job(
+            "algorithm=local_sgd",
+            "algorithm.period=1",
+            "slowmo.enabled=true",
+            "slowmo.tau=4",
+            "slowmo.fragments=3",
+            f"data.root={tmp_path}",
+        )
+    )
     with pytest.raises(ConfigError, match="slowmo.fragments"):
         validate(job, world_size=2)
 
@@ -154,8 +192,9 @@ def test_missing_data_directory(tmp_path):
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slowmo_train", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "slowmo_train", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_user_errors_have_no_stack_trace(tmp_path):

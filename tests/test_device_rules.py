@@ -98,7 +98,7 @@ def test_cuda_intervals_are_read_once_complete_without_waiting(monkeypatch):
     stats = CommStats(cuda=True)
     times = iter([FakeEvent(0.0), FakeEvent(5.0), FakeEvent(10.0), FakeEvent(30.0, done=False)])
     monkeypatch.setattr(stats, "mark", lambda: next(times))
-    with stats.blocking():             # 0 -> 5 ms, complete
+    with stats.blocking():  # 0 -> 5 ms, complete
         pass
     with stats.outer(), stats.blocking():  # 10 -> 30 ms, not yet reached by the GPU
         pass

@@ -84,14 +84,32 @@ def test_quickstart_needs_no_data_root(tmp_path):
     """The README's two commands: with no data.root, the quickstart fetches CIFAR-10 into data/cifar10."""
     archive = _cifar_archive(tmp_path)
     env = launch_env()
-    env.update(SLOWMO_TRAIN_CIFAR10_URL=archive.as_uri(), SLOWMO_TRAIN_CIFAR10_MD5=md5sum(archive),
-               XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.update(
+        SLOWMO_TRAIN_CIFAR10_URL=archive.as_uri(),
+        SLOWMO_TRAIN_CIFAR10_MD5=md5sum(archive),
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+    )
     work = tmp_path / "fresh"
     work.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "slowmo_train", "+exp=quickstart", "model.width=0.125", "train.batch_size=8",
-         "train.max_steps=2", "train.eval_batch_size=20", "launcher.threads_per_worker=1", "output_dir=run"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "slowmo_train",
+            "+exp=quickstart",
+            "model.width=0.125",
+            "train.batch_size=8",
+            "train.max_steps=2",
+            "train.eval_batch_size=20",
+            "launcher.threads_per_worker=1",
+            "output_dir=run",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert (work / "data" / "cifar10" / "cifar-10-batches-py" / "test_batch").exists()
     assert (work / "run" / "summary.json").exists()

@@ -53,18 +53,44 @@ def _our_namespaces() -> list[str]:
 def _cluster(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = launch_env()
     env["XDG_CACHE_HOME"] = str(Path(env.get("PYTEST_TMP", "/tmp")) / "slowmo-test-cache")
-    cmd = ["bash", str(SCRIPT), "--prefix", PREFIX, "--subnet", SUBNET, "--port", PORT,
-           "--python", sys.executable, *args]
+    cmd = [
+        "bash",
+        str(SCRIPT),
+        "--prefix",
+        PREFIX,
+        "--subnet",
+        SUBNET,
+        "--port",
+        PORT,
+        "--python",
+        sys.executable,
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_two_nodes_two_processes_with_hierarchy(tmp_path, folder_cifar):
     run_dir = tmp_path / "run"
     result = _cluster(
-        "--nodes", "2", "--nproc", "2", "--rate", "200mbit", "--",
-        "task=cifar10", "model.width=0.125", "train.batch_size=16", "train.max_steps=6", "train.log_every=2",
-        "train.eval_batch_size=50", "train.progress=log", "launcher.threads_per_worker=1",
-        "algorithm=sgp", "slowmo.enabled=true", "slowmo.tau=3", f"data.root={folder_cifar}",
+        "--nodes",
+        "2",
+        "--nproc",
+        "2",
+        "--rate",
+        "200mbit",
+        "--",
+        "task=cifar10",
+        "model.width=0.125",
+        "train.batch_size=16",
+        "train.max_steps=6",
+        "train.log_every=2",
+        "train.eval_batch_size=50",
+        "train.progress=log",
+        "launcher.threads_per_worker=1",
+        "algorithm=sgp",
+        "slowmo.enabled=true",
+        "slowmo.tau=3",
+        f"data.root={folder_cifar}",
         f"output_dir={run_dir}",
     )
     out = result.stdout + result.stderr
@@ -79,6 +105,7 @@ def test_two_nodes_two_processes_with_hierarchy(tmp_path, folder_cifar):
     assert summary["steps"] == 6 and summary["final_eval"]["split"] == "test"
     for rank in range(4):
         assert (run_dir / "logs" / f"rank{rank}.log").exists()
+
     # node leaders (ranks 0, 2) gossip across the link; their node mates only receive the leader's copy
     def last_train(rank: int) -> dict:
         return [e for e in read_metrics(run_dir, "train", rank=rank) if "loss" in e][-1]
@@ -90,8 +117,7 @@ def test_two_nodes_two_processes_with_hierarchy(tmp_path, folder_cifar):
 
 
 def test_failure_is_reported_and_everything_removed(tmp_path, folder_cifar):
-    result = _cluster("--nodes", "2", "--", "task=cifar10", "slowmo.beta=1.5", f"data.root={folder_cifar}",
-                      timeout=120)
+    result = _cluster("--nodes", "2", "--", "task=cifar10", "slowmo.beta=1.5", f"data.root={folder_cifar}", timeout=120)
     assert result.returncode != 0
     assert "slowmo.beta=1.5 is invalid" in result.stdout + result.stderr
     assert "emulated_cluster: FAILED" in result.stderr
@@ -110,4 +136,5 @@ def test_bad_option_is_one_clear_line():
     result = _cluster("--nodes", "zero", "--", "task=cifar10", timeout=30)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "emulated_cluster: error: --nodes=zero must be an integer in [1, 200]"]
+        "emulated_cluster: error: --nodes=zero must be an integer in [1, 200]"
+    ]

@@ -14,10 +14,27 @@ from slowmo_train.scripting import launch_env, read_metrics
 
 pytestmark = pytest.mark.multiproc
 
-TRAIN_KEYS = {"event", "step", "epoch", "loss", "lr", "samples_per_s", "comm_bytes_sent_per_step",
-              "comm_bytes_received_per_step", "comm_blocking_s_per_step", "comm_overlapped_s_per_step"}
-SMALL = ["task=cifar10", "model.width=0.125", "train.batch_size=16", "train.max_steps=6", "train.log_every=2",
-         "train.eval_batch_size=50", "train.progress=log"]
+TRAIN_KEYS = {
+    "event",
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "samples_per_s",
+    "comm_bytes_sent_per_step",
+    "comm_bytes_received_per_step",
+    "comm_blocking_s_per_step",
+    "comm_overlapped_s_per_step",
+}
+SMALL = [
+    "task=cifar10",
+    "model.width=0.125",
+    "train.batch_size=16",
+    "train.max_steps=6",
+    "train.log_every=2",
+    "train.eval_batch_size=50",
+    "train.progress=log",
+]
 
 
 def _env() -> dict:
@@ -62,17 +79,32 @@ def _check_run_dir(run_dir: Path, world_size: int) -> None:
 def test_torchrun_two_workers(layout, tmp_path, torchvision_cifar, folder_cifar):
     root = folder_cifar if layout == "imagefolder" else torchvision_cifar
     run_dir = tmp_path / "run"
-    result = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "-m", "slowmo_train", *SMALL, "algorithm=allreduce", f"data.root={root}",
-                   f"output_dir={run_dir}"], cwd=tmp_path)
+    result = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "slowmo_train",
+            *SMALL,
+            "algorithm=allreduce",
+            f"data.root={root}",
+            f"output_dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
     _check_run_dir(run_dir, 2)
     assert "test top1" in result.stdout + result.stderr
 
 
 def test_builtin_launcher_spawns_workers(tmp_path, folder_cifar):
     """`slowmo-train launcher.nproc_per_node=2` without torchrun; default run directory under outputs/."""
-    _run([sys.executable, "-m", "slowmo_train", *SMALL, "launcher.nproc_per_node=2", f"data.root={folder_cifar}"],
-         cwd=tmp_path)
+    _run(
+        [sys.executable, "-m", "slowmo_train", *SMALL, "launcher.nproc_per_node=2", f"data.root={folder_cifar}"],
+        cwd=tmp_path,
+    )
     run_dirs = list((tmp_path / "outputs").glob("*/*_run"))
     assert len(run_dirs) == 1, run_dirs
     _check_run_dir(run_dirs[0], 2)
@@ -82,9 +114,24 @@ def test_builtin_launcher_spawns_workers(tmp_path, folder_cifar):
 def test_slowmo_over_base_algorithms_through_the_cli(algorithm, tmp_path, folder_cifar):
     """The trainer drives every base algorithm under SlowMo; gossip logs its consensus distance."""
     run_dir = tmp_path / "run"
-    _run([sys.executable, "-m", "slowmo_train", *SMALL, f"algorithm={algorithm}", "algorithm.period=2",
-          "algorithm.consensus_every=2", "slowmo.enabled=true", "slowmo.tau=2", "slowmo.sharded=true",
-          "launcher.nproc_per_node=2", f"data.root={folder_cifar}", f"output_dir={run_dir}"], cwd=tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "slowmo_train",
+            *SMALL,
+            f"algorithm={algorithm}",
+            "algorithm.period=2",
+            "algorithm.consensus_every=2",
+            "slowmo.enabled=true",
+            "slowmo.tau=2",
+            "slowmo.sharded=true",
+            "launcher.nproc_per_node=2",
+            f"data.root={folder_cifar}",
+            f"output_dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
     _check_run_dir(run_dir, 2)
     events = read_metrics(run_dir)
     assert any("consensus_distance" in e for e in events if e["event"] == "train")

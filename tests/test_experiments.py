@@ -48,7 +48,11 @@ def test_experiment_has_the_papers_settings(name, tmp_path):
         assert job.train.batch_size * 256 == 8192  # 32 nodes x 8 GPUs x 32 images
     else:
         assert (job.model.arch, job.optim.name, job.optim.schedule, job.train.epochs) == (
-            "transformer_big", "adam", "inverse_sqrt", 25)
+            "transformer_big",
+            "adam",
+            "inverse_sqrt",
+            25,
+        )
         assert job.optim.warmup_steps == 4000 and not job.optim.scale_lr
         if slow:
             assert job.slowmo.base_buffers == "keep"
@@ -57,9 +61,11 @@ def test_experiment_has_the_papers_settings(name, tmp_path):
 def _data_for(task: str, tmp_path: Path) -> Path:
     root = tmp_path / f"data_{task}"
     if not root.exists():
-        {"cifar10": lambda: write_image_folder_cifar(root, n_train=300, n_test=60),
-         "imagenet": lambda: write_image_folder_imagenet(root),
-         "wmt16": lambda: write_parallel_text(root)}[task]()
+        {
+            "cifar10": lambda: write_image_folder_cifar(root, n_train=300, n_test=60),
+            "imagenet": lambda: write_image_folder_imagenet(root),
+            "wmt16": lambda: write_parallel_text(root),
+        }[task]()
     return root
 
 
@@ -70,8 +76,14 @@ def _smoke(name: str, tmp_path: Path) -> dict:
     overrides = [f"+exp={name}", "+smoke=tiny", f"data.root={_data_for(task, tmp_path)}", f"output_dir={run_dir}"]
     if task == "wmt16":
         overrides.append("data.vocab_size=60")  # the toy language has ~40 words
-    result = subprocess.run([sys.executable, "-m", "slowmo_train", *overrides], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "slowmo_train", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4

@@ -22,11 +22,27 @@ from tests.conftest import write_image_folder_cifar
 
 pytestmark = pytest.mark.multiproc
 
-SMALL = ["task=cifar10", "model.width=0.125", "train.batch_size=16", "train.log_every=2", "train.eval_batch_size=50",
-         "train.progress=log", "launcher.threads_per_worker=1", "checkpoint.every_minutes=0", "train.max_steps=6",
-         "checkpoint.every_steps=2"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=3",
-            "--monitor-interval=0.5"]
+SMALL = [
+    "task=cifar10",
+    "model.width=0.125",
+    "train.batch_size=16",
+    "train.log_every=2",
+    "train.eval_batch_size=50",
+    "train.progress=log",
+    "launcher.threads_per_worker=1",
+    "checkpoint.every_minutes=0",
+    "train.max_steps=6",
+    "checkpoint.every_steps=2",
+]
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+    "--max-restarts=3",
+    "--monitor-interval=0.5",
+]
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,17 @@ from slowmo_train.scripting import launch_env, read_metrics
 
 pytestmark = pytest.mark.multiproc
 
-SMALL = ["task=cifar10", "model.width=0.125", "train.batch_size=16", "train.log_every=2", "train.eval_batch_size=50",
-         "train.progress=log", "launcher.nproc_per_node=2", "launcher.threads_per_worker=1",
-         "checkpoint.every_minutes=0"]
+SMALL = [
+    "task=cifar10",
+    "model.width=0.125",
+    "train.batch_size=16",
+    "train.log_every=2",
+    "train.eval_batch_size=50",
+    "train.progress=log",
+    "launcher.nproc_per_node=2",
+    "launcher.threads_per_worker=1",
+    "checkpoint.every_minutes=0",
+]
 
 
 def _env(faults: str | None = None) -> dict:
@@ -38,8 +46,9 @@ def _env(faults: str | None = None) -> dict:
     return env
 
 
-def _launch(args: list[str], run_dir: Path, data: Path, faults: str | None = None,
-            timeout: float = 240) -> subprocess.CompletedProcess:
+def _launch(
+    args: list[str], run_dir: Path, data: Path, faults: str | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "slowmo_train", *SMALL, f"data.root={data}", f"output_dir={run_dir}", *args]
     return subprocess.run(cmd, cwd=run_dir.parent, env=_env(faults), capture_output=True, text=True, timeout=timeout)
 
@@ -92,8 +101,12 @@ def test_killed_worker_restarts_and_finishes(tmp_path, data):
     """SIGKILL rank 1 at step 5 with launcher.max_restarts=1: the job restarts, resumes from step 3,
     and ends at step 8 with every train line once."""
     run = tmp_path / "run"
-    result = _launch(["train.max_steps=8", "checkpoint.every_steps=3", "launcher.max_restarts=1"], run, data,
-                     faults="kill@step=5,rank=1")
+    result = _launch(
+        ["train.max_steps=8", "checkpoint.every_steps=3", "launcher.max_restarts=1"],
+        run,
+        data,
+        faults="kill@step=5,rank=1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["resumed_from"].endswith("step_00000003")
@@ -109,8 +122,12 @@ def test_kill_during_save_never_leaves_a_loadable_checkpoint(tmp_path, data):
     """Rank 1 dies while its step-6 file is written: no manifest for step 6, so the restart skips it
     (with a warning) and resumes from step 3."""
     run = tmp_path / "run"
-    result = _launch(["train.max_steps=8", "checkpoint.every_steps=3", "launcher.max_restarts=1"], run, data,
-                     faults="kill_in_save@step=6,rank=1")
+    result = _launch(
+        ["train.max_steps=8", "checkpoint.every_steps=3", "launcher.max_restarts=1"],
+        run,
+        data,
+        faults="kill_in_save@step=6,rank=1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log0 = (run / "logs" / "rank0.log").read_text()
     assert "skipping incomplete checkpoint" in log0 and "step_00000006" in log0
@@ -141,10 +158,19 @@ def test_sigterm_on_one_rank_stops_all_at_the_same_step_then_resume(tmp_path, da
 
 def _signal_launcher(tmp_path, data, sig: int, group: bool) -> tuple[subprocess.Popen, Path, str, float]:
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "slowmo_train", *SMALL, f"data.root={data}", f"output_dir={run}",
-           "train.max_steps=400", "train.log_every=1"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "slowmo_train",
+        *SMALL,
+        f"data.root={data}",
+        f"output_dir={run}",
+        "train.max_steps=400",
+        "train.log_every=1",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         metrics = run / "metrics.jsonl"
@@ -189,8 +215,12 @@ def test_hung_peer_times_out_with_one_line(tmp_path, data):
     """Rank 1 sleeps 15 s at step 4 of an SGP run with launcher.timeout_s=4: rank 0's gossip receive
     times out; one line names the operation, the step and the rank; checkpoint 2 stays complete."""
     run = tmp_path / "run"
-    result = _launch(["algorithm=sgp", "train.max_steps=8", "checkpoint.every_steps=2", "launcher.timeout_s=4"],
-                     run, data, faults="hang@step=4,rank=1,seconds=15")
+    result = _launch(
+        ["algorithm=sgp", "train.max_steps=8", "checkpoint.every_steps=2", "launcher.timeout_s=4"],
+        run,
+        data,
+        faults="hang@step=4,rank=1,seconds=15",
+    )
     assert result.returncode == 1
     lines = _error_lines(result)
     assert len(lines) == 1, result.stderr[-3000:]
@@ -204,8 +234,12 @@ def test_hung_peer_times_out_with_one_line(tmp_path, data):
 
 def test_nan_stop_names_step_and_rank_and_keeps_last_checkpoint(tmp_path, data):
     run = tmp_path / "run"
-    result = _launch(["algorithm=local_sgd", "algorithm.period=4", "train.max_steps=8", "checkpoint.every_steps=2"],
-                     run, data, faults="nan@step=5,rank=1")
+    result = _launch(
+        ["algorithm=local_sgd", "algorithm.period=4", "train.max_steps=8", "checkpoint.every_steps=2"],
+        run,
+        data,
+        faults="nan@step=5,rank=1",
+    )
     assert result.returncode == 1
     lines = _error_lines(result)
     assert len(lines) == 1 and "non-finite loss or parameters on rank 1 in steps 5-6" in lines[0], result.stderr
@@ -222,8 +256,12 @@ def test_nan_stop_names_step_and_rank_and_keeps_last_checkpoint(tmp_path, data):
 @pytest.mark.slow
 def test_nan_skip_drops_the_update_everywhere_and_counts_it(tmp_path, data):
     run = tmp_path / "run"
-    result = _launch(["algorithm=sgp", "train.max_steps=6", "train.nonfinite=skip", "train.log_every=1"], run, data,
-                     faults="nan@step=3,rank=1")
+    result = _launch(
+        ["algorithm=sgp", "train.max_steps=6", "train.nonfinite=skip", "train.log_every=1"],
+        run,
+        data,
+        faults="nan@step=3,rank=1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     events = read_metrics(run)
     skips = [e["nonfinite_skips"] for e in events if e["event"] == "train" and "loss" in e]
@@ -231,8 +269,12 @@ def test_nan_skip_drops_the_update_everywhere_and_counts_it(tmp_path, data):
     assert all(e["loss"] == e["loss"] for e in events if "loss" in e)  # no NaN was logged
     # too many skips end the run with one line
     run2 = tmp_path / "run2"
-    result = _launch(["algorithm=sgp", "train.max_steps=6", "train.nonfinite=skip", "train.max_nonfinite_skips=1"],
-                     run2, data, faults="nan@step=2,rank=0;nan@step=4,rank=1")
+    result = _launch(
+        ["algorithm=sgp", "train.max_steps=6", "train.nonfinite=skip", "train.max_nonfinite_skips=1"],
+        run2,
+        data,
+        faults="nan@step=2,rank=0;nan@step=4,rank=1",
+    )
     assert result.returncode == 1
     lines = _error_lines(result)
     assert len(lines) == 1 and "2 steps skipped for non-finite values (train.max_nonfinite_skips=1)" in lines[0]
@@ -257,8 +299,11 @@ def test_max_steps_then_resume_equals_one_run(tmp_path, data):
     cut is mid-outer-iteration with messages in flight, and crosses the 6-step epoch)."""
     algo = ["algorithm=osgp", "algorithm.synch_freq=2", "slowmo.enabled=true", "slowmo.tau=4", "train.log_every=3"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    for args, run in ((["train.max_steps=12"], straight), (["train.max_steps=6"], split),
-                      (["train.max_steps=12", "resume=auto"], split)):
+    for args, run in (
+        (["train.max_steps=12"], straight),
+        (["train.max_steps=6"], split),
+        (["train.max_steps=12", "resume=auto"], split),
+    ):
         result = _launch(algo + args, run, data)
         assert result.returncode == 0, result.stderr[-3000:]
     from slowmo_train.checkpoint import load_rank_state, step_dir

@@ -150,8 +150,9 @@ def _scenarios(rank: int, world: int) -> dict:
             for name, extra in _algorithms():
                 model = _model(seed=100 + rank)  # different start per rank: something to average
                 init = _flat(model)
-                algo, opt = _build(name, model, flat_topology, lr=0.0, graph=graph, peers_per_itr=peers,
-                                   consensus_every=0, **extra)
+                algo, opt = _build(
+                    name, model, flat_topology, lr=0.0, graph=graph, peers_per_itr=peers, consensus_every=0, **extra
+                )
                 distances = [_consensus(algo)]
                 for chunk in range(3):  # 60 steps: stale (OSGP) mixing contracts slower
                     _train(algo, opt, rank, 20, first_step=20 * chunk)
@@ -160,9 +161,13 @@ def _scenarios(rank: int, world: int) -> dict:
                 average = exact_average(algo)  # flushes
                 nums, weight = algo.mixing_state()
                 out[("mass", graph, peers, name, extra.get("synch_freq", 0))] = {
-                    "init": init, "num": torch.cat([t.reshape(-1) for t in nums]).clone(),
-                    "w": float(weight), "z": _flat(model), "unflushed_z": unflushed_z,
-                    "average": torch.cat([a.reshape(-1) for a in average]), "distances": distances,
+                    "init": init,
+                    "num": torch.cat([t.reshape(-1) for t in nums]).clone(),
+                    "w": float(weight),
+                    "z": _flat(model),
+                    "unflushed_z": unflushed_z,
+                    "average": torch.cat([a.reshape(-1) for a in average]),
+                    "distances": distances,
                 }
                 algo.close()
 
@@ -173,7 +178,9 @@ def _scenarios(rank: int, world: int) -> dict:
             stats = _train(algo, opt, rank, 6)
             algo.close()
             out[("bytes", peers, name, extra.get("synch_freq", 0))] = {
-                "stats": stats, "numel": sum(p.numel() for p in algo.parameters())}
+                "stats": stats,
+                "numel": sum(p.numel() for p in algo.parameters()),
+            }
 
     # 3. trajectories with lr > 0 and momentum, checked against a small simulation in the parent
     for graph in GRAPH_NAMES:
@@ -193,16 +200,22 @@ def _scenarios(rank: int, world: int) -> dict:
     pending_before = len(algo._in_flight)
     values = [torch.full_like(p, 0.25) for p in algo.parameters()]
     algo.load_consensus(values)
-    after = {"w": float(algo.weight), "num": algo.numerators.clone(), "z": _flat(model),
-             "in_flight": len(algo._in_flight), "pending_before": pending_before}
+    after = {
+        "w": float(algo.weight),
+        "num": algo.numerators.clone(),
+        "z": _flat(model),
+        "in_flight": len(algo._in_flight),
+        "pending_before": pending_before,
+    }
     _train(algo, opt, rank, 3, first_step=5)  # and training goes on
     algo.close()
     out["load_consensus"] = after
 
     # 5. checkpoint with OSGP messages in flight resumes bit-exactly
     def fresh():
-        return _build("osgp", _model(0), flat_topology, lr=0.1, momentum=0.9,
-                      graph="nonregular_exponential", synch_freq=2)
+        return _build(
+            "osgp", _model(0), flat_topology, lr=0.1, momentum=0.9, graph="nonregular_exponential", synch_freq=2
+        )
 
     algo, opt = fresh()
     _train(algo, opt, rank, 10)
@@ -219,8 +232,12 @@ def _scenarios(rank: int, world: int) -> dict:
     algo.load_state_dict(saved)
     opt.load_state_dict(saved_opt)
     _train(algo, opt, rank, 5, first_step=5)
-    out["resume"] = {"uninterrupted": uninterrupted, "continued": continued, "resumed": _flat(algo.model),
-                     "saved_in_flight": len(saved["in_flight"])}
+    out["resume"] = {
+        "uninterrupted": uninterrupted,
+        "continued": continued,
+        "resumed": _flat(algo.model),
+        "saved_in_flight": len(saved["in_flight"]),
+    }
     algo.close()
 
     # 6. consensus distance as a metric every consensus_every steps
@@ -237,13 +254,20 @@ def _scenarios(rank: int, world: int) -> dict:
         node_topology = build_topology(2)
         for name, extra in [("sgp", {}), ("osgp", {"synch_freq": 1})]:
             model = _model(0)
-            algo, opt = _build(name, model, node_topology, lr=0.1, momentum=0.9,
-                               graph="nonregular_exponential", nprocs_per_node=2, **extra)
+            algo, opt = _build(
+                name,
+                model,
+                node_topology,
+                lr=0.1,
+                momentum=0.9,
+                graph="nonregular_exponential",
+                nprocs_per_node=2,
+                **extra,
+            )
             stats = _train(algo, opt, rank, 6)
             z = _flat(model)
             algo.flush()
-            out[("hierarchy", name)] = {"z": z, "flushed_z": _flat(model), "w": float(algo.weight),
-                                        "stats": stats}
+            out[("hierarchy", name)] = {"z": z, "flushed_z": _flat(model), "w": float(algo.weight), "stats": stats}
             algo.close()
     return out
 
@@ -365,8 +389,9 @@ def test_trajectories_match_push_sum_equations(world):
     res = results(world)
     for graph in GRAPH_NAMES:
         for name, staleness in [("sgp", 0), ("osgp", 2)]:
-            z, flushed, w = _simulate(world, graph, staleness, 7, lr=0.1, momentum=0.9,
-                                      data_ranks=[[i] for i in range(world)])
+            z, flushed, w = _simulate(
+                world, graph, staleness, 7, lr=0.1, momentum=0.9, data_ranks=[[i] for i in range(world)]
+            )
             for i, r in enumerate(res):
                 got = r[("trajectory", graph, name)]
                 assert torch.allclose(got["z"], z[i], atol=1e-5), (graph, name, i)
@@ -405,8 +430,9 @@ def test_consensus_distance_metric_every_n_steps():
 def test_two_nodes_of_two_processes_act_as_two_workers():
     res = results(4)
     for name, staleness in [("sgp", 0), ("osgp", 1)]:
-        z, flushed, w = _simulate(2, "nonregular_exponential", staleness, 6, lr=0.1, momentum=0.9,
-                                  data_ranks=[[0, 1], [2, 3]])
+        z, flushed, w = _simulate(
+            2, "nonregular_exponential", staleness, 6, lr=0.1, momentum=0.9, data_ranks=[[0, 1], [2, 3]]
+        )
         for rank, r in enumerate(res):
             got, node = r[("hierarchy", name)], rank // 2
             assert torch.allclose(got["z"], z[node], atol=1e-5), (name, rank)

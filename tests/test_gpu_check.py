@@ -21,8 +21,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 
 
 def _gpu_check(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _module():
@@ -39,7 +40,7 @@ def _rows(table: str) -> dict[str, str]:
     lines = table.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("check ") and "result" in line)
     rows = {}
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line or " rows ok or skipped" in line:
             break
         name, _, rest = line.partition(" ")
@@ -50,8 +51,15 @@ def _rows(table: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("gpu_check")
-    result = _gpu_check("--only", "exp:cifar10_allreduce,resume:cifar10_sgp_slowmo,speed:resnet50-fp32",
-                        "--jobs", "2", "--out", str(cwd / "table.json"), cwd=cwd)
+    result = _gpu_check(
+        "--only",
+        "exp:cifar10_allreduce,resume:cifar10_sgp_slowmo,speed:resnet50-fp32",
+        "--jobs",
+        "2",
+        "--out",
+        str(cwd / "table.json"),
+        cwd=cwd,
+    )
     return result, cwd
 
 
@@ -74,13 +82,23 @@ def test_cpu_selection_runs_skips_gpu_rows_and_exits_0(cpu_run):
 def test_a_failing_row_shows_its_error_line_and_exits_1(tmp_path):
     """A bad override breaks a real experiment (slowmo-train's one-line error), an unknown experiment
     fails in Hydra; the table is also written as markdown and the runs are kept for a look."""
-    result = _gpu_check("--only", "exp:cifar10_allreduce,exp:no_such_experiment", "--override",
-                        "train.precision=fp64", "--jobs", "2", "--out", str(tmp_path / "table.md"), cwd=tmp_path)
+    result = _gpu_check(
+        "--only",
+        "exp:cifar10_allreduce,exp:no_such_experiment",
+        "--override",
+        "train.precision=fp64",
+        "--jobs",
+        "2",
+        "--out",
+        str(tmp_path / "table.md"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     rows = _rows(result.stdout)
     assert rows["exp:cifar10_allreduce"].startswith("FAIL: slowmo-train: error: train.precision='fp64'"), rows
-    assert rows["exp:no_such_experiment"].startswith("FAIL: exit code 1: In 'config': Could not find "
-                                                     "'exp/no_such_experiment'"), rows
+    assert rows["exp:no_such_experiment"].startswith(
+        "FAIL: exit code 1: In 'config': Could not find 'exp/no_such_experiment'"
+    ), rows
     assert "0 of 2 rows ok or skipped, 2 failed" in result.stdout
     markdown = (tmp_path / "table.md").read_text()
     assert "| check | result | figure | seconds |" in markdown and "| exp:cifar10_allreduce | FAIL: " in markdown
@@ -92,8 +110,13 @@ def test_row_selection_and_list(capsys, monkeypatch):
     gpu_check = _module()
     names = [c.name for c in gpu_check.all_checks()]
     assert len([n for n in names if n.startswith("exp:")]) == 24 and len(set(names)) == len(names)
-    assert {"resume:cifar10_sgp_slowmo", "restart:cifar10_osgp_slowmo", "bf16:imagenet_sgp_slowmo",
-            "fp16:cifar10_localsgd_slowmo", "speed:resnet50-bf16-channels_last"} <= set(names)
+    assert {
+        "resume:cifar10_sgp_slowmo",
+        "restart:cifar10_osgp_slowmo",
+        "bf16:imagenet_sgp_slowmo",
+        "fp16:cifar10_localsgd_slowmo",
+        "speed:resnet50-bf16-channels_last",
+    } <= set(names)
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--quick", "--list"])
     assert gpu_check.main() == 0
     quick = capsys.readouterr().out.split()
@@ -126,9 +149,24 @@ def test_whole_cpu_path(tmp_path):
 def test_speed_rows_on_cpu_tiny(tmp_path):
     """The speed rows' two workers (the plain loop and slowmo-train's CLI with the batches swapped) at a
     tiny size; CPU figures mean nothing, so any ratio passes."""
-    result = _gpu_check("--only", "speed:resnet50-bf16-channels_last,speed:transformer_base-fp32", "--speed-on-cpu",
-                        "--image-size", "32", "--image-batch", "2", "--tokens", "256", "--vocab", "1000",
-                        "--speed-steps", "2", "--min-ratio", "0", cwd=tmp_path)
+    result = _gpu_check(
+        "--only",
+        "speed:resnet50-bf16-channels_last,speed:transformer_base-fp32",
+        "--speed-on-cpu",
+        "--image-size",
+        "32",
+        "--image-batch",
+        "2",
+        "--tokens",
+        "256",
+        "--vocab",
+        "1000",
+        "--speed-steps",
+        "2",
+        "--min-ratio",
+        "0",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = _rows(result.stdout)
     assert " img/s plain = " in rows["speed:resnet50-bf16-channels_last"]

@@ -27,15 +27,16 @@ SLOWMO = {"enabled": True, "tau": 2, "beta": 0.5}
 CONFIGS = {
     "allreduce": {"algorithm": {"name": "allreduce"}},
     "allreduce_slowmo": {"algorithm": {"name": "allreduce"}, "slowmo": SLOWMO},
-    "local_sgd_slowmo_streamed": {"algorithm": {"name": "local_sgd", "period": 2},
-                                  "slowmo": {**SLOWMO, "tau": 4, "fragments": 2, "overlap_steps": 1,
-                                             "outer_dtype": "bfloat16"}},
+    "local_sgd_slowmo_streamed": {
+        "algorithm": {"name": "local_sgd", "period": 2},
+        "slowmo": {**SLOWMO, "tau": 4, "fragments": 2, "overlap_steps": 1, "outer_dtype": "bfloat16"},
+    },
     "sgp_slowmo_sharded": {"algorithm": {"name": "sgp", "consensus_every": 1}, "slowmo": {**SLOWMO, "sharded": True}},
-    "osgp_bf16": {"algorithm": {"name": "osgp", "synch_freq": 1, "consensus_every": 2},
-                  "train": {"precision": "bf16"}},
-    "osgp_slowmo_sharded_streamed": {"algorithm": {"name": "osgp", "synch_freq": 1},
-                                     "slowmo": {**SLOWMO, "tau": 4, "sharded": True, "fragments": 2,
-                                                "overlap_steps": 2}},
+    "osgp_bf16": {"algorithm": {"name": "osgp", "synch_freq": 1, "consensus_every": 2}, "train": {"precision": "bf16"}},
+    "osgp_slowmo_sharded_streamed": {
+        "algorithm": {"name": "osgp", "synch_freq": 1},
+        "slowmo": {**SLOWMO, "tau": 4, "sharded": True, "fragments": 2, "overlap_steps": 2},
+    },
     # the control: nonfinite=skip reads one finiteness flag per step by design, so the counter must see it
     "skip_mode_control": {"algorithm": {"name": "local_sgd", "period": 2}, "train": {"nonfinite": "skip"}},
 }
@@ -59,6 +60,7 @@ def _count_reads(rank: int, world: int, data_root: str, root: str) -> dict:
             if counter["on"]:
                 counter["reads"].append(name)
             return originals[name](self, *args, **kwargs)
+
         return read
 
     for name in READS:
@@ -66,15 +68,30 @@ def _count_reads(rank: int, world: int, data_root: str, root: str) -> dict:
     out = {}
     try:
         for label, overrides in CONFIGS.items():
-            base = OmegaConf.merge(OmegaConf.structured(JobConfig), {
-                "model": {"width": 0.125}, "data": {"root": data_root},
-                "train": {"batch_size": 8, "epochs": 2, "max_steps": STEPS, "log_every": STEPS,
-                          "eval_every_epochs": 100, "eval_batch_size": 50, "progress": "none"},
-                "checkpoint": {"every_minutes": 0, "at_end": False}, "output_dir": f"{root}/{label}"}, overrides)
+            base = OmegaConf.merge(
+                OmegaConf.structured(JobConfig),
+                {
+                    "model": {"width": 0.125},
+                    "data": {"root": data_root},
+                    "train": {
+                        "batch_size": 8,
+                        "epochs": 2,
+                        "max_steps": STEPS,
+                        "log_every": STEPS,
+                        "eval_every_epochs": 100,
+                        "eval_batch_size": 50,
+                        "progress": "none",
+                    },
+                    "checkpoint": {"every_minutes": 0, "at_end": False},
+                    "output_dir": f"{root}/{label}",
+                },
+                overrides,
+            )
             run_dir = Path(root) / label
             run_dir.mkdir(parents=True, exist_ok=True)
-            trainer = Trainer(to_job_config(base), DistEnv(rank, world, rank, world, True), torch.device("cpu"),
-                              run_dir)
+            trainer = Trainer(
+                to_job_config(base), DistEnv(rank, world, rank, world, True), torch.device("cpu"), run_dir
+            )
             step_fn, opt_step = trainer.train_step, trainer.optimizer.step
 
             def optimizer_step(*args, opt_step=opt_step, **kwargs):

@@ -125,8 +125,9 @@ def test_list_split_numbers_classes_like_image_folder(tree):
     files = list_split(tree / "train")
     reference = torchvision.datasets.ImageFolder(str(tree / "train"))
     assert files.classes == reference.classes
-    assert [(files.path(i), int(files.labels[i])) for i in range(len(files))] == \
-        [(str(Path(p)), label) for p, label in reference.samples]
+    assert [(files.path(i), int(files.labels[i])) for i in range(len(files))] == [
+        (str(Path(p)), label) for p, label in reference.samples
+    ]
 
 
 def test_val_class_missing_from_train_is_a_clear_error(tree):
@@ -197,8 +198,17 @@ def test_sampler_rejects_a_batch_larger_than_a_shard():
 
 # --- the stream: exact resume, independent of loader workers ------------------------------------------
 def _stream(root: Path, workers: int, rank: int = 0, world: int = 2) -> ImageNetStream:
-    return ImageNetStream(str(root), image_size=16, batch_size=3, eval_batch_size=4, workers=workers, seed=5,
-                          rank=rank, world_size=world, device=torch.device("cpu"))
+    return ImageNetStream(
+        str(root),
+        image_size=16,
+        batch_size=3,
+        eval_batch_size=4,
+        workers=workers,
+        seed=5,
+        rank=rank,
+        world_size=world,
+        device=torch.device("cpu"),
+    )
 
 
 def _collect(stream: ImageNetStream, epoch: int, skip: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -242,8 +252,9 @@ def test_train_subset_keeps_a_fixed_shuffle(tree):
 def test_resnet50_matches_torchvision_layout_and_zero_inits_residual_gammas():
     model = build_model(ModelConfig(arch="resnet50"), "imagenet", num_classes=1000)
     reference = torchvision.models.resnet50()
-    assert {k: v.shape for k, v in model.state_dict().items()} == \
-        {k: v.shape for k, v in reference.state_dict().items()}
+    assert {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()
+    }
     last_bns = [m.bn3 for m in model.modules() if isinstance(m, torchvision.models.resnet.Bottleneck)]
     assert len(last_bns) == 16 and all(not bn.weight.detach().any() for bn in last_bns)
     assert bool((model.bn1.weight.detach() == 1).all())  # other gammas start at 1
@@ -272,9 +283,15 @@ def test_no_decay_bn_bias_groups():
 
 # --- the task -----------------------------------------------------------------------------------------
 def test_task_trains_and_evaluates_in_one_process(tree, single_process_group):
-    args = TaskArgs(model=ModelConfig(arch="resnet18", width=0.125, channels_last=True),
-                    data=DataConfig(root=str(tree), workers=0, image_size=32), eval=EvalConfig(),
-                    batch_size=4, eval_batch_size=5, seed=0, worker=WorkerInfo(0, 1, 0, torch.device("cpu")))
+    args = TaskArgs(
+        model=ModelConfig(arch="resnet18", width=0.125, channels_last=True),
+        data=DataConfig(root=str(tree), workers=0, image_size=32),
+        eval=EvalConfig(),
+        batch_size=4,
+        eval_batch_size=5,
+        seed=0,
+        worker=WorkerInfo(0, 1, 0, torch.device("cpu")),
+    )
     task = TASKS["imagenet"](args)
     assert task.steps_per_epoch == 24 // 4 and task.train_size == 24 and task.metric.split == "val"
     assert task.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -292,26 +309,47 @@ def test_task_trains_and_evaluates_in_one_process(tree, single_process_group):
 
 
 # --- 2 processes through the CLI --------------------------------------------------------------------
-SMOKE = ["task=imagenet", "model.width=0.125", "data.image_size=32", "train.batch_size=4", "train.max_steps=4",
-         "train.log_every=2", "train.eval_batch_size=8", "train.progress=log", "launcher.nproc_per_node=2",
-         "launcher.threads_per_worker=1"]
+SMOKE = [
+    "task=imagenet",
+    "model.width=0.125",
+    "data.image_size=32",
+    "train.batch_size=4",
+    "train.max_steps=4",
+    "train.log_every=2",
+    "train.eval_batch_size=8",
+    "train.progress=log",
+    "launcher.nproc_per_node=2",
+    "launcher.threads_per_worker=1",
+]
 
 
 def _cli(args: list[str], cwd: Path, timeout: float = 300) -> dict:
     env = launch_env()
     run_dir = cwd / "run"
-    result = subprocess.run([sys.executable, "-m", "slowmo_train", *args, f"output_dir={run_dir}"], cwd=cwd,
-                            env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "slowmo_train", *args, f"output_dir={run_dir}"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     events = read_metrics(run_dir)
-    return {"train": [e for e in events if e["event"] == "train"], "eval": [e for e in events if e["event"] == "eval"],
-            "summary": json.loads((run_dir / "summary.json").read_text()), "log": result.stdout + result.stderr}
+    return {
+        "train": [e for e in events if e["event"] == "train"],
+        "eval": [e for e in events if e["event"] == "eval"],
+        "summary": json.loads((run_dir / "summary.json").read_text()),
+        "log": result.stdout + result.stderr,
+    }
 
 
 @pytest.mark.multiproc
 def test_two_workers_sgp_slowmo_with_loader_processes(tree, tmp_path):
-    out = _cli([*SMOKE, "algorithm=sgp", "slowmo.enabled=true", "slowmo.tau=2", "data.workers=1",
-                f"data.root={tree}"], tmp_path)
+    out = _cli(
+        [*SMOKE, "algorithm=sgp", "slowmo.enabled=true", "slowmo.tau=2", "data.workers=1", f"data.root={tree}"],
+        tmp_path,
+    )
     assert [e["step"] for e in out["train"]] == [2, 4]
     assert all(e["samples_per_s"] > 0 and np.isfinite(e["loss"]) for e in out["train"])
     final = out["eval"][-1]
@@ -323,9 +361,20 @@ def test_two_workers_sgp_slowmo_with_loader_processes(tree, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision,algorithm", [("bf16", "allreduce"), ("fp16", "sgp")])
 def test_two_workers_mixed_precision_channels_last(tree, tmp_path, precision, algorithm):
-    out = _cli([*SMOKE, f"algorithm={algorithm}", "slowmo.enabled=true", "slowmo.tau=2", f"train.precision={precision}",
-                "model.channels_last=true", "optim.no_decay_bn_bias=true", "data.workers=0", f"data.root={tree}"],
-               tmp_path)
+    out = _cli(
+        [
+            *SMOKE,
+            f"algorithm={algorithm}",
+            "slowmo.enabled=true",
+            "slowmo.tau=2",
+            f"train.precision={precision}",
+            "model.channels_last=true",
+            "optim.no_decay_bn_bias=true",
+            "data.workers=0",
+            f"data.root={tree}",
+        ],
+        tmp_path,
+    )
     assert out["summary"]["steps"] == 4 and "top5" in out["eval"][-1]
     assert all(np.isfinite(e["loss"]) for e in out["train"])
 
@@ -335,10 +384,26 @@ def test_two_workers_mixed_precision_channels_last(tree, tmp_path, precision, al
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason="the shared ImageNet sample is not present")
 def test_real_sample_sgp_slowmo_two_loader_workers(tmp_path):
     """SGP + SlowMo on ImageNet at smoke size, on the 600 real images with two loader workers."""
-    out = _cli(["task=imagenet", "algorithm=sgp", "slowmo.enabled=true", "model.width=0.125", "data.image_size=64",
-                "data.workers=2", "train.batch_size=8", "train.max_steps=12", "train.log_every=4",
-                "train.eval_batch_size=50", "train.progress=log", "launcher.nproc_per_node=2",
-                "launcher.threads_per_worker=1", f"data.root={SAMPLE}"], tmp_path, timeout=600)
+    out = _cli(
+        [
+            "task=imagenet",
+            "algorithm=sgp",
+            "slowmo.enabled=true",
+            "model.width=0.125",
+            "data.image_size=64",
+            "data.workers=2",
+            "train.batch_size=8",
+            "train.max_steps=12",
+            "train.log_every=4",
+            "train.eval_batch_size=50",
+            "train.progress=log",
+            "launcher.nproc_per_node=2",
+            "launcher.threads_per_worker=1",
+            f"data.root={SAMPLE}",
+        ],
+        tmp_path,
+        timeout=600,
+    )
     assert out["summary"]["steps"] == 12
     assert 0 <= out["eval"][-1]["top1"] <= out["eval"][-1]["top5"] <= 100
 
@@ -348,8 +413,14 @@ def test_real_sample_sgp_slowmo_two_loader_workers(tmp_path):
 def test_resumed_run_equals_uninterrupted_one_mid_epoch(tree, tmp_path):
     """Stop after step 5 (2 batches into the second 3-step epoch), resume to step 9: every logged loss
     and the final evaluation match an uninterrupted run, with a loader worker process on."""
-    common = [*SMOKE, "algorithm=local_sgd", "data.workers=1", "train.log_every=1", "train.eval_every_epochs=100",
-              f"data.root={tree}"]
+    common = [
+        *SMOKE,
+        "algorithm=local_sgd",
+        "data.workers=1",
+        "train.log_every=1",
+        "train.eval_every_epochs=100",
+        f"data.root={tree}",
+    ]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     whole = _cli([*common, "train.max_steps=9"], tmp_path / "a")
@@ -364,10 +435,33 @@ def test_resumed_run_equals_uninterrupted_one_mid_epoch(tree, tmp_path):
 @pytest.mark.slow
 def test_pipeline_benchmark_reports_both_rates(tree, tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_imagenet_pipeline.py"
-    result = subprocess.run([sys.executable, str(script), "--root", str(tree), "--image-size", "32",
-                             "--batch-size", "4", "--workers", "0,1", "--batches", "3", "--width", "0.125",
-                             "--model-batch", "2", "--model-steps", "1", "--json", str(tmp_path / "bench.json")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--root",
+            str(tree),
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0,1",
+            "--batches",
+            "3",
+            "--width",
+            "0.125",
+            "--model-batch",
+            "2",
+            "--model-steps",
+            "1",
+            "--json",
+            str(tmp_path / "bench.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads((tmp_path / "bench.json").read_text())
     assert figures["model_images_per_s"] > 0 and figures["workers_needed"] >= 1

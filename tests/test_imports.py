@@ -102,6 +102,9 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_data_imports_no_model():
     graph = import_graph()
-    offenders = {name: sorted(t for t in targets if t.startswith(f"{NAME}.models"))
-                 for name, targets in graph.items() if name.startswith(f"{NAME}.data")}
+    offenders = {
+        name: sorted(t for t in targets if t.startswith(f"{NAME}.models"))
+        for name, targets in graph.items()
+        if name.startswith(f"{NAME}.data")
+    }
     assert {k: v for k, v in offenders.items() if v} == {}

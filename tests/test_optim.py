@@ -30,8 +30,11 @@ def test_milestones_scale_with_train_epochs():
 def test_apply_keeps_each_groups_base_lr():
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.5}], lr=1.0)
-    s = LrSchedule(OptimConfig(schedule="step", warmup_epochs=0, milestones=[1], milestone_epochs_of=2),
-                   steps_per_epoch=1, epochs=2)
+    s = LrSchedule(
+        OptimConfig(schedule="step", warmup_epochs=0, milestones=[1], milestone_epochs_of=2),
+        steps_per_epoch=1,
+        epochs=2,
+    )
     s.apply(opt, 5)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.05])
     s.apply(opt, 0)

@@ -33,12 +33,33 @@ from tests.distributed_helpers import run_distributed
 PACKAGE = Path(__file__).resolve().parent.parent / "slowmo_train"
 COMMUNICATION_MODULES = {"control.py", "algorithms/comm.py"}
 #: torch.distributed functions that communicate (group creation and queries are not listed)
-COMMUNICATING = frozenset({
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all", "all_to_all_single",
-    "barrier", "monitored_barrier", "batch_isend_irecv", "broadcast", "broadcast_object_list", "gather",
-    "gather_object", "irecv", "isend", "recv", "reduce", "reduce_scatter", "reduce_scatter_tensor", "scatter",
-    "scatter_object_list", "send", "P2POp",
-})
+COMMUNICATING = frozenset(
+    {
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_gather_object",
+        "all_to_all",
+        "all_to_all_single",
+        "barrier",
+        "monitored_barrier",
+        "batch_isend_irecv",
+        "broadcast",
+        "broadcast_object_list",
+        "gather",
+        "gather_object",
+        "irecv",
+        "isend",
+        "recv",
+        "reduce",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "scatter",
+        "scatter_object_list",
+        "send",
+        "P2POp",
+    }
+)
 
 
 # ============================================================================ the static rule
@@ -69,39 +90,60 @@ def test_only_the_two_communication_modules_call_torch_distributed():
 
 def test_the_static_rule_sees_each_spelling(tmp_path):
     sample = tmp_path / "sample.py"
-    sample.write_text("import torch.distributed as dist\nfrom torch.distributed import barrier\n"
-                      "import torch\ndist.all_reduce(t)\ntorch.distributed.broadcast(t, 0)\ndist.get_rank()\n")
+    sample.write_text(
+        "import torch.distributed as dist\nfrom torch.distributed import barrier\n"
+        "import torch\ndist.all_reduce(t)\ntorch.distributed.broadcast(t, 0)\ndist.get_rank()\n"
+    )
     assert sorted(_distributed_calls(sample)) == ["all_reduce (line 4)", "barrier (line 2)", "broadcast (line 5)"]
 
 
 # ============================================================================ the spawned ranks
-BASE = {"model": {"width": 0.125},
-        "train": {"batch_size": 16, "epochs": 1, "max_steps": 4, "log_every": 2, "eval_every_epochs": 100,
-                  "eval_batch_size": 50, "progress": "none"},
-        "checkpoint": {"every_steps": 2, "every_minutes": 0}, "launcher": {"threads_per_worker": 1}}
+BASE = {
+    "model": {"width": 0.125},
+    "train": {
+        "batch_size": 16,
+        "epochs": 1,
+        "max_steps": 4,
+        "log_every": 2,
+        "eval_every_epochs": 100,
+        "eval_batch_size": 50,
+        "progress": "none",
+    },
+    "checkpoint": {"every_steps": 2, "every_minutes": 0},
+    "launcher": {"threads_per_worker": 1},
+}
 SLOWMO = {"enabled": True, "tau": 2, "beta": 0.5}
 #: every algorithm, with and without SlowMo in each form; resumed from their step-2 checkpoint
 RUNS = {
     "allreduce": {"algorithm": {"name": "allreduce"}},
     "allreduce_slowmo": {"algorithm": {"name": "allreduce"}, "slowmo": SLOWMO},
     "local_sgd": {"algorithm": {"name": "local_sgd", "period": 2}},
-    "local_sgd_slowmo_streamed": {"algorithm": {"name": "local_sgd", "period": 2},
-                                  "slowmo": {**SLOWMO, "tau": 4, "fragments": 2, "overlap_steps": 1,
-                                             "outer_dtype": "bfloat16"}},
+    "local_sgd_slowmo_streamed": {
+        "algorithm": {"name": "local_sgd", "period": 2},
+        "slowmo": {**SLOWMO, "tau": 4, "fragments": 2, "overlap_steps": 1, "outer_dtype": "bfloat16"},
+    },
     "sgp_slowmo_sharded": {"algorithm": {"name": "sgp", "consensus_every": 1}, "slowmo": {**SLOWMO, "sharded": True}},
-    "osgp_slowmo_sharded_streamed": {"algorithm": {"name": "osgp", "synch_freq": 1, "consensus_every": 2},
-                                     "slowmo": {**SLOWMO, "tau": 4, "sharded": True, "fragments": 2,
-                                                "overlap_steps": 2}},
+    "osgp_slowmo_sharded_streamed": {
+        "algorithm": {"name": "osgp", "synch_freq": 1, "consensus_every": 2},
+        "slowmo": {**SLOWMO, "tau": 4, "sharded": True, "fragments": 2, "overlap_steps": 2},
+    },
     "osgp_skip": {"algorithm": {"name": "osgp", "synch_freq": 1}, "train": {"nonfinite": "skip"}},
-    "imagenet_sgp": {"task": {"name": "imagenet"}, "model": {"arch": "resnet50"},
-                     "algorithm": {"name": "sgp"}, "data": {"image_size": 32, "workers": 0},
-                     "train": {"batch_size": 4, "epochs": 2, "eval_batch_size": 8}},
-    "wmt16_local_sgd_slowmo": {"task": {"name": "wmt16"}, "model": {"arch": "transformer_small"},
-                               "optim": {"name": "adam", "schedule": "inverse_sqrt", "lr": 1e-3,
-                                         "warmup_steps": 2},
-                               "algorithm": {"name": "local_sgd", "period": 2}, "slowmo": SLOWMO,
-                               "data": {"max_tokens": 256, "vocab_size": 60},
-                               "eval": {"beam": 2, "bleu_max_sentences": 4, "bleu_every_evals": 1}},
+    "imagenet_sgp": {
+        "task": {"name": "imagenet"},
+        "model": {"arch": "resnet50"},
+        "algorithm": {"name": "sgp"},
+        "data": {"image_size": 32, "workers": 0},
+        "train": {"batch_size": 4, "epochs": 2, "eval_batch_size": 8},
+    },
+    "wmt16_local_sgd_slowmo": {
+        "task": {"name": "wmt16"},
+        "model": {"arch": "transformer_small"},
+        "optim": {"name": "adam", "schedule": "inverse_sqrt", "lr": 1e-3, "warmup_steps": 2},
+        "algorithm": {"name": "local_sgd", "period": 2},
+        "slowmo": SLOWMO,
+        "data": {"max_tokens": 256, "vocab_size": 60},
+        "eval": {"beam": 2, "bleu_max_sentences": 4, "bleu_every_evals": 1},
+    },
 }
 
 
@@ -118,8 +160,15 @@ def _job(data: dict, name: str, run_dir: Path, **extra):
 
     overrides = RUNS[name]
     task = overrides.get("task", {}).get("name", "cifar10")
-    return to_job_config(_merge(BASE, {"data": {"root": data[task], "cache_dir": data["cache"]}}, overrides,
-                                {"output_dir": str(run_dir)}, extra))
+    return to_job_config(
+        _merge(
+            BASE,
+            {"data": {"root": data[task], "cache_dir": data["cache"]}},
+            overrides,
+            {"output_dir": str(run_dir)},
+            extra,
+        )
+    )
 
 
 def _nccl_like_groups() -> None:
@@ -143,8 +192,17 @@ class Recorder:
     tensor dtypes) for every call made from the package."""
 
     # (isend / irecv are seen through batch_isend_irecv: P2POp accepts only the original functions)
-    WRAPPED = ("all_reduce", "all_gather", "broadcast", "barrier", "batch_isend_irecv", "send", "recv",
-               "all_gather_object", "broadcast_object_list")
+    WRAPPED = (
+        "all_reduce",
+        "all_gather",
+        "broadcast",
+        "barrier",
+        "batch_isend_irecv",
+        "send",
+        "recv",
+        "all_gather_object",
+        "broadcast_object_list",
+    )
 
     def __init__(self):
         self.calls: list[tuple[str, str, str, tuple]] = []
@@ -228,8 +286,9 @@ def _consensus_scenario(rank: int) -> dict:
     torch.manual_seed(rank)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    algo = build_algorithm(AlgorithmConfig(name="sgp", consensus_every=1), SlowMoConfig(enabled=True, tau=2),
-                           model, opt, build_topology(1))
+    algo = build_algorithm(
+        AlgorithmConfig(name="sgp", consensus_every=1), SlowMoConfig(enabled=True, tau=2), model, opt, build_topology(1)
+    )
     metrics = []
     for k in range(2):
         model(torch.randn(2, 4)).sum().backward()
@@ -288,9 +347,12 @@ def _whole_runs(rank: int, world: int, data: dict, root: str, names: list[str]) 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("planes_data")
-    return {"cifar10": str(write_image_folder_cifar(root / "cifar", n_train=128, n_test=50)),
-            "imagenet": str(write_image_folder_imagenet(root / "imagenet")),
-            "wmt16": str(write_parallel_text(root / "multi30k")), "cache": str(root / "cache")}
+    return {
+        "cifar10": str(write_image_folder_cifar(root / "cifar", n_train=128, n_test=50)),
+        "imagenet": str(write_image_folder_imagenet(root / "imagenet")),
+        "wmt16": str(write_parallel_text(root / "multi30k")),
+        "cache": str(root / "cache"),
+    }
 
 
 @functools.cache
@@ -369,8 +431,7 @@ def _run_whole(data, tmp_path, names):
 def test_whole_runs_send_host_values_only_on_the_control_plane(data, tmp_path):
     """Every algorithm with and without SlowMo (exact, streamed, sharded), checkpoints and resume,
     non-finite skip, and the three tasks' evaluation, with every collective recorded."""
-    per_rank = run_distributed(_whole_runs, 2, args=(data, str(tmp_path), list(RUNS)), backend="cuda:gloo",
-                               timeout=900)
+    per_rank = run_distributed(_whole_runs, 2, args=(data, str(tmp_path), list(RUNS)), backend="cuda:gloo", timeout=900)
     for rank, r in enumerate(per_rank):
         for name in RUNS:
             assert r[name] == {"steps": 4, "resumed": True}, (rank, name, r[name])
@@ -387,13 +448,23 @@ def test_resume_onto_a_non_cpu_device_restores_the_rng(tmp_path, single_process_
     from slowmo_train.dist import DistEnv
     from slowmo_train.trainer import Trainer
 
-    data = {"cifar10": str(write_image_folder_cifar(tmp_path / "cifar", n_train=64, n_test=20)),
-            "cache": str(tmp_path / "cache")}
+    data = {
+        "cifar10": str(write_image_folder_cifar(tmp_path / "cifar", n_train=64, n_test=20)),
+        "cache": str(tmp_path / "cache"),
+    }
     run = tmp_path / "run"
     run.mkdir()
-    job = to_job_config(_merge(BASE, {"data": {"root": data["cifar10"], "cache_dir": data["cache"]},
-                                      "optim": {"name": "adam", "lr": 1e-3}, "output_dir": str(run),
-                                      "train": {"max_steps": 2}}))
+    job = to_job_config(
+        _merge(
+            BASE,
+            {
+                "data": {"root": data["cifar10"], "cache_dir": data["cache"]},
+                "optim": {"name": "adam", "lr": 1e-3},
+                "output_dir": str(run),
+                "train": {"max_steps": 2},
+            },
+        )
+    )
     Trainer(job, DistEnv(), torch.device("cpu"), run).run()
     resumed = Trainer(to_job_config(_merge(job_dict(job), {"resume": "auto"})), DistEnv(), torch.device("meta"), run)
     assert resumed.resume() is not None and resumed.step == 2

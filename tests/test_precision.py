@@ -31,8 +31,14 @@ class InfGradient(torch.autograd.Function):
 
 def make_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(8, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
 
 
 def batch(seed: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +119,14 @@ def _train_fp16(rank: int, world_size: int, algorithm: str, slowmo: bool) -> dic
 
     model = make_model(seed=0)  # same initial parameters on every rank
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    algo = build_algorithm(AlgorithmConfig(name=algorithm, period=2), SlowMoConfig(enabled=slowmo, tau=4),
-                           model, optimizer, build_topology(1), CPU)
+    algo = build_algorithm(
+        AlgorithmConfig(name=algorithm, period=2),
+        SlowMoConfig(enabled=slowmo, tau=4),
+        model,
+        optimizer,
+        build_topology(1),
+        CPU,
+    )
     precision = Precision("fp16", CPU)
     stepped, unchanged_when_skipped, snapshots = [], [], []
     for k in range(STEPS):
@@ -135,9 +147,13 @@ def _train_fp16(rank: int, world_size: int, algorithm: str, slowmo: bool) -> dic
         snapshots.append(params(model))
     algo.close()
     totals = algo.comm.totals
-    return {"stepped": stepped, "unchanged_when_skipped": unchanged_when_skipped, "params": snapshots,
-            "finite": all(torch.isfinite(s).all() for s in snapshots),
-            "comm": (totals["bytes_sent"], totals["bytes_received"])}
+    return {
+        "stepped": stepped,
+        "unchanged_when_skipped": unchanged_when_skipped,
+        "params": snapshots,
+        "finite": all(torch.isfinite(s).all() for s in snapshots),
+        "comm": (totals["bytes_sent"], totals["bytes_received"]),
+    }
 
 
 CASES = [("allreduce", False), ("local_sgd", True), ("sgp", True)]

@@ -51,13 +51,19 @@ def base_cases(world_size: int) -> list[Case]:
 
 def hierarchy_cases() -> list[Case]:
     """2 nodes x 2 processes (world size 4)."""
-    bases = [Case("hier_allreduce", "allreduce"), Case("hier_local_sgd", "local_sgd", period=2),
-             Case("hier_sgp", "sgp", graph="nonregular_exponential"), Case("hier_osgp", "osgp", synch_freq=2)]
+    bases = [
+        Case("hier_allreduce", "allreduce"),
+        Case("hier_local_sgd", "local_sgd", period=2),
+        Case("hier_sgp", "sgp", graph="nonregular_exponential"),
+        Case("hier_osgp", "osgp", synch_freq=2),
+    ]
     bases = [replace(c, procs_per_node=2) for c in bases]
-    slow = [with_slowmo(bases[0], "hier_slowmo_allreduce", tau=TAU),
-            with_slowmo(bases[1], "hier_slowmo_local_sgd_sharded", tau=TAU, sharded=True, base_buffers="average"),
-            with_slowmo(bases[2], "hier_slowmo_sgp_decoupled", tau=TAU, coupling="decoupled", nesterov=True),
-            with_slowmo(bases[3], "hier_slowmo_osgp_sharded", tau=TAU, sharded=True)]
+    slow = [
+        with_slowmo(bases[0], "hier_slowmo_allreduce", tau=TAU),
+        with_slowmo(bases[1], "hier_slowmo_local_sgd_sharded", tau=TAU, sharded=True, base_buffers="average"),
+        with_slowmo(bases[2], "hier_slowmo_sgp_decoupled", tau=TAU, coupling="decoupled", nesterov=True),
+        with_slowmo(bases[3], "hier_slowmo_osgp_sharded", tau=TAU, sharded=True),
+    ]
     return bases + slow
 
 
@@ -119,12 +125,14 @@ def test_real_trajectory_matches_reference(world_size, case):
         real = real_result(world_size, case.name, rank)
         expected = ref.params[:, rank // case.procs_per_node]
         assert torch.allclose(real["params"], expected, rtol=RTOL, atol=ATOL), (
-            f"{case.name}, rank {rank}: " + first_mismatch(real["params"], expected))
+            f"{case.name}, rank {rank}: " + first_mismatch(real["params"], expected)
+        )
         # Running statistics are deterministic where the algorithm defines them: Local SGD averages
         # them with the parameters; DDP and gossip have their own buffer policies.
         if case.algorithm == "local_sgd":
             assert torch.allclose(real["stats"], ref.stats[:, rank], rtol=RTOL, atol=ATOL), (
-                f"{case.name}, rank {rank} running statistics: " + first_mismatch(real["stats"], ref.stats[:, rank]))
+                f"{case.name}, rank {rank} running statistics: " + first_mismatch(real["stats"], ref.stats[:, rank])
+            )
         if case.slowmo is not None and reference_for(case) is case:
             for k, value in ref.consensus.items():
                 assert real["consensus"][k] == pytest.approx(value, rel=1e-7, abs=1e-12), f"consensus at step {k}"
@@ -168,7 +176,8 @@ def test_hierarchy_two_nodes_equals_two_workers():
         for rank in range(4):
             real = real_result(4, case.name, rank)
             assert torch.allclose(real["params"], ref.params[:, rank // 2], rtol=RTOL, atol=ATOL), (
-                f"{case.name}, rank {rank}: " + first_mismatch(real["params"], ref.params[:, rank // 2]))
+                f"{case.name}, rank {rank}: " + first_mismatch(real["params"], ref.params[:, rank // 2])
+            )
         # the hierarchy matters: four independent workers would train differently
         if case.algorithm != "allreduce":
             assert not torch.allclose(ref.params[:, 0], simulate(replace(case, procs_per_node=1), 4).params[:, 0])

@@ -24,20 +24,41 @@ from slowmo_train.scripting import launch_env
 def _write_run(path: Path, beta: float, seconds_per_step: float, top1: list[float], sent: float) -> Path:
     """A 3-eval run of 60 steps, logging every 10 steps, evaluating every 20."""
     path.mkdir(parents=True)
-    config = {"algorithm": {"name": "local_sgd", "period": 12}, "slowmo": {"enabled": True, "beta": beta, "tau": 12},
-              "train": {"batch_size": 32}, "output_dir": str(path), "seed": 0}
+    config = {
+        "algorithm": {"name": "local_sgd", "period": 12},
+        "slowmo": {"enabled": True, "beta": beta, "tau": 12},
+        "train": {"batch_size": 32},
+        "output_dir": str(path),
+        "seed": 0,
+    }
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     events, t = [], 1000.0
     for step in range(10, 61, 10):
         t += 10 * seconds_per_step
-        events.append({"event": "train", "step": step, "time": t, "loss": 2.0 - step / 100, "lr": 0.1,
-                       "samples_per_s": 64 / seconds_per_step, "comm_bytes_sent_per_step": sent})
+        events.append(
+            {
+                "event": "train",
+                "step": step,
+                "time": t,
+                "loss": 2.0 - step / 100,
+                "lr": 0.1,
+                "samples_per_s": 64 / seconds_per_step,
+                "comm_bytes_sent_per_step": sent,
+            }
+        )
         if step % 20 == 0:
             t += 5.0  # evaluation time, which is not training time
             events.append({"event": "eval", "step": step, "time": t, "split": "test", "top1": top1[step // 20 - 1]})
     (path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    summary = {"steps": 60, "metric": "top1", "higher_is_better": True, "best": max(top1), "best_step": 40,
-               "final_eval": {"split": "test", "top1": top1[-1]}, "comm_bytes_sent_per_step": sent}
+    summary = {
+        "steps": 60,
+        "metric": "top1",
+        "higher_is_better": True,
+        "best": max(top1),
+        "best_step": 40,
+        "final_eval": {"split": "test", "top1": top1[-1]},
+        "comm_bytes_sent_per_step": sent,
+    }
     (path / "summary.json").write_text(json.dumps(summary))
     return path
 
@@ -83,16 +104,36 @@ def test_report_of_a_real_hydra_multirun(tmp_path, torchvision_cifar):
     env = launch_env()
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "slowmo_train", "-m", "task=cifar10", "algorithm=local_sgd", "slowmo.enabled=true",
-           "slowmo.tau=12", "slowmo.beta=0.4,0.8", "model.width=0.125", "train.batch_size=16", "train.max_steps=4",
-           "train.log_every=2", "train.eval_batch_size=50", "train.progress=none", "launcher.threads_per_worker=1",
-           f"data.root={torchvision_cifar}", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slowmo_train",
+        "-m",
+        "task=cifar10",
+        "algorithm=local_sgd",
+        "slowmo.enabled=true",
+        "slowmo.tau=12",
+        "slowmo.beta=0.4,0.8",
+        "model.width=0.125",
+        "train.batch_size=16",
+        "train.max_steps=4",
+        "train.log_every=2",
+        "train.eval_batch_size=50",
+        "train.progress=none",
+        "launcher.threads_per_worker=1",
+        f"data.root={torchvision_cifar}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert {p.name for p in sweep.iterdir() if (p / "metrics.jsonl").exists()} == {"0", "1"}
 
-    out = subprocess.run([sys.executable, "-m", "slowmo_train.report", str(sweep), "--out", str(tmp_path / "rep")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "slowmo_train.report", str(sweep), "--out", str(tmp_path / "rep")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     rows = list(csv.DictReader(open(tmp_path / "rep" / "report.csv")))
     assert [r["slowmo.beta"] for r in rows] == ["0.4", "0.8"]

@@ -26,8 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 def test_cifar_plan_has_every_method_and_seed_with_identical_shared_overrides():
     runs = runs_plan.plan("cifar")
     keys = {r.method.key for r in runs}
-    assert keys == {"allreduce", "allreduce_slowmo", "localsgd", "localsgd_slowmo", "sgp", "sgp_slowmo", "osgp",
-                    "osgp_slowmo"}
+    assert keys == {
+        "allreduce",
+        "allreduce_slowmo",
+        "localsgd",
+        "localsgd_slowmo",
+        "sgp",
+        "sgp_slowmo",
+        "osgp",
+        "osgp_slowmo",
+    }
     assert len(runs) == 16 and {r.seed for r in runs} == {1, 2}
     runs_dir = Path("/tmp/x")
     for r in runs:
@@ -58,8 +66,13 @@ def test_streamed_sweep_and_translation_plans():
         tau = [a for a in r.method.extra if a.startswith("slowmo.tau=")][0].split("=")[1]
         assert f"algorithm.period={tau}" in r.method.extra  # pure BMUF
     translation = runs_plan.plan("translation")
-    assert {r.method.exp for r in translation} == {"wmt16_allreduce", "wmt16_localsgd", "wmt16_localsgd_slowmo",
-                                                   "wmt16_sgp", "wmt16_sgp_slowmo"}
+    assert {r.method.exp for r in translation} == {
+        "wmt16_allreduce",
+        "wmt16_localsgd",
+        "wmt16_localsgd_slowmo",
+        "wmt16_sgp",
+        "wmt16_sgp_slowmo",
+    }
     assert {r.seed for r in translation} == set(runs_plan.SEEDS) and len(translation) == 5 * len(runs_plan.SEEDS)
 
 
@@ -153,26 +166,52 @@ def test_verdict_against_seed_spread():
     assert verdicts.verdict(S(50, 0.3, 2), S(50.2, 0.3, 2), kind="no_gain")[0] == "reproduces"
     assert verdicts.verdict(S(50, 0.3, 2), S(53, 0.3, 2), kind="no_gain")[0] == "does not reproduce"
     assert verdicts.verdict(None, S(1, None, 1))[0] == "no data"
-    assert verdicts.stat([1.0, 3.0]).sd == pytest.approx(2 ** 0.5) and verdicts.stat([2.0]).sd is None
+    assert verdicts.stat([1.0, 3.0]).sd == pytest.approx(2**0.5) and verdicts.stat([2.0]).sd is None
 
 
 # --- report on synthetic runs ------------------------------------------------------------------------
-def fake_run(run_dir: Path, best: float, loss: float, metric: str = "top1", bytes_per_step: float = 1e5,
-             final_extra: dict | None = None) -> None:
+def fake_run(
+    run_dir: Path,
+    best: float,
+    loss: float,
+    metric: str = "top1",
+    bytes_per_step: float = 1e5,
+    final_extra: dict | None = None,
+) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"seed": 1, "model": {"width": 0.125}}))
-    events = [{"event": "train", "step": s, "time": 100.0 + 0.05 * s, "loss": loss + (100 - s) / 50} for s in
-              (20, 40, 60, 80, 100)]
-    events += [{"event": "eval", "step": s, "time": 100.0 + 0.05 * s + 0.01, "split": "test",
-                metric: best - (100 - s) / 10} for s in (50, 100)]
+    events = [
+        {"event": "train", "step": s, "time": 100.0 + 0.05 * s, "loss": loss + (100 - s) / 50}
+        for s in (20, 40, 60, 80, 100)
+    ]
+    events += [
+        {"event": "eval", "step": s, "time": 100.0 + 0.05 * s + 0.01, "split": "test", metric: best - (100 - s) / 10}
+        for s in (50, 100)
+    ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    (run_dir / "summary.json").write_text(json.dumps({
-        "steps": 100, "metric": metric, "best": best, "comm_bytes_sent_per_step": bytes_per_step,
-        "final_eval": {"split": "test", metric: best, **(final_extra or {})}}))
+    (run_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "steps": 100,
+                "metric": metric,
+                "best": best,
+                "comm_bytes_sent_per_step": bytes_per_step,
+                "final_eval": {"split": "test", metric: best, **(final_extra or {})},
+            }
+        )
+    )
 
 
-CIFAR_BEST = {"allreduce": 50.0, "allreduce_slowmo": 50.1, "localsgd": 45.0, "localsgd_slowmo": 48.0, "sgp": 47.0,
-              "sgp_slowmo": 47.1, "osgp": 49.0, "osgp_slowmo": 46.0}
+CIFAR_BEST = {
+    "allreduce": 50.0,
+    "allreduce_slowmo": 50.1,
+    "localsgd": 45.0,
+    "localsgd_slowmo": 48.0,
+    "sgp": 47.0,
+    "sgp_slowmo": 47.1,
+    "osgp": 49.0,
+    "osgp_slowmo": 46.0,
+}
 
 
 @pytest.fixture
@@ -234,8 +273,20 @@ def test_region_replacement_keeps_the_rest_of_the_document():
 def test_main_report_writes_only_given_paths(synthetic_runs, tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\nhand-written\n")
-    assert rp.main(["report", "--runs-dir", str(synthetic_runs), "--results", str(results),
-                    "--img-dir", str(tmp_path / "docs_img")]) == 0
+    assert (
+        rp.main(
+            [
+                "report",
+                "--runs-dir",
+                str(synthetic_runs),
+                "--results",
+                str(results),
+                "--img-dir",
+                str(tmp_path / "docs_img"),
+            ]
+        )
+        == 0
+    )
     text = results.read_text()
     assert text.startswith("# Results\n\nhand-written\n") and report.BEGIN in text
     assert "](docs_img/reproduce_cifar.png)" in text and (tmp_path / "docs_img" / "reproduce_sweep.png").exists()
@@ -247,8 +298,12 @@ def test_main_report_writes_only_given_paths(synthetic_runs, tmp_path):
 def test_real_tiny_run_is_reported(tmp_path):
     """One tiny 4-worker CIFAR-10 run through the CLI, then the report reads it."""
     run = runs_plan.plan("cifar")[3]  # Local SGD + SlowMo
-    cmd = run.command(tmp_path) + ["data.train_subset=512", "train.epochs=1", "train.log_every=2",
-                                   "train.eval_batch_size=1000"]
+    cmd = run.command(tmp_path) + [
+        "data.train_subset=512",
+        "train.epochs=1",
+        "train.log_every=2",
+        "train.eval_batch_size=1000",
+    ]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
     assert runs_plan.run_state(run.run_dir(tmp_path)) == "done"
     groups = verdicts.load_set("cifar", tmp_path)

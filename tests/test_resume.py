@@ -69,8 +69,9 @@ def _resume_cases(rank: int, world_size: int, root: str, data_root: str, names: 
         straight_dir, split_dir = Path(root) / name / "straight", Path(root) / name / "split"
         straight = run_trainer(merge(base, {"train": {"max_steps": N}}), straight_dir)
         first = run_trainer(merge(base, {"train": {"max_steps": split}}), split_dir)
-        second = run_trainer(merge(base, {"train": {"max_steps": N}, "resume": "auto", "output_dir": str(split_dir)}),
-                             split_dir)
+        second = run_trainer(
+            merge(base, {"train": {"max_steps": N}, "resume": "auto", "output_dir": str(split_dir)}), split_dir
+        )
         a, b = rank_state(straight_dir, N, rank), rank_state(split_dir, N, rank)
         results[name] = {
             "steps": (straight["step"], first["step"], second["step"]),
@@ -94,8 +95,9 @@ def _check(results: list[dict], name: str) -> None:
     assert [s for s, _ in straight] == [3, 6, 9, 10]
     # the capped first half also logged a line at its last step (the split); the rest is identical
     split = _cases()[name][1]
-    assert [r for r in resumed if r[0] != split or split % 3 == 0] == straight, \
+    assert [r for r in resumed if r[0] != split or split % 3 == 0] == straight, (
         f"{name}: logged losses differ: {straight} vs {resumed}"
+    )
 
 
 @pytest.fixture(scope="module")

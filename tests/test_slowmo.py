@@ -193,18 +193,21 @@ def test_alpha_one_beta_zero_is_the_exact_average(process_group):
 
 
 # --- validation ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("options,message", [
-    ({"alpha": 0.0}, "slowmo.alpha must be > 0, got 0.0"),
-    ({"alpha": -1.0}, "slowmo.alpha must be > 0, got -1.0"),
-    ({"beta": 1.0}, r"slowmo.beta must be in \[0, 1\), got 1.0"),
-    ({"beta": 1.2}, r"slowmo.beta must be in \[0, 1\), got 1.2"),
-    ({"beta": -0.1}, r"slowmo.beta must be in \[0, 1\), got -0.1"),
-    ({"tau": 0}, "slowmo.tau must be an integer >= 1, got 0"),
-    ({"tau": 2.5}, "slowmo.tau must be an integer >= 1, got 2.5"),
-    ({"base_buffers": "zero"}, "slowmo.base_buffers must be one of reset, keep, average, got 'zero'"),
-    ({"lr_coupling": "loose"}, "slowmo.lr_coupling must be one of coupled, decoupled, got 'loose'"),
-    ({"nesterov": True}, "slowmo.nesterov=True needs slowmo.lr_coupling='decoupled'"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"alpha": 0.0}, "slowmo.alpha must be > 0, got 0.0"),
+        ({"alpha": -1.0}, "slowmo.alpha must be > 0, got -1.0"),
+        ({"beta": 1.0}, r"slowmo.beta must be in \[0, 1\), got 1.0"),
+        ({"beta": 1.2}, r"slowmo.beta must be in \[0, 1\), got 1.2"),
+        ({"beta": -0.1}, r"slowmo.beta must be in \[0, 1\), got -0.1"),
+        ({"tau": 0}, "slowmo.tau must be an integer >= 1, got 0"),
+        ({"tau": 2.5}, "slowmo.tau must be an integer >= 1, got 2.5"),
+        ({"base_buffers": "zero"}, "slowmo.base_buffers must be one of reset, keep, average, got 'zero'"),
+        ({"lr_coupling": "loose"}, "slowmo.lr_coupling must be one of coupled, decoupled, got 'loose'"),
+        ({"nesterov": True}, "slowmo.nesterov=True needs slowmo.lr_coupling='decoupled'"),
+    ],
+)
 def test_bad_hyper_parameters_name_the_key(process_group, options, message):
     with pytest.raises(ValueError, match=message):
         make_slowmo(**options)
@@ -264,8 +267,13 @@ def test_average_touches_statistics_but_not_step_counters(process_group):
     slowmo, model, opt = make_slowmo(optimizer="adam", base_buffers="average")
     sgd_step(model, opt)
     averaged = slowmo._optimizer_statistics()
-    expected = [s[key] for p in opt.param_groups for q in p["params"] for s in [opt.state[q]]
-                for key in ("exp_avg", "exp_avg_sq")]
+    expected = [
+        s[key]
+        for p in opt.param_groups
+        for q in p["params"]
+        for s in [opt.state[q]]
+        for key in ("exp_avg", "exp_avg_sq")
+    ]
     assert len(averaged) == len(expected) and all(a is b for a, b in zip(averaged, expected))
 
 

@@ -40,50 +40,129 @@ def streaming_cases(world_size: int) -> list[Case]:
             for delay in (0, 1, 2):
                 if frags == 1 and delay == 0:
                     continue  # the default: Alg. 1's own code path, covered by test_reference.py
-                cases.append(with_slowmo(replace(base, steps=STEPS), f"stream_{base.name}_F{frags}_D{delay}",
-                                         tau=TAU, fragments=frags, overlap=delay))
-        cases.append(with_slowmo(replace(base, steps=STEPS), f"stream_{base.name}_F2_D1_decoupled_nesterov",
-                                 tau=TAU, fragments=2, overlap=1, coupling="decoupled", nesterov=True,
-                                 base_buffers="average"))
-        cases.append(with_slowmo(replace(base, steps=STEPS), f"stream_{base.name}_F2_D1_bf16",
-                                 tau=TAU, fragments=2, overlap=1, outer_dtype="bfloat16"))
+                cases.append(
+                    with_slowmo(
+                        replace(base, steps=STEPS),
+                        f"stream_{base.name}_F{frags}_D{delay}",
+                        tau=TAU,
+                        fragments=frags,
+                        overlap=delay,
+                    )
+                )
+        cases.append(
+            with_slowmo(
+                replace(base, steps=STEPS),
+                f"stream_{base.name}_F2_D1_decoupled_nesterov",
+                tau=TAU,
+                fragments=2,
+                overlap=1,
+                coupling="decoupled",
+                nesterov=True,
+                base_buffers="average",
+            )
+        )
+        cases.append(
+            with_slowmo(
+                replace(base, steps=STEPS),
+                f"stream_{base.name}_F2_D1_bf16",
+                tau=TAU,
+                fragments=2,
+                overlap=1,
+                outer_dtype="bfloat16",
+            )
+        )
     gossip = [Case("sgp", "sgp", graph="nonregular_exponential"), Case("osgp", "osgp", synch_freq=2)]
     # push-sum bases: fragments keep each worker's weight, overlap flushes the gossip at the merge
     for base in gossip:
         for frags, delay in ((1, 1), (2, 0), (2, 1), (4, 2)):
-            cases.append(with_slowmo(replace(base, steps=STEPS), f"stream_{base.name}_F{frags}_D{delay}",
-                                     tau=TAU, fragments=frags, overlap=delay))
-        cases.append(with_slowmo(replace(base, steps=STEPS), f"stream_{base.name}_F2_D1_bf16",
-                                 tau=TAU, fragments=2, overlap=1, outer_dtype="bfloat16"))
+            cases.append(
+                with_slowmo(
+                    replace(base, steps=STEPS),
+                    f"stream_{base.name}_F{frags}_D{delay}",
+                    tau=TAU,
+                    fragments=frags,
+                    overlap=delay,
+                )
+            )
+        cases.append(
+            with_slowmo(
+                replace(base, steps=STEPS),
+                f"stream_{base.name}_F2_D1_bf16",
+                tau=TAU,
+                fragments=2,
+                overlap=1,
+                outer_dtype="bfloat16",
+            )
+        )
     # 16-bit outer messages over every base
     for base in list(BASES) + gossip:
         for dtype in ("bfloat16", "float16"):
-            cases.append(with_slowmo(replace(base, steps=STEPS), f"wire_{base.name}_{dtype}", tau=TAU,
-                                     outer_dtype=dtype))
+            cases.append(
+                with_slowmo(replace(base, steps=STEPS), f"wire_{base.name}_{dtype}", tau=TAU, outer_dtype=dtype)
+            )
     # sharded x0 / u (float32): numerators sent, each rank updates its slice, the new x0 all-gathered
     for base in list(BASES) + gossip:
         for frags, delay in ((1, 1), (2, 0), (2, 2), (4, 3)):
-            cases.append(with_slowmo(replace(base, steps=STEPS), f"shard_{base.name}_F{frags}_D{delay}",
-                                     tau=TAU, fragments=frags, overlap=delay, sharded=True))
+            cases.append(
+                with_slowmo(
+                    replace(base, steps=STEPS),
+                    f"shard_{base.name}_F{frags}_D{delay}",
+                    tau=TAU,
+                    fragments=frags,
+                    overlap=delay,
+                    sharded=True,
+                )
+            )
     # Local SGD with period = tau: SlowMo's fragments are the only averaging (Streaming DiLoCo)
-    cases.append(with_slowmo(Case("local_sgd", "local_sgd", period=TAU, steps=STEPS), "stream_bmuf_F4_D1",
-                             tau=TAU, fragments=4, overlap=1))
+    cases.append(
+        with_slowmo(
+            Case("local_sgd", "local_sgd", period=TAU, steps=STEPS),
+            "stream_bmuf_F4_D1",
+            tau=TAU,
+            fragments=4,
+            overlap=1,
+        )
+    )
     # the explicit defaults are Alg. 1 (checked bit for bit against the plain SlowMo case)
-    cases.append(with_slowmo(Case("local_sgd", "local_sgd", period=2), "defaults_local_sgd", tau=TAU,
-                             fragments=1, overlap=0, outer_dtype="float32"))
+    cases.append(
+        with_slowmo(
+            Case("local_sgd", "local_sgd", period=2),
+            "defaults_local_sgd",
+            tau=TAU,
+            fragments=1,
+            overlap=0,
+            outer_dtype="float32",
+        )
+    )
     if world_size == 4:  # 2 nodes x 2 processes
         for base in BASES + (Case("sgp", "sgp"),):
-            cases.append(with_slowmo(replace(base, steps=STEPS, procs_per_node=2), f"hier_{base.name}_F2_D1",
-                                     tau=TAU, fragments=2, overlap=1))
-        cases.append(with_slowmo(Case("local_sgd", "local_sgd", period=2, steps=STEPS, procs_per_node=2),
-                                 "hier_local_sgd_F2_D2_sharded", tau=TAU, fragments=2, overlap=2, sharded=True))
+            cases.append(
+                with_slowmo(
+                    replace(base, steps=STEPS, procs_per_node=2),
+                    f"hier_{base.name}_F2_D1",
+                    tau=TAU,
+                    fragments=2,
+                    overlap=1,
+                )
+            )
+        cases.append(
+            with_slowmo(
+                Case("local_sgd", "local_sgd", period=2, steps=STEPS, procs_per_node=2),
+                "hier_local_sgd_F2_D2_sharded",
+                tau=TAU,
+                fragments=2,
+                overlap=2,
+                sharded=True,
+            )
+        )
     return cases
 
 
 @functools.cache
 def distributed_results(world_size: int) -> list[dict]:
-    cases = streaming_cases(world_size) + [with_slowmo(Case("local_sgd", "local_sgd", period=2), "plain_local_sgd",
-                                                       tau=TAU)]
+    cases = streaming_cases(world_size) + [
+        with_slowmo(Case("local_sgd", "local_sgd", period=2), "plain_local_sgd", tau=TAU)
+    ]
     return run_distributed(run_all_cases, world_size, args=(cases,))
 
 
@@ -116,7 +195,8 @@ def test_streamed_trajectory_matches_reference(world_size, case):
         expected = ref.params[:steps, rank // case.procs_per_node]
         assert torch.isfinite(got["params"]).all()
         assert torch.allclose(got["params"][:steps], expected, rtol=rtol, atol=atol), (
-            f"{case.name}, rank {rank}: " + first_mismatch(got["params"][:steps], expected))
+            f"{case.name}, rank {rank}: " + first_mismatch(got["params"][:steps], expected)
+        )
         if case.algorithm == "local_sgd" and rtol == RTOL:
             assert torch.allclose(got["stats"], ref.stats[:, rank], rtol=RTOL, atol=ATOL), f"{case.name} statistics"
         if rtol == RTOL:
@@ -171,7 +251,11 @@ def test_fragments_cover_every_parameter_once_in_layer_order():
     assert fragment_bounds(24, 4) == [0, 6, 12, 18, 24]
     frags = build_fragments(sizes, groups, 4)
     assert [[(p.param, p.start, p.stop, p.group, p.offset) for p in f] for f in frags] == [
-        [(0, 0, 6, 0, 0)], [(0, 6, 12, 0, 6)], [(1, 0, 4, 0, 12), (2, 0, 2, 1, 0)], [(2, 2, 8, 1, 2)]]
+        [(0, 0, 6, 0, 0)],
+        [(0, 6, 12, 0, 6)],
+        [(1, 0, 4, 0, 12), (2, 0, 2, 1, 0)],
+        [(2, 2, 8, 1, 2)],
+    ]
     # every fragment is synchronised once per tau steps, fragment f tau/F steps before fragment f - 1
     tau = 8
     for f in range(4):
@@ -198,12 +282,18 @@ def test_sharding_by_fragment_gives_every_rank_an_equal_contiguous_slice():
 
 
 # --- validation -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("options,message", [
-    ({"outer_dtype": "int8"}, "slowmo.outer_dtype must be one of float32, bfloat16, float16"),
-    ({"fragments": 3}, "slowmo.fragments must be an integer >= 1 dividing slowmo.tau=4, got 3"),
-    ({"overlap_steps": 4}, "slowmo.overlap_steps must be an integer in [0, slowmo.tau=4), got 4"),
-    ({"outer_dtype": "bfloat16", "sharded": True}, "slowmo.sharded=true works only with slowmo.outer_dtype=float32"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"outer_dtype": "int8"}, "slowmo.outer_dtype must be one of float32, bfloat16, float16"),
+        ({"fragments": 3}, "slowmo.fragments must be an integer >= 1 dividing slowmo.tau=4, got 3"),
+        ({"overlap_steps": 4}, "slowmo.overlap_steps must be an integer in [0, slowmo.tau=4), got 4"),
+        (
+            {"outer_dtype": "bfloat16", "sharded": True},
+            "slowmo.sharded=true works only with slowmo.outer_dtype=float32",
+        ),
+    ],
+)
 def test_bad_streaming_options_name_the_key(options, message, single_process_group):
     result = _build_error(0, 1, "local_sgd", options)
     assert result is not None and message in result, result
@@ -218,8 +308,9 @@ def _build_error(rank, world_size, algorithm, options):
     model = TinyNet()
     algo_cfg = AlgorithmConfig(name=algorithm, period=2, graph="nonregular_exponential")
     try:
-        build_algorithm(algo_cfg, SlowMoConfig(enabled=True, tau=TAU, **options), model, build_optimizer(model),
-                        build_topology(1))
+        build_algorithm(
+            algo_cfg, SlowMoConfig(enabled=True, tau=TAU, **options), model, build_optimizer(model), build_topology(1)
+        )
     except ValueError as err:
         return str(err)
     return None
@@ -241,8 +332,13 @@ def _bytes_per_step(rank, world_size, variants):
     for name, options in variants.items():
         model = Float32Net()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        algo = build_algorithm(AlgorithmConfig(name="local_sgd", period=TAU),
-                               SlowMoConfig(enabled=True, tau=TAU, **options), model, opt, build_topology(1))
+        algo = build_algorithm(
+            AlgorithmConfig(name="local_sgd", period=TAU),
+            SlowMoConfig(enabled=True, tau=TAU, **options),
+            model,
+            opt,
+            build_topology(1),
+        )
         steps = []
         for k in range(2 * TAU):
             gen = torch.Generator().manual_seed(100 * rank + k)
@@ -258,10 +354,15 @@ def _bytes_per_step(rank, world_size, variants):
 
 
 def test_16_bit_outer_messages_halve_the_bytes_and_overlap_is_counted():
-    variants = {"exact": {}, "f32_D1": {"overlap_steps": 1}, "bf16_D1": {"overlap_steps": 1, "outer_dtype": "bfloat16"},
-                "fp16_D0": {"outer_dtype": "float16"}, "f32_F4_D1": {"overlap_steps": 1, "fragments": 4},
-                "f32_D1_sharded": {"overlap_steps": 1, "sharded": True},
-                "f32_F4_D2_sharded": {"overlap_steps": 2, "fragments": 4, "sharded": True}}
+    variants = {
+        "exact": {},
+        "f32_D1": {"overlap_steps": 1},
+        "bf16_D1": {"overlap_steps": 1, "outer_dtype": "bfloat16"},
+        "fp16_D0": {"outer_dtype": "float16"},
+        "f32_F4_D1": {"overlap_steps": 1, "fragments": 4},
+        "f32_D1_sharded": {"overlap_steps": 1, "sharded": True},
+        "f32_F4_D2_sharded": {"overlap_steps": 2, "fragments": 4, "sharded": True},
+    }
     steps = run_distributed(_bytes_per_step, 2, args=(variants,))[0]
     numel = 16 * 8 + 8
     ring = lambda nbytes: 2 * (2 - 1) * nbytes // 2  # noqa: E731  (ring all-reduce over 2 ranks)
@@ -286,7 +387,7 @@ def test_16_bit_outer_messages_halve_the_bytes_and_overlap_is_counted():
     # by fragment, every rank holds half of each fragment: the all-gathers add up to half the model
     # per outer iteration, as with F = 1 (not a whole fragment from the rank that owns most of it)
     quarters = [s["bytes_sent"] for s in steps["f32_F4_D2_sharded"]]
-    assert sum(quarters[TAU:2 * TAU]) == 4 * ring(4 * numel // 4) + (2 - 1) * 4 * (numel // 2)
+    assert sum(quarters[TAU : 2 * TAU]) == 4 * ring(4 * numel // 4) + (2 - 1) * 4 * (numel // 2)
     # F = 4 over Local SGD with period = tau: a quarter of the model every tau / 4 steps and no average
     # of the base's own, so the same bytes per outer iteration with a quarter of the peak
     quarter = [s["bytes_sent"] for s in steps["f32_F4_D1"]]
@@ -340,17 +441,28 @@ def _resume_in_flight(rank, world_size, case, split):
     return {"in_flight": in_flight, "resolved": resolved, "equal": equal}
 
 
-@pytest.mark.parametrize("name,base,options,split", [
-    ("local_sgd_F2_D2", Case("l", "local_sgd", period=2, steps=STEPS), dict(fragments=2, overlap=2), 5),
-    ("allreduce_F1_D1_bf16", Case("a", "allreduce", steps=STEPS), dict(overlap=1, outer_dtype="bfloat16"), 4),
-    ("osgp_F2_D1", Case("o", "osgp", synch_freq=2, steps=STEPS), dict(fragments=2, overlap=1), 4),
-    # sharded, D = 2: split 4 has fragment 0's all-reduce in flight, split 5 its all-gather
-    ("local_sgd_F2_D2_sharded_reducing", Case("l", "local_sgd", period=2, steps=STEPS),
-     dict(fragments=2, overlap=2, sharded=True), 4),
-    ("local_sgd_F2_D2_sharded_gathering", Case("l", "local_sgd", period=2, steps=STEPS),
-     dict(fragments=2, overlap=2, sharded=True), 5),
-    ("sgp_F1_D2_sharded", Case("s", "sgp", steps=STEPS), dict(overlap=2, sharded=True), 5),
-])
+@pytest.mark.parametrize(
+    "name,base,options,split",
+    [
+        ("local_sgd_F2_D2", Case("l", "local_sgd", period=2, steps=STEPS), dict(fragments=2, overlap=2), 5),
+        ("allreduce_F1_D1_bf16", Case("a", "allreduce", steps=STEPS), dict(overlap=1, outer_dtype="bfloat16"), 4),
+        ("osgp_F2_D1", Case("o", "osgp", synch_freq=2, steps=STEPS), dict(fragments=2, overlap=1), 4),
+        # sharded, D = 2: split 4 has fragment 0's all-reduce in flight, split 5 its all-gather
+        (
+            "local_sgd_F2_D2_sharded_reducing",
+            Case("l", "local_sgd", period=2, steps=STEPS),
+            dict(fragments=2, overlap=2, sharded=True),
+            4,
+        ),
+        (
+            "local_sgd_F2_D2_sharded_gathering",
+            Case("l", "local_sgd", period=2, steps=STEPS),
+            dict(fragments=2, overlap=2, sharded=True),
+            5,
+        ),
+        ("sgp_F1_D2_sharded", Case("s", "sgp", steps=STEPS), dict(overlap=2, sharded=True), 5),
+    ],
+)
 def test_resume_with_an_outer_message_in_flight_is_exact(name, base, options, split):
     case = with_slowmo(base, name, tau=TAU, **options)
     results = run_distributed(_resume_in_flight, 2, args=(case, split))
@@ -371,8 +483,10 @@ def test_trainer_resume_with_an_outer_message_in_flight(tmp_path, wire):
     from tests.conftest import write_torchvision_cifar
 
     data = write_torchvision_cifar(tmp_path / "data")
-    overrides = {"algorithm": {"name": "local_sgd", "period": 2},
-                 "slowmo": {"enabled": True, "tau": 4, "beta": 0.5, "fragments": 2, "overlap_steps": 2, **wire}}
+    overrides = {
+        "algorithm": {"name": "local_sgd", "period": 2},
+        "slowmo": {"enabled": True, "tau": 4, "beta": 0.5, "fragments": 2, "overlap_steps": 2, **wire},
+    }
     results = run_distributed(_trainer_resume, 2, args=(str(tmp_path / "runs"), str(data), overrides), timeout=600)
     for rank, r in enumerate(results):
         assert r["pending_at_split"] >= 1, rank
@@ -395,12 +509,15 @@ def _trainer_resume(rank, world_size, root, data_root, overrides):
     straight = _train(_merge(base, {"train": {"max_steps": N}}), straight_dir)
     _train(_merge(base, {"train": {"max_steps": 5}}), split_dir)
     pending = len(_rank_state(split_dir, 5, rank)["algorithm"]["pending"])
-    second = _train(_merge(base, {"train": {"max_steps": N}, "resume": "auto", "output_dir": str(split_dir)}),
-                    split_dir)
+    second = _train(
+        _merge(base, {"train": {"max_steps": N}, "resume": "auto", "output_dir": str(split_dir)}), split_dir
+    )
     a, b = _rank_state(straight_dir, N, rank), _rank_state(split_dir, N, rank)
-    return {"pending_at_split": pending,
-            "model_equal": all(torch.equal(straight["model"][k], second["model"][k]) for k in straight["model"]),
-            "algorithm_equal": _equal(a["algorithm"], b["algorithm"])}
+    return {
+        "pending_at_split": pending,
+        "model_equal": all(torch.equal(straight["model"][k], second["model"][k]) for k in straight["model"]),
+        "algorithm_equal": _equal(a["algorithm"], b["algorithm"]),
+    }
 
 
 def test_slowmo_describe_names_the_streaming_options(single_process_group):
@@ -410,8 +527,12 @@ def test_slowmo_describe_names_the_streaming_options(single_process_group):
 
 def _describe(rank, world_size):
     model = TinyNet()
-    algo = build_algorithm(AlgorithmConfig(name="local_sgd", period=2),
-                           SlowMoConfig(enabled=True, tau=TAU, fragments=2, overlap_steps=1, outer_dtype="bfloat16"),
-                           model, build_optimizer(model), build_topology(1))
+    algo = build_algorithm(
+        AlgorithmConfig(name="local_sgd", period=2),
+        SlowMoConfig(enabled=True, tau=TAU, fragments=2, overlap_steps=1, outer_dtype="bfloat16"),
+        model,
+        build_optimizer(model),
+        build_topology(1),
+    )
     assert isinstance(algo, SlowMo)
     return algo.describe()

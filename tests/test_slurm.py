@@ -60,17 +60,30 @@ def _fake_bin(tmp_path: Path) -> tuple[dict, Path]:
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
     env = {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "PYTHON": str(bin_dir / "fakepython"),
-        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "slowmo-train", "SLURM_JOB_NODELIST": "gpu-node-[17-19]",
-        "SLURM_JOB_NUM_NODES": "3", "SLURM_NNODES": "3", "SLURM_GPUS_ON_NODE": "8", "SLURM_RESTART_COUNT": "1",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_LOG": str(log),
+        "PYTHON": str(bin_dir / "fakepython"),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "slowmo-train",
+        "SLURM_JOB_NODELIST": "gpu-node-[17-19]",
+        "SLURM_JOB_NUM_NODES": "3",
+        "SLURM_NNODES": "3",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_RESTART_COUNT": "1",
     }
     return env, log
 
 
 def test_sbatch_runs_torchrun_on_every_node_with_rendezvous_on_the_first(tmp_path):
     env, log = _fake_bin(tmp_path)
-    result = subprocess.run(["bash", str(SBATCH), "+exp=cifar10_sgp_slowmo", "slowmo.beta=0.6"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(SBATCH), "+exp=cifar10_sgp_slowmo", "slowmo.beta=0.6"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     directives = [line for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
     assert "#SBATCH --requeue" in directives and "#SBATCH --signal=B:USR1@120" in directives
@@ -78,10 +91,21 @@ def test_sbatch_runs_torchrun_on_every_node_with_rendezvous_on_the_first(tmp_pat
     for node in range(3):
         args = (log / f"node{node}.args").read_text().splitlines()
         assert args == [
-            "-m", "torch.distributed.run", "--nnodes=3", "--nproc_per_node=8", f"--node_rank={node}",
-            "--rdzv_backend=c10d", "--rdzv_endpoint=gpu-node-17:29500", "--rdzv_id=4242", "--max_restarts=0",
-            "-m", "slowmo_train", "output_dir=runs/slowmo-train-4242", "resume=auto",
-            "+exp=cifar10_sgp_slowmo", "slowmo.beta=0.6",
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=3",
+            "--nproc_per_node=8",
+            f"--node_rank={node}",
+            "--rdzv_backend=c10d",
+            "--rdzv_endpoint=gpu-node-17:29500",
+            "--rdzv_id=4242",
+            "--max_restarts=0",
+            "-m",
+            "slowmo_train",
+            "output_dir=runs/slowmo-train-4242",
+            "resume=auto",
+            "+exp=cifar10_sgp_slowmo",
+            "slowmo.beta=0.6",
         ], args
     assert (tmp_path / "runs" / "slowmo-train-4242").is_dir()
     assert "3 node(s) x 8" in result.stdout and "restart 1" in result.stdout
@@ -90,8 +114,14 @@ def test_sbatch_runs_torchrun_on_every_node_with_rendezvous_on_the_first(tmp_pat
 def test_sbatch_usr1_requeues_and_terminates_the_workers(tmp_path):
     env, log = _fake_bin(tmp_path)
     env.update(FAKE_SLEEP="1", SLURM_JOB_NUM_NODES="2", SLURM_NNODES="2", NPROC_PER_NODE="2")
-    proc = subprocess.Popen(["bash", str(SBATCH), "task=cifar10"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(SBATCH), "task=cifar10"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 30
     while not all((log / f"node{n}.started").exists() for n in range(2)):
         assert time.time() < deadline and proc.poll() is None, proc.communicate()[0]
@@ -121,10 +151,17 @@ def test_submitit_launcher_config_renders_the_slurm_array(tmp_path, monkeypatch)
     env, _ = _fake_bin(tmp_path)
     monkeypatch.setenv("PATH", env["PATH"])  # submitit looks for srun before it renders anything
     sweep_dir = tmp_path / "multirun" / "beta"
-    cfg = compose_config(return_hydra_config=True, overrides=[
-        "hydra/launcher=slowmo_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=8",
-        f"hydra.sweep.dir={sweep_dir}", "hydra.job.name=sweep", "+exp=cifar10_localsgd_slowmo",
-    ])
+    cfg = compose_config(
+        return_hydra_config=True,
+        overrides=[
+            "hydra/launcher=slowmo_slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.gpus_per_node=8",
+            f"hydra.sweep.dir={sweep_dir}",
+            "hydra.job.name=sweep",
+            "+exp=cifar10_localsgd_slowmo",
+        ],
+    )
     launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=None, task_function=None, config=cfg)
 
@@ -156,31 +193,46 @@ def test_submitit_launcher_config_renders_the_slurm_array(tmp_path, monkeypatch)
     assert params["nodes"] == 1 and params["ntasks_per_node"] == 1 and params["gpus_per_node"] == 8
     assert params["partition"] == "gpu" and params["time"] == 240 and params["signal_delay_s"] == 120
     sbatch = captured["sbatch"].splitlines()
-    for line in ("#SBATCH --array=0-2%3", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --requeue",
-                 "#SBATCH --signal=USR2@120", "#SBATCH --time=240", "#SBATCH --job-name=sweep"):
+    for line in (
+        "#SBATCH --array=0-2%3",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --time=240",
+        "#SBATCH --job-name=sweep",
+    ):
         assert line in sbatch, captured["sbatch"]
     assert any(line.startswith("srun ") and "submitit.core._submit" in line for line in sbatch)
     assert str(sweep_dir / ".submitit") in captured["sbatch"]
 
 
-@pytest.mark.parametrize(("given", "expected"), [
-    ({}, {"GLOO_SOCKET_IFNAME": "", "NCCL_SOCKET_IFNAME": ""}),
-    ({"SOCKET_IFNAME": "ib0"}, {"GLOO_SOCKET_IFNAME": "ib0", "NCCL_SOCKET_IFNAME": "ib0"}),
-    ({"SOCKET_IFNAME": "ib0", "NCCL_SOCKET_IFNAME": "mlx5_0"}, {"GLOO_SOCKET_IFNAME": "ib0",
-                                                                "NCCL_SOCKET_IFNAME": "mlx5_0"}),
-    ({"GLOO_SOCKET_IFNAME": "eno1"}, {"GLOO_SOCKET_IFNAME": "eno1", "NCCL_SOCKET_IFNAME": ""}),
-])
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, {"GLOO_SOCKET_IFNAME": "", "NCCL_SOCKET_IFNAME": ""}),
+        ({"SOCKET_IFNAME": "ib0"}, {"GLOO_SOCKET_IFNAME": "ib0", "NCCL_SOCKET_IFNAME": "ib0"}),
+        (
+            {"SOCKET_IFNAME": "ib0", "NCCL_SOCKET_IFNAME": "mlx5_0"},
+            {"GLOO_SOCKET_IFNAME": "ib0", "NCCL_SOCKET_IFNAME": "mlx5_0"},
+        ),
+        ({"GLOO_SOCKET_IFNAME": "eno1"}, {"GLOO_SOCKET_IFNAME": "eno1", "NCCL_SOCKET_IFNAME": ""}),
+    ],
+)
 def test_sbatch_passes_the_network_interfaces_to_every_node(tmp_path, given, expected):
     """SOCKET_IFNAME sets both GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME; each may be set on its own."""
     env, log = _fake_bin(tmp_path)
     recorder = tmp_path / "bin" / "envpython"
-    recorder.write_text('#!/bin/bash\n'
-                        'echo "${GLOO_SOCKET_IFNAME:-} ${NCCL_SOCKET_IFNAME:-}" > "$FAKE_LOG/node$SLURM_NODEID.if"\n')
+    recorder.write_text(
+        '#!/bin/bash\necho "${GLOO_SOCKET_IFNAME:-} ${NCCL_SOCKET_IFNAME:-}" > "$FAKE_LOG/node$SLURM_NODEID.if"\n'
+    )
     recorder.chmod(recorder.stat().st_mode | stat.S_IEXEC)
     env.update(PYTHON=str(recorder), **given)
-    result = subprocess.run(["bash", str(SBATCH), "task=cifar10"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(SBATCH), "task=cifar10"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     for node in range(3):
         gloo, _, nccl = (log / f"node{node}.if").read_text().rstrip("\n").partition(" ")

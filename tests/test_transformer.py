@@ -1,6 +1,6 @@
 """The translation transformer, beam search and BLEU (single process, random tiny models).
 
-    .venv/bin/python -m pytest -q tests/test_transformer.py
+.venv/bin/python -m pytest -q tests/test_transformer.py
 """
 
 from __future__ import annotations
@@ -36,8 +36,15 @@ def random_src(rows: int, length: int, seed: int = 1) -> torch.Tensor:
 def built_shape(model: Transformer) -> tuple:
     """What the modules of ``model`` are: layers, width, heads, FFN width, dropouts."""
     layer = model.encoder[0]
-    return (len(model.encoder), len(model.decoder), model.embed.embedding_dim, layer.attn.heads,
-            layer.ffn[0].out_features, model.drop.p, layer.attn.dropout)
+    return (
+        len(model.encoder),
+        len(model.decoder),
+        model.embed.embedding_dim,
+        layer.attn.heads,
+        layer.ffn[0].out_features,
+        model.drop.p,
+        layer.attn.dropout,
+    )
 
 
 def test_width_one_builds_the_papers_models():
@@ -89,7 +96,7 @@ def test_incremental_decoding_gives_the_full_decoders_logits():
     memory, mask = model.encode(src)
     full = model.decode(prev, memory, mask)
     cache = model.new_cache()
-    steps = [model.decode(prev[:, t:t + 1], memory, mask, cache, start=t) for t in range(prev.shape[1])]
+    steps = [model.decode(prev[:, t : t + 1], memory, mask, cache, start=t) for t in range(prev.shape[1])]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
@@ -114,7 +121,7 @@ def test_beam_one_is_greedy_decoding():
         tokens = [BOS]
         limit = int((src[r] != PAD).sum() * 1.0 + 4)
         while len(tokens) <= limit:
-            lp = torch.log_softmax(model.decode(torch.tensor([tokens]), memory[r:r + 1], mask[r:r + 1])[0, -1], -1)
+            lp = torch.log_softmax(model.decode(torch.tensor([tokens]), memory[r : r + 1], mask[r : r + 1])[0, -1], -1)
             lp[PAD] = lp[BOS] = float("-inf")
             if len(tokens) == limit:
                 break

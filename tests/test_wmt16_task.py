@@ -25,11 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build(tmp_path: Path, **eval_kw):
     root = write_corpus(tmp_path / "text", pairs=80)
-    args = TaskArgs(model=ModelConfig(arch="transformer_small", width=0.125),
-                    data=DataConfig(root=str(root), cache_dir=str(tmp_path / "cache"), vocab_size=100, max_tokens=300,
-                                    download="false"),
-                    eval=EvalConfig(beam=2, **eval_kw), batch_size=0, eval_batch_size=0, seed=0,
-                    worker=WorkerInfo(0, 1, 0, torch.device("cpu")))
+    args = TaskArgs(
+        model=ModelConfig(arch="transformer_small", width=0.125),
+        data=DataConfig(
+            root=str(root), cache_dir=str(tmp_path / "cache"), vocab_size=100, max_tokens=300, download="false"
+        ),
+        eval=EvalConfig(beam=2, **eval_kw),
+        batch_size=0,
+        eval_batch_size=0,
+        seed=0,
+        worker=WorkerInfo(0, 1, 0, torch.device("cpu")),
+    )
     return TASKS["wmt16"](args)
 
 
@@ -44,9 +50,9 @@ def test_task_loss_counts_target_tokens_and_evaluation_reports_bleu_when_asked(t
     assert task.metric.name == "ppl" and not task.metric.higher_is_better
     first = task.evaluate(task.model, False)
     assert set(first) == {"loss", "nll", "ppl"} and first["ppl"] > 1
-    second = task.evaluate(task.model, False)   # every 2nd evaluation computes BLEU
+    second = task.evaluate(task.model, False)  # every 2nd evaluation computes BLEU
     assert 0 <= second["bleu"] <= 100 and second["ppl"] == pytest.approx(first["ppl"])
-    assert "bleu" in task.evaluate(task.model, True)   # the final one always does
+    assert "bleu" in task.evaluate(task.model, True)  # the final one always does
 
 
 def test_bleu_every_evaluation_makes_bleu_the_headline(tmp_path):
@@ -60,20 +66,50 @@ def test_two_process_run_then_slowmo_translate(tmp_path):
     root = write_corpus(tmp_path / "text", pairs=120)
     run = tmp_path / "run"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "slowmo_train", "task=wmt16", "optim=adam", "algorithm=local_sgd",
-           "algorithm.period=2", f"data.root={root}", "data.vocab_size=100", "data.max_tokens=300",
-           "model.width=0.125", "train.max_steps=4", "train.log_every=2", "train.progress=log",
-           "eval.beam=2", "eval.bleu_max_sentences=5", "optim.warmup_steps=2", "launcher.nproc_per_node=2",
-           "launcher.threads_per_worker=1", f"output_dir={run}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slowmo_train",
+        "task=wmt16",
+        "optim=adam",
+        "algorithm=local_sgd",
+        "algorithm.period=2",
+        f"data.root={root}",
+        "data.vocab_size=100",
+        "data.max_tokens=300",
+        "model.width=0.125",
+        "train.max_steps=4",
+        "train.log_every=2",
+        "train.progress=log",
+        "eval.beam=2",
+        "eval.bleu_max_sentences=5",
+        "optim.warmup_steps=2",
+        "launcher.nproc_per_node=2",
+        "launcher.threads_per_worker=1",
+        f"output_dir={run}",
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["metric"] == "ppl" and "bleu" in summary["final_eval"]
     assert (run / "model_final.pt").is_file() and list((run / "artifacts").glob("*.model"))
-    out = subprocess.run([sys.executable, "-m", "slowmo_train.translate", str(run), "--beam", "2"], cwd=REPO, env=env,
-                         input="A man runs on the beach.\nThe dog sits.\n", capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "slowmo_train.translate", str(run), "--beam", "2"],
+        cwd=REPO,
+        env=env,
+        input="A man runs on the beach.\nThe dog sits.\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(out.stdout.splitlines()) == 2
-    bad = subprocess.run([sys.executable, "-m", "slowmo_train.translate", str(tmp_path / "missing")], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "slowmo_train.translate", str(tmp_path / "missing")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

@@ -23,10 +23,10 @@ SEEDS = (1, 2)
 
 @dataclass(frozen=True)
 class Method:
-    key: str                      # run-name stem, e.g. "localsgd_slowmo"
-    label: str                    # table label, e.g. "Local SGD + SlowMo"
-    exp: str                      # configs/exp/<exp>.yaml
-    extra: tuple[str, ...] = ()   # method-specific overrides (never tuning: the sweep's tau/beta, streaming)
+    key: str  # run-name stem, e.g. "localsgd_slowmo"
+    label: str  # table label, e.g. "Local SGD + SlowMo"
+    exp: str  # configs/exp/<exp>.yaml
+    extra: tuple[str, ...] = ()  # method-specific overrides (never tuning: the sweep's tau/beta, streaming)
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class RunSet:
     description: str
     methods: tuple[Method, ...]
     seeds: tuple[int, ...]
-    shared: tuple[str, ...]       # identical for every method of the set
+    shared: tuple[str, ...]  # identical for every method of the set
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,18 @@ class PlannedRun:
         # a method's own value of a shared key replaces it (Hydra takes one value per key)
         own = {a.split("=", 1)[0] for a in self.method.extra}
         shared = [a for a in self.shared if a.split("=", 1)[0] not in own]
-        cmd = [sys.executable, "-m", "slowmo_train", f"+exp={self.method.exp}",
-               "launcher.nproc_per_node=4", "launcher.threads_per_worker=1", f"seed={self.seed}",
-               f"output_dir={self.run_dir(runs_dir)}", *shared, *self.method.extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "slowmo_train",
+            f"+exp={self.method.exp}",
+            "launcher.nproc_per_node=4",
+            "launcher.threads_per_worker=1",
+            f"seed={self.seed}",
+            f"output_dir={self.run_dir(runs_dir)}",
+            *shared,
+            *self.method.extra,
+        ]
         return cmd + (["resume=auto"] if resume else [])
 
 
@@ -72,19 +81,39 @@ class PlannedRun:
 # than more data), i.e. a learning curve and the lr drop; the paper's schedule shape (warm-up,
 # lr / 10 for the last quarter) is compressed to those 4 epochs as in configs/exp/quickstart.yaml.
 CIFAR_SHARED = (
-    f"data.root={CIFAR_ROOT}", "model.width=0.125", "train.batch_size=32", "data.train_subset=30000",
-    "train.epochs=4", "train.eval_every_epochs=1", "train.eval_batch_size=250", "train.log_every=20",
-    "train.progress=log", "optim.lr=0.4", "optim.warmup_epochs=0.2", "optim.milestone_epochs_of=4",
-    "optim.milestones=[3]", "checkpoint.every_minutes=2",
+    f"data.root={CIFAR_ROOT}",
+    "model.width=0.125",
+    "train.batch_size=32",
+    "data.train_subset=30000",
+    "train.epochs=4",
+    "train.eval_every_epochs=1",
+    "train.eval_batch_size=250",
+    "train.log_every=20",
+    "train.progress=log",
+    "optim.lr=0.4",
+    "optim.warmup_epochs=0.2",
+    "optim.milestone_epochs_of=4",
+    "optim.milestones=[3]",
+    "checkpoint.every_minutes=2",
 )
 # The sweep: 12 runs in ~12 min, so the same subset, model, batch, lr and schedule shape as
 # CIFAR_SHARED for 2 epochs only (468 steps, 19 outer steps even at tau 24; measured: 20k images x
 # 2 epochs took 46 s, so ~56 s per run here).
 SWEEP_SHARED = (
-    f"data.root={CIFAR_ROOT}", "model.width=0.125", "train.batch_size=32", "data.train_subset=30000",
-    "train.epochs=2", "train.eval_every_epochs=1", "train.eval_batch_size=250", "train.log_every=20",
-    "train.progress=log", "optim.lr=0.4", "optim.warmup_epochs=0.2", "optim.milestone_epochs_of=2",
-    "optim.milestones=[1.5]", "checkpoint.every_minutes=2",
+    f"data.root={CIFAR_ROOT}",
+    "model.width=0.125",
+    "train.batch_size=32",
+    "data.train_subset=30000",
+    "train.epochs=2",
+    "train.eval_every_epochs=1",
+    "train.eval_batch_size=250",
+    "train.log_every=20",
+    "train.progress=log",
+    "optim.lr=0.4",
+    "optim.warmup_epochs=0.2",
+    "optim.milestone_epochs_of=2",
+    "optim.milestones=[1.5]",
+    "checkpoint.every_minutes=2",
 )
 # Translation: configs/exp/wmt16_small_cpu.yaml (transformer_small, 8k joint vocabulary, Adam at
 # 2e-3 with a short warm-up, test2016 BLEU) cut to ~3 min per run with 4 workers: half width
@@ -93,9 +122,18 @@ SWEEP_SHARED = (
 # BLEU (beam search over the 1000 test2016 sentences, ~14 s) only at the final evaluation; the
 # per-epoch evaluations give the validation perplexity curve.
 TRANSLATION_SHARED = (
-    f"data.root={MULTI30K_ROOT}", "model.arch=transformer_small", "model.width=0.5", "data.vocab_size=8000",
-    "data.max_tokens=1024", "train.epochs=2", "train.eval_every_epochs=1", "train.log_every=20",
-    "train.progress=log", "optim.lr=2e-3", "optim.warmup_steps=100", "eval.bleu_split=test",
+    f"data.root={MULTI30K_ROOT}",
+    "model.arch=transformer_small",
+    "model.width=0.5",
+    "data.vocab_size=8000",
+    "data.max_tokens=1024",
+    "train.epochs=2",
+    "train.eval_every_epochs=1",
+    "train.log_every=20",
+    "train.progress=log",
+    "optim.lr=2e-3",
+    "optim.warmup_steps=100",
+    "eval.bleu_split=test",
     "checkpoint.every_minutes=2",
 )
 # Streamed SlowMo: the outer all-reduce in 4 fragments, applied one step late, in bf16.
@@ -103,10 +141,17 @@ STREAMED = ("slowmo.overlap_steps=1", "slowmo.fragments=4", "slowmo.outer_dtype=
 
 CIFAR_METHODS = tuple(
     Method(key, label, f"cifar10_{key}")
-    for key, label in [("allreduce", "AR-SGD"), ("allreduce_slowmo", "AR-SGD + SlowMo"),
-                       ("localsgd", "Local SGD"), ("localsgd_slowmo", "Local SGD + SlowMo"),
-                       ("sgp", "SGP"), ("sgp_slowmo", "SGP + SlowMo"),
-                       ("osgp", "OSGP"), ("osgp_slowmo", "OSGP + SlowMo")])
+    for key, label in [
+        ("allreduce", "AR-SGD"),
+        ("allreduce_slowmo", "AR-SGD + SlowMo"),
+        ("localsgd", "Local SGD"),
+        ("localsgd_slowmo", "Local SGD + SlowMo"),
+        ("sgp", "SGP"),
+        ("sgp_slowmo", "SGP + SlowMo"),
+        ("osgp", "OSGP"),
+        ("osgp_slowmo", "OSGP + SlowMo"),
+    ]
+)
 STREAMED_METHODS = (
     Method("localsgd_slowmo_streamed", "Local SGD + SlowMo (streamed)", "cifar10_localsgd_slowmo", STREAMED),
     Method("sgp_slowmo_streamed", "SGP + SlowMo (streamed)", "cifar10_sgp_slowmo", STREAMED),
@@ -114,18 +159,31 @@ STREAMED_METHODS = (
 # which of the three streamed options moves the accuracy (Local SGD + SlowMo, one option at a time)
 STREAMED_PARTS = tuple(
     Method(f"localsgd_slowmo_{key}", f"Local SGD + SlowMo, {option} only", "cifar10_localsgd_slowmo", (option,))
-    for key, option in zip(("D1", "F4", "bf16"), STREAMED))
+    for key, option in zip(("D1", "F4", "bf16"), STREAMED)
+)
 SWEEP_BETAS = (0.0, 0.4, 0.6, 0.8)
 SWEEP_TAUS = (6, 12, 24)
 # pure BMUF: Local SGD's averaging period equals SlowMo's tau (Sec. 3: Local SGD + SlowMo = BMUF)
 SWEEP_METHODS = tuple(
-    Method(f"beta{beta:g}_tau{tau}", f"beta={beta:g}, tau={tau}", "cifar10_localsgd_slowmo",
-           (f"slowmo.beta={beta:g}", f"slowmo.tau={tau}", f"algorithm.period={tau}"))
-    for beta in SWEEP_BETAS for tau in SWEEP_TAUS)
+    Method(
+        f"beta{beta:g}_tau{tau}",
+        f"beta={beta:g}, tau={tau}",
+        "cifar10_localsgd_slowmo",
+        (f"slowmo.beta={beta:g}", f"slowmo.tau={tau}", f"algorithm.period={tau}"),
+    )
+    for beta in SWEEP_BETAS
+    for tau in SWEEP_TAUS
+)
 TRANSLATION_METHODS = tuple(
     Method(key, label, f"wmt16_{key}")
-    for key, label in [("allreduce", "AR-Adam"), ("localsgd", "Local Adam"),
-                       ("localsgd_slowmo", "Local Adam + SlowMo"), ("sgp", "SGP"), ("sgp_slowmo", "SGP + SlowMo")])
+    for key, label in [
+        ("allreduce", "AR-Adam"),
+        ("localsgd", "Local Adam"),
+        ("localsgd_slowmo", "Local Adam + SlowMo"),
+        ("sgp", "SGP"),
+        ("sgp_slowmo", "SGP + SlowMo"),
+    ]
+)
 # Not part of the comparison (its verdicts use only the equally tuned runs above): where SlowMo
 # loses on Multi30k, is it the exact average every tau steps or the slow momentum? beta = 0 keeps
 # the averaging and drops the momentum; half the lr, 2e-3 (1 - beta), gives SlowMo's outer step
@@ -138,22 +196,41 @@ DIAGNOSTIC_METHODS = (
 
 SETS: dict[str, RunSet] = {
     "cifar": RunSet("cifar", "CIFAR-10, ResNet-18 x 0.125, 4 workers", CIFAR_METHODS, SEEDS, CIFAR_SHARED),
-    "streamed": RunSet("streamed", "CIFAR-10, streamed SlowMo (4 fragments, one step late, bf16)", STREAMED_METHODS,
-                       SEEDS, CIFAR_SHARED),
-    "streamed_parts": RunSet("streamed_parts", "CIFAR-10, Local SGD + SlowMo with one streamed option at a time",
-                             STREAMED_PARTS, SEEDS, CIFAR_SHARED),
+    "streamed": RunSet(
+        "streamed",
+        "CIFAR-10, streamed SlowMo (4 fragments, one step late, bf16)",
+        STREAMED_METHODS,
+        SEEDS,
+        CIFAR_SHARED,
+    ),
+    "streamed_parts": RunSet(
+        "streamed_parts",
+        "CIFAR-10, Local SGD + SlowMo with one streamed option at a time",
+        STREAMED_PARTS,
+        SEEDS,
+        CIFAR_SHARED,
+    ),
     "sweep": RunSet("sweep", "CIFAR-10, Local SGD + SlowMo, beta x tau", SWEEP_METHODS, (1,), SWEEP_SHARED),
-    "translation": RunSet("translation", "Multi30k En-De, transformer_small x 0.5, 4 workers, Adam",
-                          TRANSLATION_METHODS, SEEDS, TRANSLATION_SHARED),
-    "diagnostics": RunSet("diagnostics", "Multi30k En-De as the translation set, SlowMo's beta or lr changed "
-                          "(diagnosis, not comparison)", DIAGNOSTIC_METHODS, (1,), TRANSLATION_SHARED),
+    "translation": RunSet(
+        "translation",
+        "Multi30k En-De, transformer_small x 0.5, 4 workers, Adam",
+        TRANSLATION_METHODS,
+        SEEDS,
+        TRANSLATION_SHARED,
+    ),
+    "diagnostics": RunSet(
+        "diagnostics",
+        "Multi30k En-De as the translation set, SlowMo's beta or lr changed (diagnosis, not comparison)",
+        DIAGNOSTIC_METHODS,
+        (1,),
+        TRANSLATION_SHARED,
+    ),
 }
 
 
 def plan(set_name: str) -> list[PlannedRun]:
     run_set = SETS[set_name]
     return [PlannedRun(set_name, m, seed, run_set.shared) for seed in run_set.seeds for m in run_set.methods]
-
 
 
 def run_state(run_dir: Path) -> str:
@@ -166,10 +243,8 @@ def run_state(run_dir: Path) -> str:
     return "new"
 
 
-
 def portable(command: str) -> str:
     """A command as the docs show it: ``python`` for this interpreter, the data folder as seen from
     the repository (its default place beside the clone)."""
     data = os.path.relpath(DATA, REPO) if DATA.is_relative_to(REPO.parent) else str(DATA)
     return command.replace(sys.executable, "python").replace(str(DATA), data)
-

@@ -1,46 +1,54 @@
 """The report of the reproduction: the Markdown region of docs/RESULTS.md between ``BEGIN`` and
 ``END`` (tables of the methods, the paper's claims with their verdicts, the sweep and the streamed
-comparison) and the plots ``docs/img/reproduce_*.png``, from the finished runs of every set.
+comparison) and the plots ``docs/img/reproduce_*.png`` (drawn by plots.py), from the finished runs of
+every set.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 from slowmo_train.scripting import markdown_table
 
-from .plan import (
-    DIAGNOSTIC_METHODS,
-    REPO,
-    SETS,
-    STREAMED,
-    STREAMED_PARTS,
-    SWEEP_BETAS,
-    SWEEP_TAUS,
-    plan,
-    portable,
-)
+from .plan import DIAGNOSTIC_METHODS, REPO, SETS, STREAMED, STREAMED_PARTS, SWEEP_BETAS, SWEEP_TAUS, plan, portable
+from .plots import plot_curves, plot_heatmap
 from .verdicts import Claim, MethodRuns, Stat, load_set, stat, verdict
 
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
 HEADING = "## Reproduction of the paper's comparisons"
 
 
-CIFAR_PAPER = {"allreduce": "92.66", "localsgd": "91.73", "localsgd_slowmo": "93.20", "sgp": "93.90",
-               "sgp_slowmo": "94.32", "osgp": "93.17", "osgp_slowmo": "93.74"}
-TRANSLATION_PAPER = {"allreduce": "27.17", "localsgd": "26.62", "localsgd_slowmo": "27.14", "sgp": "26.92",
-                     "sgp_slowmo": "27.84"}
+CIFAR_PAPER = {
+    "allreduce": "92.66",
+    "localsgd": "91.73",
+    "localsgd_slowmo": "93.20",
+    "sgp": "93.90",
+    "sgp_slowmo": "94.32",
+    "osgp": "93.17",
+    "osgp_slowmo": "93.74",
+}
+TRANSLATION_PAPER = {
+    "allreduce": "27.17",
+    "localsgd": "26.62",
+    "localsgd_slowmo": "27.14",
+    "sgp": "26.92",
+    "sgp_slowmo": "27.84",
+}
 CIFAR_CLAIMS = (
     Claim("Local SGD -> + SlowMo, best test top-1", "localsgd", "localsgd_slowmo", "91.73 -> 93.20"),
     Claim("OSGP -> + SlowMo, best test top-1", "osgp", "osgp_slowmo", "93.17 -> 93.74"),
     Claim("SGP -> + SlowMo, best test top-1", "sgp", "sgp_slowmo", "93.90 -> 94.32"),
     Claim("Local SGD + SlowMo beats AR-SGD, best test top-1", "allreduce", "localsgd_slowmo", "92.66 < 93.20"),
     Claim("SGP + SlowMo beats AR-SGD, best test top-1", "allreduce", "sgp_slowmo", "92.66 < 94.32"),
-    Claim("SlowMo over AR-SGD does not help, best test top-1", "allreduce", "allreduce_slowmo",
-          "Sec. 6: no gain", "no_gain"),
+    Claim(
+        "SlowMo over AR-SGD does not help, best test top-1",
+        "allreduce",
+        "allreduce_slowmo",
+        "Sec. 6: no gain",
+        "no_gain",
+    ),
 )
 TRANSLATION_CLAIMS = (
     Claim("Local Adam -> + SlowMo, test BLEU", "localsgd", "localsgd_slowmo", "26.62 -> 27.14", score="bleu"),
@@ -59,23 +67,36 @@ def _bytes(s: Stat | None) -> str:
 
 
 def method_table(groups: dict[str, MethodRuns], paper: dict[str, str], translation: bool = False) -> str:
-    first, second = ("test2016 BLEU (final)", "best valid ppl") if translation else ("best test top-1",
-                                                                                    "final test top-1")
+    first, second = (
+        ("test2016 BLEU (final)", "best valid ppl") if translation else ("best test top-1", "final test top-1")
+    )
     rows = []
     for key, g in groups.items():
         a, b = (g.final_bleu(), g.best()) if translation else (g.best(), g.final_metric())
-        rows.append([g.label, len(g.runs), _cell(a), _cell(b), _cell(g.final_loss(), 3), _cell(g.ms_per_step(), 1),
-                     _bytes(g.bytes_per_step()), paper.get(key, "–")])
-    return markdown_table(["method", "seeds", first, second, "final train loss", "ms / iter", "bytes sent / iter",
-                           "paper"], rows)
+        rows.append(
+            [
+                g.label,
+                len(g.runs),
+                _cell(a),
+                _cell(b),
+                _cell(g.final_loss(), 3),
+                _cell(g.ms_per_step(), 1),
+                _bytes(g.bytes_per_step()),
+                paper.get(key, "–"),
+            ]
+        )
+    return markdown_table(
+        ["method", "seeds", first, second, "final train loss", "ms / iter", "bytes sent / iter", "paper"], rows
+    )
 
 
 #: the columns of every table of the paper's claims
 CLAIM_HEADER = ("paper's claim", "paper", "measured difference", "verdict")
 
 
-def claims_table(groups: dict[str, MethodRuns], claims: tuple[Claim, ...],
-                 more: list[list[str]] = ()) -> tuple[str, list[str]]:
+def claims_table(
+    groups: dict[str, MethodRuns], claims: tuple[Claim, ...], more: list[list[str]] = ()
+) -> tuple[str, list[str]]:
     """The claims' rows (then ``more`` rows in the same columns) and their verdicts."""
     rows, verdicts = [], []
     for c in claims:
@@ -94,36 +115,6 @@ def loss_claim(groups: dict[str, MethodRuns]) -> list[str]:
     return ["Local SGD -> + SlowMo, final train loss (lower)", "0.122 -> 0.006", f"{text} (reduction)", f"**{v}**"]
 
 
-def plot_curves(groups: dict[str, MethodRuns], path: Path, metric: str, ylabel: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.5))
-    colors = plt.get_cmap("tab10")
-    # one colour per base algorithm, dashed with SlowMo: each pair reads at a glance
-    bases = list(dict.fromkeys(key.split("_")[0] for key in groups))
-    for key, g in groups.items():
-        i, style = bases.index(key.split("_")[0]), "--" if "slowmo" in key else "-"
-        for j, run in enumerate(g.runs):
-            label = g.label if j == 0 else None
-            ax_loss.plot([e["step"] for e in run.train], [e["loss"] for e in run.train], style,
-                         color=colors(i % 10), lw=0.8, alpha=0.8, label=label)
-            evals = [e for e in run.evals if metric in e]
-            ax_metric.plot([e["step"] for e in evals], [e[metric] for e in evals], style, marker="o", ms=2.5,
-                           color=colors(i % 10), lw=0.8, alpha=0.8, label=label)
-    ax_loss.set(xlabel="step", ylabel="training loss")
-    ax_metric.set(xlabel="step", ylabel=ylabel)
-    for ax in (ax_loss, ax_metric):
-        ax.grid(alpha=0.3)
-    ax_metric.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 def sweep_grid(groups: dict[str, MethodRuns]) -> list[list[float | None]]:
     """best top-1, rows = beta, columns = tau."""
     grid = []
@@ -137,41 +128,32 @@ def sweep_grid(groups: dict[str, MethodRuns]) -> list[list[float | None]]:
     return grid
 
 
-def plot_heatmap(grid: list[list[float | None]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = [[math.nan if v is None else v for v in row] for row in grid]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    im = ax.imshow(values, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(SWEEP_TAUS)), [str(t) for t in SWEEP_TAUS])
-    ax.set_yticks(range(len(SWEEP_BETAS)), [f"{b:g}" for b in SWEEP_BETAS])
-    ax.set(xlabel="tau (= Local SGD period)", ylabel="slow momentum beta", title="best test top-1 (%)")
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
-            if v is not None:
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 def sweep_section(groups: dict[str, MethodRuns], noise: float | None) -> list[str]:
     grid = sweep_grid(groups)
-    out = [markdown_table(["beta \\ tau", *SWEEP_TAUS],
-                          [[f"{beta:g}", *("–" if v is None else f"{v:.2f}" for v in row)]
-                           for beta, row in zip(SWEEP_BETAS, grid)])]
-    ms = {tau: stat([s.mean for b in SWEEP_BETAS if (g := groups.get(f"beta{b:g}_tau{tau}"))
-                     and (s := g.ms_per_step())]) for tau in SWEEP_TAUS}
-    by = {tau: stat([s.mean for b in SWEEP_BETAS if (g := groups.get(f"beta{b:g}_tau{tau}"))
-                     and (s := g.bytes_per_step())]) for tau in SWEEP_TAUS}
-    out += ["", "ms / iter (mean over beta): " + ", ".join(
-        f"tau {t}: {_cell(ms[t], 1)}" for t in SWEEP_TAUS) + "; bytes sent / iter: " + ", ".join(
-        f"tau {t}: {_bytes(by[t])}" for t in SWEEP_TAUS) + "."]
+    out = [
+        markdown_table(
+            ["beta \\ tau", *SWEEP_TAUS],
+            [[f"{beta:g}", *("–" if v is None else f"{v:.2f}" for v in row)] for beta, row in zip(SWEEP_BETAS, grid)],
+        )
+    ]
+    ms = {
+        tau: stat([s.mean for b in SWEEP_BETAS if (g := groups.get(f"beta{b:g}_tau{tau}")) and (s := g.ms_per_step())])
+        for tau in SWEEP_TAUS
+    }
+    by = {
+        tau: stat(
+            [s.mean for b in SWEEP_BETAS if (g := groups.get(f"beta{b:g}_tau{tau}")) and (s := g.bytes_per_step())]
+        )
+        for tau in SWEEP_TAUS
+    }
+    out += [
+        "",
+        "ms / iter (mean over beta): "
+        + ", ".join(f"tau {t}: {_cell(ms[t], 1)}" for t in SWEEP_TAUS)
+        + "; bytes sent / iter: "
+        + ", ".join(f"tau {t}: {_bytes(by[t])}" for t in SWEEP_TAUS)
+        + ".",
+    ]
     # claims: beta in 0.4-0.8 beats beta = 0 (mean over taus); tau 6 is more accurate than tau 24
     col = lambda betas, tau: [grid[SWEEP_BETAS.index(b)][SWEEP_TAUS.index(tau)] for b in betas]  # noqa: E731
     with_mom = stat([v for t in SWEEP_TAUS for v in col(SWEEP_BETAS[1:], t) if v is not None])
@@ -181,10 +163,21 @@ def sweep_section(groups: dict[str, MethodRuns], noise: float | None) -> list[st
     pt = lambda s: Stat(s.mean, None, s.n) if s else None  # noqa: E731  (spread over cells is not seed noise)
     v1, t1 = verdict(pt(without), pt(with_mom), noise=noise)
     v2, t2 = verdict(pt(large), pt(small), noise=noise)
-    out += ["", markdown_table(CLAIM_HEADER, [
-        ["beta in 0.4-0.8 beats beta = 0 (mean over tau), best top-1", "Sec. 6, Fig. 3", t1, f"**{v1}**"],
-        [f"tau {SWEEP_TAUS[0]} more accurate than tau {SWEEP_TAUS[-1]} (mean over beta), best top-1",
-         "Sec. 6: tau trades speed for accuracy", t2, f"**{v2}**"]])]
+    out += [
+        "",
+        markdown_table(
+            CLAIM_HEADER,
+            [
+                ["beta in 0.4-0.8 beats beta = 0 (mean over tau), best top-1", "Sec. 6, Fig. 3", t1, f"**{v1}**"],
+                [
+                    f"tau {SWEEP_TAUS[0]} more accurate than tau {SWEEP_TAUS[-1]} (mean over beta), best top-1",
+                    "Sec. 6: tau trades speed for accuracy",
+                    t2,
+                    f"**{v2}**",
+                ],
+            ],
+        ),
+    ]
     return out
 
 
@@ -196,21 +189,52 @@ def streamed_section(exact: dict[str, MethodRuns], streamed: dict[str, MethodRun
         ef, sf = (e.final_metric() if e else None), (s.final_metric() if s else None)
         db = sb.mean - eb.mean if eb and sb else None
         df = sf.mean - ef.mean if ef and sf else None
-        ok = "–" if db is None or df is None else ("yes" if abs(db) <= 0.5 and abs(df) <= 0.5
-                                                     else "no: better" if min(db, df) > 0 else "no")
+        ok = (
+            "–"
+            if db is None or df is None
+            else ("yes" if abs(db) <= 0.5 and abs(df) <= 0.5 else "no: better" if min(db, df) > 0 else "no")
+        )
         label = (e or s).label if (e or s) else key
-        rows.append([label, _cell(eb), _cell(sb), "–" if db is None else f"{db:+.2f}", _cell(ef), _cell(sf),
-                     "–" if df is None else f"{df:+.2f}", ok])
-    return [markdown_table(["method", "exact best", "streamed best", "diff best", "exact final", "streamed final",
-                            "diff final", "within 0.5"], rows)]
+        rows.append(
+            [
+                label,
+                _cell(eb),
+                _cell(sb),
+                "–" if db is None else f"{db:+.2f}",
+                _cell(ef),
+                _cell(sf),
+                "–" if df is None else f"{df:+.2f}",
+                ok,
+            ]
+        )
+    return [
+        markdown_table(
+            [
+                "method",
+                "exact best",
+                "streamed best",
+                "diff best",
+                "exact final",
+                "streamed final",
+                "diff final",
+                "within 0.5",
+            ],
+            rows,
+        )
+    ]
 
 
 def diagnostics_section(translation: dict[str, MethodRuns], diagnostics: dict[str, MethodRuns]) -> list[str]:
     """The diagnostic runs beside the translation rows they vary (not part of any verdict)."""
-    out = ["### Diagnosis: SlowMo on Multi30k with beta = 0 or half the lr (one seed; not part of the verdicts)", "",
-           "The translation command with one change each: " + "; ".join(
-               f"{m.label}: `{' '.join(m.extra)}`" for m in DIAGNOSTIC_METHODS) + ". The rows above them are the "
-           "translation set's (mean over its seeds).", ""]
+    out = [
+        "### Diagnosis: SlowMo on Multi30k with beta = 0 or half the lr (one seed; not part of the verdicts)",
+        "",
+        "The translation command with one change each: "
+        + "; ".join(f"{m.label}: `{' '.join(m.extra)}`" for m in DIAGNOSTIC_METHODS)
+        + ". The rows above them are the "
+        "translation set's (mean over its seeds).",
+        "",
+    ]
     if not diagnostics:
         return out + ["No finished runs yet: `scripts/reproduce.py diagnostics`.", ""]
     rows = {k: translation[k] for k in ("sgp", "sgp_slowmo", "localsgd", "localsgd_slowmo") if k in translation}
@@ -218,14 +242,16 @@ def diagnostics_section(translation: dict[str, MethodRuns], diagnostics: dict[st
     return out + [method_table(rows, TRANSLATION_PAPER, translation=True), ""]
 
 
-def streamed_parts_section(exact: dict[str, MethodRuns], streamed: dict[str, MethodRuns],
-                           parts: dict[str, MethodRuns]) -> list[str]:
+def streamed_parts_section(
+    exact: dict[str, MethodRuns], streamed: dict[str, MethodRuns], parts: dict[str, MethodRuns]
+) -> list[str]:
     if not parts:
         return ["No finished runs yet: `scripts/reproduce.py streamed_parts`."]
     ref = exact.get("localsgd_slowmo")
     ref_best = ref.best() if ref else None
     rows = [("exact (Alg. 1)", ref_best)] + [
-        (m.label.split(", ", 1)[1], parts[m.key].best() if m.key in parts else None) for m in STREAMED_PARTS]
+        (m.label.split(", ", 1)[1], parts[m.key].best() if m.key in parts else None) for m in STREAMED_PARTS
+    ]
     if "localsgd_slowmo_streamed" in streamed:
         rows.append(("all three", streamed["localsgd_slowmo_streamed"].best()))
     cells = []
@@ -240,8 +266,10 @@ def machine_line(runs_dir: Path) -> str:
         p = runs_dir / name / "machine.json"
         if p.exists():
             m = json.loads(p.read_text())
-            return (f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('os')}, Python {m.get('python')}, "
-                    f"torch {m.get('torch')}; gloo on CPU, 4 worker processes with one thread each.")
+            return (
+                f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('os')}, Python {m.get('python')}, "
+                f"torch {m.get('torch')}; gloo on CPU, 4 worker processes with one thread each."
+            )
     return "Machine: unknown (no machine.json in the run directories)."
 
 
@@ -250,25 +278,42 @@ def render(runs_dir: Path, img_dir: Path, img_ref: str = "img") -> str:
     cifar, streamed = load_set("cifar", runs_dir), load_set("streamed", runs_dir)
     sweep, translation = load_set("sweep", runs_dir), load_set("translation", runs_dir)
     shown = runs_dir.relative_to(REPO) if runs_dir.is_relative_to(REPO) else runs_dir  # the docs stay portable
-    out = ["_Generated by `scripts/reproduce.py report` from the run directories in "
-           f"`{shown}`; do not edit by hand._", "",
-           "The SlowMo paper's comparisons (Wang et al., ICLR 2020, arXiv:1910.00643, Table 1 and Sec. 6) at "
-           "CPU scale: the same step budget, schedule shape and hyper-parameters for every method of a set (no "
-           "per-method tuning; SlowMo's alpha, beta and tau are those of `configs/exp/`). Numbers are mean ± "
-           "sample standard deviation over seeds. A claim **reproduces** when the measured mean difference has "
-           "the paper's sign and exceeds the spread sqrt(sd_a² + sd_b²); it is **not resolved** when the "
-           "difference is within the spread (or only one seed exists); otherwise it **does not reproduce**. "
-           "The models are ~100x smaller and trained ~100x shorter than the paper's, so absolute numbers are "
-           "not comparable; only the orderings are.", "", machine_line(runs_dir), "",
-           "Commands (the first trains every set, skipping finished runs; the second rewrites this region):", "",
-           "```", ".venv/bin/python scripts/reproduce.py all", ".venv/bin/python scripts/reproduce.py report",
-           "```", ""]
+    out = [
+        f"_Generated by `scripts/reproduce.py report` from the run directories in `{shown}`; do not edit by hand._",
+        "",
+        "The SlowMo paper's comparisons (Wang et al., ICLR 2020, arXiv:1910.00643, Table 1 and Sec. 6) at "
+        "CPU scale: the same step budget, schedule shape and hyper-parameters for every method of a set (no "
+        "per-method tuning; SlowMo's alpha, beta and tau are those of `configs/exp/`). Numbers are mean ± "
+        "sample standard deviation over seeds. A claim **reproduces** when the measured mean difference has "
+        "the paper's sign and exceeds the spread sqrt(sd_a² + sd_b²); it is **not resolved** when the "
+        "difference is within the spread (or only one seed exists); otherwise it **does not reproduce**. "
+        "The models are ~100x smaller and trained ~100x shorter than the paper's, so absolute numbers are "
+        "not comparable; only the orderings are.",
+        "",
+        machine_line(runs_dir),
+        "",
+        "Commands (the first trains every set, skipping finished runs; the second rewrites this region):",
+        "",
+        "```",
+        ".venv/bin/python scripts/reproduce.py all",
+        ".venv/bin/python scripts/reproduce.py report",
+        "```",
+        "",
+    ]
     for set_name in ("cifar", "translation", "sweep"):
         rs = SETS[set_name]
-        out += [f"`{set_name}` set: {rs.description}; {len(rs.methods)} methods x seeds "
-                f"{', '.join(map(str, rs.seeds))}; every run is the command below with its own `+exp=`, `seed=`, "
-                "`output_dir=`" + (", `slowmo.beta`, `slowmo.tau`, `algorithm.period`" if set_name == "sweep" else "")
-                + ":", "", "```", portable(" ".join(plan(set_name)[0].command(shown))), "```", ""]
+        out += [
+            f"`{set_name}` set: {rs.description}; {len(rs.methods)} methods x seeds "
+            f"{', '.join(map(str, rs.seeds))}; every run is the command below with its own `+exp=`, `seed=`, "
+            "`output_dir=`"
+            + (", `slowmo.beta`, `slowmo.tau`, `algorithm.period`" if set_name == "sweep" else "")
+            + ":",
+            "",
+            "```",
+            portable(" ".join(plan(set_name)[0].command(shown))),
+            "```",
+            "",
+        ]
     out += ["### CIFAR-10 (Table 1, top)", ""]
     if cifar:
         out += [method_table(cifar, CIFAR_PAPER), ""]
@@ -292,16 +337,24 @@ def render(runs_dir: Path, img_dir: Path, img_ref: str = "img") -> str:
         ref = cifar.get("localsgd_slowmo")
         noise = ref.best().sd if ref and ref.best() else None
         out += sweep_section(sweep, noise)
-        out += ["", "The one-seed sweep's spread is that of Local SGD + SlowMo over seeds in the CIFAR-10 set "
-                f"({'n/a' if noise is None else f'{noise:.2f}'}).", ""]
+        out += [
+            "",
+            "The one-seed sweep's spread is that of Local SGD + SlowMo over seeds in the CIFAR-10 set "
+            f"({'n/a' if noise is None else f'{noise:.2f}'}).",
+            "",
+        ]
         plot_heatmap(sweep_grid(sweep), img_dir / "reproduce_sweep.png")
         out += [f"![beta x tau]({img_ref}/reproduce_sweep.png)", ""]
     else:
         out += ["No finished runs yet: `scripts/reproduce.py sweep`.", ""]
     out += diagnostics_section(translation, load_set("diagnostics", runs_dir))
-    out += ["### Streamed vs exact SlowMo", "",
-            "`" + " ".join(STREAMED) + "` against the exact runs of the CIFAR-10 set (same seeds); goal: within "
-            "0.5 points of test top-1.", ""]
+    out += [
+        "### Streamed vs exact SlowMo",
+        "",
+        "`" + " ".join(STREAMED) + "` against the exact runs of the CIFAR-10 set (same seeds); goal: within "
+        "0.5 points of test top-1.",
+        "",
+    ]
     out += streamed_section(cifar, streamed) if streamed else ["No finished runs yet: `scripts/reproduce.py streamed`."]
     out += ["", "One option at a time (Local SGD + SlowMo; best test top-1, difference to exact SlowMo):", ""]
     out += streamed_parts_section(cifar, streamed, load_set("streamed_parts", runs_dir))
@@ -322,4 +375,3 @@ def write_report(runs_dir: Path, results: Path, img_dir: Path) -> None:
     text = results.read_text() if results.exists() else "# Results\n"
     results.write_text(replace_region(text, body))
     print(f"wrote {results} and {img_dir}/reproduce_*.png")
-

@@ -17,7 +17,7 @@ from .plan import plan, run_state
 @dataclass(frozen=True)
 class Stat:
     mean: float
-    sd: float | None              # sample standard deviation over seeds; None with one seed
+    sd: float | None  # sample standard deviation over seeds; None with one seed
     n: int
 
     def fmt(self, digits: int = 2) -> str:
@@ -33,12 +33,12 @@ def stat(values: list[float]) -> Stat | None:
 
 @dataclass(frozen=True)
 class Claim:
-    what: str                     # e.g. "Local SGD -> Local SGD + SlowMo, best test top-1"
-    low: str                      # the method the paper finds worse (or, for "no_gain", the base)
+    what: str  # e.g. "Local SGD -> Local SGD + SlowMo, best test top-1"
+    low: str  # the method the paper finds worse (or, for "no_gain", the base)
     high: str
-    paper: str                    # the paper's numbers, as text
-    kind: str = "higher"          # higher: mean(high) > mean(low); no_gain: high is not better than low
-    score: str = "best"           # best (top-1) | bleu (final test BLEU)
+    paper: str  # the paper's numbers, as text
+    kind: str = "higher"  # higher: mean(high) > mean(low); no_gain: high is not better than low
+    score: str = "best"  # best (top-1) | bleu (final test BLEU)
 
 
 def verdict(low: Stat | None, high: Stat | None, kind: str = "higher", noise: float | None = None) -> tuple[str, str]:
@@ -98,4 +98,3 @@ def load_set(set_name: str, runs_dir: Path) -> dict[str, MethodRuns]:
             continue
         out.setdefault(r.method.key, MethodRuns(r.method.label, [])).runs.append(load_run(d))
     return out
-

@@ -1,6 +1,6 @@
 """Distributed training algorithms: a closed table of base algorithms, optionally wrapped by SlowMo.
 
-    build_algorithm(cfg.algorithm, cfg.slowmo, model, optimizer, topology, device)
+build_algorithm(cfg.algorithm, cfg.slowmo, model, optimizer, topology, device)
 """
 
 from __future__ import annotations

@@ -48,13 +48,16 @@ def counting_allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.
 
 #: DDP's option that stops it from broadcasting BatchNorm buffers at every forward (renamed in
 #: recent torch releases, which warn about the old name)
-_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
-                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                   else {"broadcast_buffers": False})
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
-def data_parallel(model: nn.Module, group, stats: CommStats, device: torch.device | None,
-                  broadcast_buffers: bool = True) -> DistributedDataParallel:
+def data_parallel(
+    model: nn.Module, group, stats: CommStats, device: torch.device | None, broadcast_buffers: bool = True
+) -> DistributedDataParallel:
     """``model`` wrapped in DDP over ``group`` (all ranks: None), with the counting hook: the
     gradient average overlaps the backward pass (bucket by bucket) instead of following it."""
     group = training_world() if group is None else group
@@ -65,8 +68,9 @@ def data_parallel(model: nn.Module, group, stats: CommStats, device: torch.devic
     return ddp
 
 
-def node_data_parallel(model: nn.Module, topology: Topology, stats: CommStats,
-                       device: torch.device | None) -> nn.Module:
+def node_data_parallel(
+    model: nn.Module, topology: Topology, stats: CommStats, device: torch.device | None
+) -> nn.Module:
     """For Local SGD and gossip with several processes per node: DDP on the node group, so the
     processes of a node average their gradients during the backward pass and act as one worker.
     BatchNorm statistics stay per process (no buffer broadcast), as each saw its own batch; the
@@ -87,8 +91,7 @@ class AllReduce(Algorithm):
     name = "allreduce"
     replicas_identical = True
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, topology: Topology,
-                 cfg=None, device=None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, topology: Topology, cfg=None, device=None):
         super().__init__(model, optimizer, topology)
         if comm.world_size() > 1:
             self._ddp = data_parallel(model, None, self.comm, device)

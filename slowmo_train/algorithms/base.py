@@ -36,8 +36,14 @@ class Algorithm:
     #: skip averaging.
     replicas_identical = False
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, topology: Topology, cfg=None,
-                 device: torch.device | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        topology: Topology,
+        cfg=None,
+        device: torch.device | None = None,
+    ):
         """``cfg`` (the ``algorithm`` config section) and ``device`` are what ``build_algorithm`` passes
         every algorithm; this base needs neither."""
         self.model = model
@@ -61,8 +67,9 @@ class Algorithm:
     def after_backward(self, step: int) -> None:
         pass
 
-    def after_optimizer_step(self, step: int, exact_average_follows: bool = False,
-                             outer_sync_follows: bool = False) -> None:
+    def after_optimizer_step(
+        self, step: int, exact_average_follows: bool = False, outer_sync_follows: bool = False
+    ) -> None:
         """Parameter communication after the optimizer step. Hints set by SlowMo, so that a base
         algorithm may skip communication whose result SlowMo overwrites anyway:
 

@@ -32,8 +32,15 @@ from torch import nn
 
 from slowmo_train.dist import training_world
 
-COUNTERS = ("bytes_sent", "bytes_received", "blocking_s", "overlapped_s",
-            "outer_bytes_sent", "outer_blocking_s", "outer_overlapped_s")
+COUNTERS = (
+    "bytes_sent",
+    "bytes_received",
+    "blocking_s",
+    "overlapped_s",
+    "outer_bytes_sent",
+    "outer_blocking_s",
+    "outer_overlapped_s",
+)
 
 
 @dataclass
@@ -202,8 +209,10 @@ def _group(group):
 def _on_plane(tensor: torch.Tensor, group, what: str) -> torch.Tensor:
     """Reject a tensor the group's backend cannot move (a host tensor under NCCL)."""
     if tensor.device.type == "cpu" and "nccl" in str(dist.get_backend(group)):
-        raise ValueError(f"comm.{what}: a CPU tensor {tuple(tensor.shape)} {tensor.dtype} on an NCCL training group; "
-                         "host values belong on the control plane (slowmo_train/control.py)")
+        raise ValueError(
+            f"comm.{what}: a CPU tensor {tuple(tensor.shape)} {tensor.dtype} on an NCCL training group; "
+            "host values belong on the control plane (slowmo_train/control.py)"
+        )
     return tensor
 
 
@@ -230,14 +239,16 @@ def broadcast(tensor: torch.Tensor, src: int, group=None) -> None:
     dist.broadcast(_on_plane(tensor, group, "broadcast"), src=src, group=group)
 
 
-def exchange(sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tensor, int]], tag: int,
-             group=None) -> list:
+def exchange(
+    sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tensor, int]], tag: int, group=None
+) -> list:
     """Post point-to-point sends ``(tensor, global dst)`` and receives ``(buffer, global src)`` as one
     batch (no ordering deadlock); returns the works to wait on. The tensors must stay alive until
     then: the caller keeps them (e.g. in its in-flight message)."""
     group = _group(group)
-    ops = [dist.P2POp(dist.irecv, _on_plane(buf, group, "exchange"), src, group=group, tag=tag)
-           for buf, src in receives]
+    ops = [
+        dist.P2POp(dist.irecv, _on_plane(buf, group, "exchange"), src, group=group, tag=tag) for buf, src in receives
+    ]
     ops += [dist.P2POp(dist.isend, _on_plane(t, group, "exchange"), dst, group=group, tag=tag) for t, dst in sends]
     return [w for w in dist.batch_isend_irecv(ops) if w is not None] if ops else []
 

@@ -65,13 +65,19 @@ class _StepMessages:
 class PushSumGossip(Algorithm):
     """Push-sum gossip with bounded staleness ``s`` (Assran et al., ICML 2019).
 
-        x_i <- (x_i + z_i' - z_i) / (p+1) + sum_{j in in_k-s(i)} m_j,   w_i likewise;   z_i = x_i / w_i
+    x_i <- (x_i + z_i' - z_i) / (p+1) + sum_{j in in_k-s(i)} m_j,   w_i likewise;   z_i = x_i / w_i
     """
 
     name = "push_sum"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, topology: Topology,
-                 cfg: AlgorithmConfig | None = None, device: torch.device | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        topology: Topology,
+        cfg: AlgorithmConfig | None = None,
+        device: torch.device | None = None,
+    ):
         super().__init__(model, optimizer, topology)
         cfg = cfg if cfg is not None else AlgorithmConfig(name=self.name)
         self.staleness = self._staleness(cfg)
@@ -151,8 +157,9 @@ class PushSumGossip(Algorithm):
     def train_model(self) -> nn.Module:
         return self._train_model
 
-    def after_optimizer_step(self, step: int, exact_average_follows: bool = False,
-                             outer_sync_follows: bool = False) -> None:
+    def after_optimizer_step(
+        self, step: int, exact_average_follows: bool = False, outer_sync_follows: bool = False
+    ) -> None:
         self._absorb_local_update()
         if exact_average_follows:
             # SlowMo's exact average sum_i x_i / sum_i w_i comes next, and gossip conserves both
@@ -192,9 +199,12 @@ class PushSumGossip(Algorithm):
         nbytes = send.numel() * send.element_size()
         self.comm.add_bytes(len(peers) * nbytes, len(senders) * nbytes)
         posted = self.comm.mark()
-        works = comm.exchange([(send, leader(dst)) for dst in peers],
-                              [(buf, leader(src)) for src, buf in zip(senders, received)], step % TAG_PERIOD,
-                              self._group)
+        works = comm.exchange(
+            [(send, leader(dst)) for dst in peers],
+            [(buf, leader(src)) for src, buf in zip(senders, received)],
+            step % TAG_PERIOD,
+            self._group,
+        )
         # send and receive buffers live in the message until its works are waited for
         self._in_flight.append(_StepMessages(step, works, send, received, posted))
 
@@ -264,7 +274,7 @@ class PushSumGossip(Algorithm):
         with torch.no_grad():
             for index, start, stop, values in slices:
                 offset = self._slices[index][0]
-                self.numerators[offset + start:offset + stop].copy_(values.reshape(-1) * self.weight)
+                self.numerators[offset + start : offset + stop].copy_(values.reshape(-1) * self.weight)
             self._debias()
 
     def local_consensus_distance(self) -> torch.Tensor:
@@ -292,18 +302,23 @@ class PushSumGossip(Algorithm):
             "steps_done": self._steps_done,
             "staleness": self.staleness,
             "unflushed": self._unflushed,
-            "in_flight": [{"post_step": m.post_step, "received": [t.clone() for t in m.received]}
-                          for m in self._in_flight],
+            "in_flight": [
+                {"post_step": m.post_step, "received": [t.clone() for t in m.received]} for m in self._in_flight
+            ],
         }
 
     def load_state_dict(self, state: dict) -> None:
         numerators = state["numerators"]
         if numerators.numel() != self.numerators.numel():
-            raise ValueError(f"gossip checkpoint holds {numerators.numel()} numerators, the model has "
-                             f"{self.numerators.numel()} parameters")
+            raise ValueError(
+                f"gossip checkpoint holds {numerators.numel()} numerators, the model has "
+                f"{self.numerators.numel()} parameters"
+            )
         if state["in_flight"] and state["staleness"] != self.staleness:
-            raise ValueError(f"algorithm.synch_freq must match the checkpoint's ({state['staleness']}) to "
-                             f"resume with messages in flight, got {self.staleness}")
+            raise ValueError(
+                f"algorithm.synch_freq must match the checkpoint's ({state['staleness']}) to "
+                f"resume with messages in flight, got {self.staleness}"
+            )
         self._drain()
         device = self._state.device
         with torch.no_grad():
@@ -320,14 +335,16 @@ class PushSumGossip(Algorithm):
 
     def describe(self) -> str:
         extra = f", synch_freq={self.staleness}" if self.staleness > 0 else ""
-        return (f"{self.name}(graph={self.graph.name}, peers_per_itr={self.graph.peers_per_itr}, "
-                f"workers={self.graph.n}{extra})")
+        return (
+            f"{self.name}(graph={self.graph.name}, peers_per_itr={self.graph.peers_per_itr}, "
+            f"workers={self.graph.n}{extra})"
+        )
 
 
 class SGP(PushSumGossip):
     """Stochastic Gradient Push (Assran et al., ICML 2019, Alg. 1): blocking push-sum exchange.
 
-        x_i <- (x_i - gamma g_i(z_i)) / (p+1) + sum_{j -> i at k} m_j;   z_i = x_i / w_i
+    x_i <- (x_i - gamma g_i(z_i)) / (p+1) + sum_{j -> i at k} m_j;   z_i = x_i / w_i
     """
 
     name = "sgp"
@@ -349,8 +366,9 @@ class OSGP(PushSumGossip):
     @staticmethod
     def _staleness(cfg: AlgorithmConfig) -> int:
         if not 1 <= cfg.synch_freq < TAG_PERIOD:
-            raise ValueError(f"algorithm.synch_freq must be an integer in [1, {TAG_PERIOD}) for OSGP, "
-                             f"got {cfg.synch_freq}")
+            raise ValueError(
+                f"algorithm.synch_freq must be an integer in [1, {TAG_PERIOD}) for OSGP, got {cfg.synch_freq}"
+            )
         return cfg.synch_freq
 
 

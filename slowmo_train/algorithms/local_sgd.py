@@ -33,8 +33,14 @@ class LocalSGD(Algorithm):
     name = "local_sgd"
     replicas_identical = False
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, topology: Topology,
-                 cfg: AlgorithmConfig | None = None, device: torch.device | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        topology: Topology,
+        cfg: AlgorithmConfig | None = None,
+        device: torch.device | None = None,
+    ):
         super().__init__(model, optimizer, topology)
         period = (cfg or AlgorithmConfig()).period
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
@@ -46,8 +52,9 @@ class LocalSGD(Algorithm):
     def train_model(self) -> nn.Module:
         return self._train_model
 
-    def after_optimizer_step(self, step: int, exact_average_follows: bool = False,
-                             outer_sync_follows: bool = False) -> None:
+    def after_optimizer_step(
+        self, step: int, exact_average_follows: bool = False, outer_sync_follows: bool = False
+    ) -> None:
         if (step + 1) % self.period != 0 or exact_average_follows or outer_sync_follows:
             return
         # One all-reduce over every rank rather than leaders-then-broadcast: the processes of a node

@@ -29,16 +29,17 @@ class SlowGroup:
     """The parameters of one optimizer param group, laid out as one flat vector of ``numel``
     entries, of which this rank keeps ``[start, stop)`` (everything when unsharded)."""
 
-    indices: tuple[int, ...]      # positions in ``base.parameters()``
-    optimizer_group: int | None   # index into ``optimizer.param_groups``; None: frozen parameters
+    indices: tuple[int, ...]  # positions in ``base.parameters()``
+    optimizer_group: int | None  # index into ``optimizer.param_groups``; None: frozen parameters
     numel: int
     start: int
     stop: int
-    shard_size: int               # padded length every rank contributes to the all-gather
+    shard_size: int  # padded length every rank contributes to the all-gather
 
 
-def build_slow_groups(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                      rank: int, world_size: int, sharded: bool) -> list[SlowGroup]:
+def build_slow_groups(
+    params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, rank: int, world_size: int, sharded: bool
+) -> list[SlowGroup]:
     """Group the parameters by optimizer param group and, when ``sharded``, give this rank its
     :func:`rank_slice` of each group's flat vector."""
     group_of = {}  # by identity of the Parameter objects the optimizer holds (not their .data)
@@ -50,15 +51,19 @@ def build_slow_groups(params: list[torch.nn.Parameter], optimizer: torch.optim.O
         if p.requires_grad and id(p) not in group_of:
             # A trained parameter the optimizer does not know would have no gamma; most likely the
             # optimizer was built on other Parameter objects than the model's.
-            raise ValueError(f"parameter {i} of shape {tuple(p.shape)} requires grad but is in no optimizer "
-                             "param group; build the optimizer on the model's parameters before SlowMo")
+            raise ValueError(
+                f"parameter {i} of shape {tuple(p.shape)} requires grad but is in no optimizer "
+                "param group; build the optimizer on the model's parameters before SlowMo"
+            )
         members.setdefault(group_of.get(id(p)), []).append(i)
     groups = []
     for g, indices in members.items():
         kinds = {(params[i].dtype, params[i].device) for i in indices}
         if len(kinds) != 1:
-            raise ValueError(f"SlowMo needs the parameters of one optimizer param group to share dtype and device, "
-                             f"param group {g} has {sorted(map(str, kinds))}")
+            raise ValueError(
+                f"SlowMo needs the parameters of one optimizer param group to share dtype and device, "
+                f"param group {g} has {sorted(map(str, kinds))}"
+            )
         numel = sum(params[i].numel() for i in indices)
         if sharded:
             size, part = ceil_div(numel, world_size), rank_slice(numel, rank, world_size)
@@ -77,8 +82,9 @@ def flat_group(tensors: list[torch.Tensor], group: SlowGroup) -> torch.Tensor:
 def group_lrs(optimizer: torch.optim.Optimizer, groups: list[SlowGroup]) -> list[float]:
     """Every slow group's ``gamma``: the lr its param group uses now (0 for frozen parameters, which
     the outer step then sets to the average as is)."""
-    return [0.0 if g.optimizer_group is None else float(optimizer.param_groups[g.optimizer_group]["lr"])
-            for g in groups]
+    return [
+        0.0 if g.optimizer_group is None else float(optimizer.param_groups[g.optimizer_group]["lr"]) for g in groups
+    ]
 
 
 # --- fragments -------------------------------------------------------------------------------------
@@ -86,11 +92,11 @@ def group_lrs(optimizer: torch.optim.Optimizer, groups: list[SlowGroup]) -> list
 class Piece:
     """The part of one parameter that lies in one fragment."""
 
-    param: int    # index into ``base.parameters()``
-    start: int    # range in the parameter's flattened (logical) order
+    param: int  # index into ``base.parameters()``
+    start: int  # range in the parameter's flattened (logical) order
     stop: int
-    group: int    # index into the slow groups
-    offset: int   # where ``start`` sits in that group's flat vector
+    group: int  # index into the slow groups
+    offset: int  # where ``start`` sits in that group's flat vector
 
 
 def fragment_bounds(numel: int, fragments: int) -> list[int]:
@@ -139,8 +145,8 @@ def fragment_due(step: int, fragment: int, tau: int, fragments: int) -> bool:
 class OwnedRange:
     """A part of one piece of a fragment whose slow state (x0, u) one rank keeps when sharded."""
 
-    piece: int    # index into the fragment's pieces
-    lo: int       # range within the piece, 0 <= lo < hi <= piece.stop - piece.start
+    piece: int  # index into the fragment's pieces
+    lo: int  # range within the piece, 0 <= lo < hi <= piece.stop - piece.start
     hi: int
 
 

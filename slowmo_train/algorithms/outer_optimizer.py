@@ -17,9 +17,18 @@ from dataclasses import dataclass
 import torch
 
 
-def slow_momentum_step(x0: torch.Tensor, u: torch.Tensor, d: torch.Tensor, gamma: float, *, alpha: float,
-                       beta: float, coupling: str = "coupled", nesterov: bool = False,
-                       average: torch.Tensor | None = None) -> None:
+def slow_momentum_step(
+    x0: torch.Tensor,
+    u: torch.Tensor,
+    d: torch.Tensor,
+    gamma: float,
+    *,
+    alpha: float,
+    beta: float,
+    coupling: str = "coupled",
+    nesterov: bool = False,
+    average: torch.Tensor | None = None,
+) -> None:
     """One outer step, in place on ``x0`` and ``u``, given ``d = x0 - x_avg``::
 
         coupled (Alg. 1):  u <- beta u + d / gamma;  x0 <- x0 - alpha gamma u
@@ -56,8 +65,17 @@ class OuterOptimizer:
 
     def step(self, x0: torch.Tensor, u: torch.Tensor, d: torch.Tensor, gamma: float, average: torch.Tensor) -> None:
         """:func:`slow_momentum_step` with these hyper-parameters (``average`` only for gamma = 0)."""
-        slow_momentum_step(x0, u, d, gamma, alpha=self.alpha, beta=self.beta, coupling=self.coupling,
-                           nesterov=self.nesterov, average=average)
+        slow_momentum_step(
+            x0,
+            u,
+            d,
+            gamma,
+            alpha=self.alpha,
+            beta=self.beta,
+            coupling=self.coupling,
+            nesterov=self.nesterov,
+            average=average,
+        )
 
     def step_towards(self, x0: torch.Tensor, u: torch.Tensor, average: torch.Tensor, gamma: float) -> None:
         """The step when the average itself is known: ``d = x0 - average``."""

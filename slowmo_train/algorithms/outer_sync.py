@@ -54,13 +54,13 @@ class OuterSetup:
     base: Algorithm
     outer: OuterOptimizer
     groups: list[SlowGroup]
-    stats: CommStats              # the base's counters, so the trainer sees the outer bytes too
-    group: object                 # the outer messages' own process group (None with one rank)
+    stats: CommStats  # the base's counters, so the trainer sees the outer bytes too
+    group: object  # the outer messages' own process group (None with one rank)
     rank: int
     world_size: int
     tau: int
     fragments: int
-    delay: int                    # slowmo.overlap_steps
+    delay: int  # slowmo.overlap_steps
     wire_dtype: torch.dtype | None
     sharded: bool
 
@@ -97,20 +97,33 @@ class OuterMessage:
     posted_at: object = None
 
     def state(self) -> dict:
-        return {"fragment": self.fragment, "send_step": self.send_step, "payload": self.payload.clone(),
-                "weight": None if self.weight is None else self.weight.clone(),
-                "theta_send": self.theta_send.clone(), "gammas": list(self.gammas),
-                "resolved": self.resolved, "consensus": None if self.consensus is None else self.consensus.clone()}
+        return {
+            "fragment": self.fragment,
+            "send_step": self.send_step,
+            "payload": self.payload.clone(),
+            "weight": None if self.weight is None else self.weight.clone(),
+            "theta_send": self.theta_send.clone(),
+            "gammas": list(self.gammas),
+            "resolved": self.resolved,
+            "consensus": None if self.consensus is None else self.consensus.clone(),
+        }
 
     @classmethod
     def from_state(cls, state: dict, device, posted_at=None) -> OuterMessage:
         weight, consensus = state["weight"], state.get("consensus")
         if consensus is not None:
             consensus = torch.as_tensor(consensus, dtype=torch.float64).to(device)
-        return cls(int(state["fragment"]), int(state["send_step"]), state["payload"].to(device),
-                   None if weight is None else weight.to(device), state["theta_send"].to(device),
-                   [float(g) for g in state["gammas"]], bool(state.get("resolved", False)), consensus,
-                   posted_at=posted_at)
+        return cls(
+            int(state["fragment"]),
+            int(state["send_step"]),
+            state["payload"].to(device),
+            None if weight is None else weight.to(device),
+            state["theta_send"].to(device),
+            [float(g) for g in state["gammas"]],
+            bool(state.get("resolved", False)),
+            consensus,
+            posted_at=posted_at,
+        )
 
 
 @dataclass
@@ -130,7 +143,7 @@ def gather_slices(setup: OuterSetup, part: torch.Tensor, size: int, async_op: bo
     """All-gather every rank's slice of a new x0, each padded to ``size``; returns the padded
     slices and the work (None when blocking or with one rank)."""
     padded = part.new_zeros(size)
-    padded[:part.numel()].copy_(part)
+    padded[: part.numel()].copy_(part)
     if setup.world_size == 1:
         return [padded], None
     gathered = [torch.empty_like(padded) for _ in range(setup.world_size)]
@@ -157,7 +170,7 @@ class WholeModelSync:
 
     def __init__(self, setup: OuterSetup, params: list[torch.Tensor]):
         self.setup = setup
-        self.x0 = [flat_group(params, g)[g.start:g.stop].clone() for g in setup.groups]
+        self.x0 = [flat_group(params, g)[g.start : g.stop].clone() for g in setup.groups]
         self.u = [torch.zeros_like(x) for x in self.x0]
 
     def layout(self) -> list[tuple]:
@@ -182,16 +195,16 @@ class WholeModelSync:
     def merge(self, message: ExactAverage) -> None:
         x_avg, new_params = message.average, [None] * len(message.average)
         for group, x0, u, gamma in zip(self.setup.groups, self.x0, self.u, message.gammas):
-            self.setup.outer.step_towards(x0, u, flat_group(x_avg, group)[group.start:group.stop], gamma)
+            self.setup.outer.step_towards(x0, u, flat_group(x_avg, group)[group.start : group.stop], gamma)
             if self.setup.sharded:
                 gathered, _ = gather_slices(self.setup, x0, group.shard_size, async_op=False)
-                full = torch.cat(gathered)[:group.numel]
+                full = torch.cat(gathered)[: group.numel]
             else:
                 full = x0.clone()  # the base loads these values and must not alias the slow state
             offset = 0
             for i in group.indices:
                 n = x_avg[i].numel()
-                new_params[i] = full[offset:offset + n].view_as(x_avg[i])
+                new_params[i] = full[offset : offset + n].view_as(x_avg[i])
                 offset += n
         self.setup.base.load_consensus(new_params)
 
@@ -221,8 +234,15 @@ class FragmentSync:
     ``theta <- x0_new + (theta_now - theta_at_send)``. A push-sum base keeps its weight: its gossip
     is flushed and the fragment's numerators become ``value * w`` (base.write_slices)."""
 
-    def __init__(self, setup: OuterSetup, fragment: int, pieces: list[Piece], params: list[torch.Tensor],
-                 group_x0: list[torch.Tensor], group_u: list[torch.Tensor]):
+    def __init__(
+        self,
+        setup: OuterSetup,
+        fragment: int,
+        pieces: list[Piece],
+        params: list[torch.Tensor],
+        group_x0: list[torch.Tensor],
+        group_u: list[torch.Tensor],
+    ):
         self.setup, self.fragment, self.pieces = setup, fragment, pieces
         lengths = [p.stop - p.start for p in pieces]
         #: where each piece starts in the fragment's flat vector
@@ -230,8 +250,16 @@ class FragmentSync:
         self.size = sum(lengths)
         if not setup.sharded:  # every piece, as a view into its param group's x0 / u
             self.part = slice(0, self.size)
-            self.slabs = [Slab(group_x0[p.group][p.offset:p.offset + n], group_u[p.group][p.offset:p.offset + n],
-                               start, start + n, p.group) for p, start, n in zip(pieces, self.starts, lengths)]
+            self.slabs = [
+                Slab(
+                    group_x0[p.group][p.offset : p.offset + n],
+                    group_u[p.group][p.offset : p.offset + n],
+                    start,
+                    start + n,
+                    p.group,
+                )
+                for p, start, n in zip(pieces, self.starts, lengths)
+            ]
             return
         self.part = rank_slice(self.size, setup.rank, setup.world_size)
         self.x0 = self.values(params)[self.part].clone()
@@ -239,12 +267,12 @@ class FragmentSync:
         self.slabs, at = [], 0
         for o in owned_ranges(pieces, setup.world_size)[setup.rank]:
             n, lo = o.hi - o.lo, self.starts[o.piece] + o.lo
-            self.slabs.append(Slab(self.x0[at:at + n], self.u[at:at + n], lo, lo + n, pieces[o.piece].group))
+            self.slabs.append(Slab(self.x0[at : at + n], self.u[at : at + n], lo, lo + n, pieces[o.piece].group))
             at += n
 
     def values(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """One tensor per parameter -> the fragment's flat vector."""
-        return torch.cat([tensors[p.param].reshape(-1)[p.start:p.stop] for p in self.pieces])
+        return torch.cat([tensors[p.param].reshape(-1)[p.start : p.stop] for p in self.pieces])
 
     def layout(self) -> tuple:
         return ("fragment", self.size, self.part.start, self.part.stop)
@@ -289,7 +317,7 @@ class FragmentSync:
             self.setup.stats.wait(message.works, message.posted_at, overlapped=self.setup.delay > 0)
             message.works = []
         if message.gathered is not None:  # rank r's slice is [r c, (r + 1) c) of the fragment
-            message.payload = torch.cat(message.gathered)[:message.theta_send.numel()]
+            message.payload = torch.cat(message.gathered)[: message.theta_send.numel()]
             message.gathered = None
 
     def _divisor(self, message: OuterMessage, dtype: torch.dtype):
@@ -308,11 +336,11 @@ class FragmentSync:
             average = torch.cat([slab.x0 for slab in self.slabs]) - d
         message.consensus = local_distance([message.theta_send], [average])
         for slab in self.slabs:
-            avg, gamma = average[slab.lo:slab.hi], message.gammas[slab.group]
+            avg, gamma = average[slab.lo : slab.hi], message.gammas[slab.group]
             if d is None:
                 self.setup.outer.step_towards(slab.x0, slab.u, avg, gamma)
             else:
-                self.setup.outer.step(slab.x0, slab.u, d[slab.lo:slab.hi], gamma, avg)
+                self.setup.outer.step(slab.x0, slab.u, d[slab.lo : slab.hi], gamma, avg)
         message.resolved = True
         if not self.setup.sharded:
             message.payload = torch.cat([slab.x0 for slab in self.slabs])
@@ -339,10 +367,10 @@ class FragmentSync:
         new_values = []
         for p, start in zip(self.pieces, self.starts):
             n = p.stop - p.start
-            value = x0_new[start:start + n].clone()
+            value = x0_new[start : start + n].clone()
             if s.delay > 0:
-                now = params[p.param].reshape(-1)[p.start:p.stop]
-                value.add_(now - message.theta_send[start:start + n])
+                now = params[p.param].reshape(-1)[p.start : p.stop]
+                value.add_(now - message.theta_send[start : start + n])
             new_values.append(value)
         if push_sum and s.fragments == 1 and s.delay == 0:
             # the whole model at consensus, as Alg. 1: every rank restarts with push-sum weight 1

@@ -92,9 +92,11 @@ def validate_slowmo_config(cfg: SlowMoConfig, base: Algorithm) -> None:
     if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay < tau:
         raise ValueError(f"slowmo.overlap_steps must be an integer in [0, slowmo.tau={tau}), got {delay!r}")
     if cfg.sharded and cfg.outer_dtype != "float32":
-        raise ValueError("slowmo.sharded=true works only with slowmo.outer_dtype=float32 (16-bit outer messages "
-                         "carry x0 - x_i, which needs the whole x0 on every rank); set slowmo.sharded=false or "
-                         "slowmo.outer_dtype=float32")
+        raise ValueError(
+            "slowmo.sharded=true works only with slowmo.outer_dtype=float32 (16-bit outer messages "
+            "carry x0 - x_i, which needs the whole x0 on every rank); set slowmo.sharded=false or "
+            "slowmo.outer_dtype=float32"
+        )
 
 
 class SlowMo(Algorithm):
@@ -126,10 +128,23 @@ class SlowMo(Algorithm):
         self.streamed = self.fragments > 1 or self.delay > 0 or wire_dtype is not None
         params = base.parameters()
         # streamed + sharded shards each fragment, not each param group (outer_sync.FragmentSync)
-        groups = build_slow_groups(params, base.optimizer, self.rank, self.world_size,
-                                   self.sharded and not self.streamed)
-        setup = OuterSetup(base, self.outer, groups, self.comm, self.group, self.rank, self.world_size, self.tau,
-                           self.fragments, self.delay, wire_dtype, self.sharded)
+        groups = build_slow_groups(
+            params, base.optimizer, self.rank, self.world_size, self.sharded and not self.streamed
+        )
+        setup = OuterSetup(
+            base,
+            self.outer,
+            groups,
+            self.comm,
+            self.group,
+            self.rank,
+            self.world_size,
+            self.tau,
+            self.fragments,
+            self.delay,
+            wire_dtype,
+            self.sharded,
+        )
         # The trainer broadcasts the initial parameters before building the algorithm, so x0 is
         # the same on every rank without communication.
         self.units, self.x0, self.u, self.layout = build_units(setup, [p.data for p in params], self.streamed)
@@ -175,15 +190,19 @@ class SlowMo(Algorithm):
 
     def describe(self) -> str:
         o = self.outer
-        options = [f"alpha={o.alpha:g}", f"beta={o.beta:g}", f"tau={self.tau}", o.coupling,
-                   f"buffers={self.base_buffers}"]
+        options = [
+            f"alpha={o.alpha:g}",
+            f"beta={o.beta:g}",
+            f"tau={self.tau}",
+            o.coupling,
+            f"buffers={self.base_buffers}",
+        ]
         if o.nesterov:
             options.append("nesterov")
         if self.sharded:
             options.append("sharded")
         if self.streamed:
-            options += [f"outer_dtype={self.outer_dtype}", f"fragments={self.fragments}",
-                        f"overlap_steps={self.delay}"]
+            options += [f"outer_dtype={self.outer_dtype}", f"fragments={self.fragments}", f"overlap_steps={self.delay}"]
         return f"slowmo({', '.join(options)}) over {self.base.describe()}"
 
     # --- the training step -------------------------------------------------------------------
@@ -192,15 +211,17 @@ class SlowMo(Algorithm):
         outer step's ``gamma`` is the learning rate the inner steps used."""
         return (step // self.tau) * self.tau
 
-    def after_optimizer_step(self, step: int, exact_average_follows: bool = False,
-                             outer_sync_follows: bool = False) -> None:
+    def after_optimizer_step(
+        self, step: int, exact_average_follows: bool = False, outer_sync_follows: bool = False
+    ) -> None:
         # At the end of an outer iteration SlowMo's synchronisation takes the place of Local SGD's own
         # average (the whole model when F = 1, fragment 0 now and the others staggered when F > 1).
         # Gossip is skipped only when the whole model is sent: with F > 1 the other fragments still
         # need this step's mixing.
         boundary = (step + 1) % self.tau == 0
-        self.base.after_optimizer_step(step, exact_average_follows=boundary and len(self.units) == 1,
-                                       outer_sync_follows=boundary)
+        self.base.after_optimizer_step(
+            step, exact_average_follows=boundary and len(self.units) == 1, outer_sync_follows=boundary
+        )
         with self.comm.outer():
             for unit in self.units:
                 if unit.due(step):
@@ -270,5 +291,7 @@ class SlowMo(Algorithm):
         device = self.x0[0].device if self.x0 else None
         self.pending = deque(OuterMessage.from_state(m, device, self.comm.mark()) for m in state.get("pending", []))
         if any(m.fragment >= self.fragments for m in self.pending):
-            raise ValueError(f"the SlowMo checkpoint has outer messages of more fragments than slowmo.fragments="
-                             f"{self.fragments}: resume with the checkpoint's slowmo settings")
+            raise ValueError(
+                f"the SlowMo checkpoint has outer messages of more fragments than slowmo.fragments="
+                f"{self.fragments}: resume with the checkpoint's slowmo settings"
+            )

@@ -123,13 +123,24 @@ class IntervalStats:
     def record(self, unit: str) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         n = max(1, self.updates)
-        return {"loss": self.loss_sum / n, "staleness_mean": self.stale_sum / n, "staleness_max": self.stale_max,
-                "updates_per_s": self.updates / elapsed, f"{unit}_per_s": self.units / elapsed}
+        return {
+            "loss": self.loss_sum / n,
+            "staleness_mean": self.stale_sum / n,
+            "staleness_max": self.stale_max,
+            "updates_per_s": self.updates / elapsed,
+            f"{unit}_per_s": self.units / elapsed,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """The interval's sums and the histogram (not its wall clock: throughput restarts on resume)."""
-        return {"loss_sum": self.loss_sum, "units": self.units, "updates": self.updates, "stale_sum": self.stale_sum,
-                "stale_max": self.stale_max, "histogram": dict(self.histogram)}
+        return {
+            "loss_sum": self.loss_sum,
+            "units": self.units,
+            "updates": self.updates,
+            "stale_sum": self.stale_sum,
+            "stale_max": self.stale_max,
+            "histogram": dict(self.histogram),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()
@@ -151,8 +162,15 @@ class AsyncContext:
         self.job, self.env, self.device, self.run_dir = job, env, device, run_dir
         torch.manual_seed(job.seed)
         worker = WorkerInfo(env.rank, env.world_size, env.local_rank, device)
-        args = TaskArgs(model=job.model, data=job.data, eval=job.eval, batch_size=job.train.batch_size,
-                        eval_batch_size=job.train.eval_batch_size, seed=job.seed, worker=worker)
+        args = TaskArgs(
+            model=job.model,
+            data=job.data,
+            eval=job.eval,
+            batch_size=job.train.batch_size,
+            eval_batch_size=job.train.eval_batch_size,
+            seed=job.seed,
+            worker=worker,
+        )
         # Every rank builds the model from the same seed, so all start from identical parameters.
         self.task: Task = TASKS[job.task.name](args)
         self.flat = FlatModel(self.task.model, self.task, job.optim.weight_decay)
@@ -161,8 +179,9 @@ class AsyncContext:
     def checkpointer(self) -> Checkpointer:
         c = self.job.checkpoint
         # written inside the step (no background thread): the async loops have no per-step poll point
-        return Checkpointer(self.run_dir, c.keep, self.env.rank, self.env.world_size, None,
-                            every_steps=c.every_steps, at_end=c.at_end)
+        return Checkpointer(
+            self.run_dir, c.keep, self.env.rank, self.env.world_size, None, every_steps=c.every_steps, at_end=c.at_end
+        )
 
     def resume_checkpoint(self) -> Path | None:
         """The checkpoint ``resume`` (none | auto | PATH) names, checked complete and compatible with
@@ -189,15 +208,18 @@ class AsyncContext:
         _, state = load_rank_state(ckpt, self.env.rank)
         saved = state.get("async", {}).get("mode")
         if saved != mode:
-            raise CheckpointError(f"{ckpt} was not written by an asynchronous run in {mode} mode "
-                                  f"(it holds {'mode ' + saved if saved else 'a synchronous run'})")
+            raise CheckpointError(
+                f"{ckpt} was not written by an asynchronous run in {mode} mode "
+                f"(it holds {'mode ' + saved if saved else 'a synchronous run'})"
+            )
         return state
 
     def save(self, checkpointer: Checkpointer, updates: int, state: dict, epoch: float) -> Path:
         """Write this rank's ``state`` as step ``updates`` (collective) and complete the checkpoint."""
         full = {"format": FORMAT, "step": updates, "rank": self.env.rank, "world_size": self.env.world_size, **state}
-        path = checkpointer.save(updates, full, self.config_dict,
-                                 {"epoch": round(epoch, 4), "algorithm": self.job.algorithm.name})
+        path = checkpointer.save(
+            updates, full, self.config_dict, {"epoch": round(epoch, 4), "algorithm": self.job.algorithm.name}
+        )
         if hasattr(checkpointer, "finish"):
             checkpointer.finish()
         return path
@@ -211,11 +233,21 @@ class AsyncContext:
         return make_plan(self.job.train, self.job.optim, max(1, updates_per_epoch), self.task.batch_size)
 
     def log_plan(self, plan: Plan, workers: int, extra: str) -> None:
-        log.info("task=%s model=%s(%.2fM params) algorithm=%s (%s, %s) | %d asynchronous workers x batch %d | "
-                 "peak lr %.4g per update | %d master updates/epoch, %d updates",
-                 self.job.task.name, self.job.model.arch, self.flat.numel / 1e6, self.job.algorithm.name,
-                 self.job.algorithm.mode, extra, workers, plan.batch, plan.peak_lr, plan.steps_per_epoch,
-                 plan.total_steps)
+        log.info(
+            "task=%s model=%s(%.2fM params) algorithm=%s (%s, %s) | %d asynchronous workers x batch %d | "
+            "peak lr %.4g per update | %d master updates/epoch, %d updates",
+            self.job.task.name,
+            self.job.model.arch,
+            self.flat.numel / 1e6,
+            self.job.algorithm.name,
+            self.job.algorithm.mode,
+            extra,
+            workers,
+            plan.batch,
+            plan.peak_lr,
+            plan.steps_per_epoch,
+            plan.total_steps,
+        )
 
     def write_summary(self, summary: dict) -> dict:
         if self.env.rank == 0:
@@ -227,10 +259,16 @@ def one_line_reason(err: Exception) -> str:
     return " ".join(str(err).split())[:300]
 
 
-def save_checkpoint(path: Path, rule: AsyncRule, updates: int, workers: list[WorkerSide] | None = None,
-                    extra: dict | None = None) -> None:
-    state = {"updates": updates, "rule": rule.name, "master": rule.state_dict(),
-             "workers": [w.state_dict() for w in workers or []], **(extra or {})}
+def save_checkpoint(
+    path: Path, rule: AsyncRule, updates: int, workers: list[WorkerSide] | None = None, extra: dict | None = None
+) -> None:
+    state = {
+        "updates": updates,
+        "rule": rule.name,
+        "master": rule.state_dict(),
+        "workers": [w.state_dict() for w in workers or []],
+        **(extra or {}),
+    }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)

@@ -41,13 +41,7 @@ import time
 
 import torch
 
-from slowmo_train.asynchronous.common import (
-    AsyncContext,
-    BatchStream,
-    IntervalStats,
-    one_line_reason,
-    save_checkpoint,
-)
+from slowmo_train.asynchronous.common import AsyncContext, BatchStream, IntervalStats, one_line_reason, save_checkpoint
 from slowmo_train.asynchronous.rules import build_rule
 from slowmo_train.asynchronous.simulator import ComputeTimes, EventSimulator
 from slowmo_train.checkpoint import CheckpointError, capture_rng, check_model_shapes, restore_rng
@@ -91,14 +85,26 @@ def run_simulated(runner: AsyncRunner) -> dict:
 
     def state() -> dict:
         """Everything the next update depends on (module docstring): exact resume."""
-        return {"async": {"mode": "simulated", "rule": rule.name, "master": rule.state_dict(),
-                          "workers": [side.state_dict() for side in sides], "simulator": sim.state_dict(),
-                          "inflight": {w: {"message": m, "read_version": v, "loss": loss, "units": u}
-                                       for w, (m, v, loss, u) in inflight.items()},
-                          "issued": issued, "batches_drawn": batches.drawn, "stats": stats.state_dict(),
-                          "evaluator": evaluator.state_dict(), "final": final},
-                "model": task.model.state_dict(),  # the BatchNorm statistics every forward pass updates
-                "rng": capture_rng()}
+        return {
+            "async": {
+                "mode": "simulated",
+                "rule": rule.name,
+                "master": rule.state_dict(),
+                "workers": [side.state_dict() for side in sides],
+                "simulator": sim.state_dict(),
+                "inflight": {
+                    w: {"message": m, "read_version": v, "loss": loss, "units": u}
+                    for w, (m, v, loss, u) in inflight.items()
+                },
+                "issued": issued,
+                "batches_drawn": batches.drawn,
+                "stats": stats.state_dict(),
+                "evaluator": evaluator.state_dict(),
+                "final": final,
+            },
+            "model": task.model.state_dict(),  # the BatchNorm statistics every forward pass updates
+            "rng": capture_rng(),
+        }
 
     ckpt = runner.resume_checkpoint()
     if ckpt is not None:
@@ -113,8 +119,10 @@ def run_simulated(runner: AsyncRunner) -> dict:
             for side, side_state in zip(sides, s["workers"]):
                 side.load_state_dict(side_state)
             sim.load_state_dict(s["simulator"])
-            inflight = {int(w): (e["message"], int(e["read_version"]), float(e["loss"]), int(e["units"]))
-                        for w, e in s["inflight"].items()}
+            inflight = {
+                int(w): (e["message"], int(e["read_version"]), float(e["loss"]), int(e["units"]))
+                for w, e in s["inflight"].items()
+            }
             issued, updates, final = int(s["issued"]), int(saved["step"]), s["final"]
             stats.load_state_dict(s["stats"])
             evaluator.load_state_dict(s["evaluator"])
@@ -122,8 +130,9 @@ def run_simulated(runner: AsyncRunner) -> dict:
         except (KeyError, ValueError, RuntimeError, TypeError) as err:
             raise CheckpointError(f"{ckpt}: cannot restore the simulated run: {one_line_reason(err)}") from None
         checkpointer.last_path = ckpt
-        log.info("resumed from %s at update %d (%d gradients issued, %d in flight)", ckpt, updates, issued,
-                 len(inflight))
+        log.info(
+            "resumed from %s at update %d (%d gradients issued, %d in flight)", ckpt, updates, issued, len(inflight)
+        )
     batches = BatchStream(task, int(s["batches_drawn"]) if ckpt is not None else 0)
     # a resumed run drops the records written after its checkpoint
     metrics = MetricsWriter(runner.run_dir, 0, resume_step=updates if ckpt is not None else None)
@@ -155,21 +164,30 @@ def run_simulated(runner: AsyncRunner) -> dict:
                 start(w, updates)
             done = updates == plan.total_steps
             if updates % job.train.log_every == 0 or done:
-                record = {"epoch": round(updates / plan.steps_per_epoch, 4), "lr": lr, "sim_time": sim.now,
-                          **stats.record(task.unit)}
+                record = {
+                    "epoch": round(updates / plan.steps_per_epoch, 4),
+                    "lr": lr,
+                    "sim_time": sim.now,
+                    **stats.record(task.unit),
+                }
                 if not math.isfinite(record["loss"]):
                     raise FloatingPointError(f"training loss is {record['loss']} at update {updates}: lower optim.lr")
                 metrics.write("train", updates, **record)
-                progress.update(updates, f"loss {record['loss']:.3f} staleness {record['staleness_mean']:.1f} "
-                                f"{record['updates_per_s']:.1f} updates/s", force_line=True)
+                progress.update(
+                    updates,
+                    f"loss {record['loss']:.3f} staleness {record['staleness_mean']:.1f} "
+                    f"{record['updates_per_s']:.1f} updates/s",
+                    force_line=True,
+                )
                 stats.reset()
             if evaluator.should_evaluate(updates, done):
                 eval_start = time.perf_counter()
                 final = runner.evaluate(rule.eval_params(), done)
                 evaluator.record(updates, final, progress)
                 # the master's state at this evaluation in one file, for inspection (resume: checkpoints/)
-                save_checkpoint(runner.run_dir / "checkpoint_async.pt", rule, updates, sides,
-                                {"simulator": sim.state_dict()})
+                save_checkpoint(
+                    runner.run_dir / "checkpoint_async.pt", rule, updates, sides, {"simulator": sim.state_dict()}
+                )
                 stats.start += time.perf_counter() - eval_start
             if checkpointer.should_save(updates, done, signals.requested):
                 runner.save(checkpointer, updates, state(), updates / plan.steps_per_epoch)
@@ -181,8 +199,20 @@ def run_simulated(runner: AsyncRunner) -> dict:
         signals.restore()
         progress.close()
         metrics.close()
-    return runner.write_summary({"mode": "simulated", "algorithm": a.name, "workers": n, "steps": updates,
-                                 "gradients": issued, "sim_time": sim.now, "final_eval": final,
-                                 "metric": task.metric.name, "best": evaluator.best, "stopped_by": stopped_by,
-                                 "checkpoint": str(checkpointer.last_path) if checkpointer.last_path else None,
-                                 "resumed_from": str(ckpt) if ckpt else None, **stats.summary()})
+    return runner.write_summary(
+        {
+            "mode": "simulated",
+            "algorithm": a.name,
+            "workers": n,
+            "steps": updates,
+            "gradients": issued,
+            "sim_time": sim.now,
+            "final_eval": final,
+            "metric": task.metric.name,
+            "best": evaluator.best,
+            "stopped_by": stopped_by,
+            "checkpoint": str(checkpointer.last_path) if checkpointer.last_path else None,
+            "resumed_from": str(ckpt) if ckpt else None,
+            **stats.summary(),
+        }
+    )

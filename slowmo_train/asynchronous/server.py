@@ -52,13 +52,7 @@ import torch.distributed as dist
 
 from slowmo_train import control
 from slowmo_train.algorithms import comm
-from slowmo_train.asynchronous.common import (
-    AsyncContext,
-    BatchStream,
-    IntervalStats,
-    one_line_reason,
-    save_checkpoint,
-)
+from slowmo_train.asynchronous.common import AsyncContext, BatchStream, IntervalStats, one_line_reason, save_checkpoint
 from slowmo_train.asynchronous.rules import build_rule
 from slowmo_train.checkpoint import CheckpointError, capture_rng, restore_rng
 from slowmo_train.evaluation import Evaluator
@@ -105,8 +99,10 @@ def run_real(runner: AsyncContext) -> dict:
     job = runner.job
     servers = job.algorithm.servers
     if dist.get_backend() != "gloo":
-        raise ValueError(f"algorithm.mode=real runs on the gloo backend (a server receives from any worker); "
-                         f"got {dist.get_backend()}: set launcher.backend=gloo")
+        raise ValueError(
+            f"algorithm.mode=real runs on the gloo backend (a server receives from any worker); "
+            f"got {dist.get_backend()}: set launcher.backend=gloo"
+        )
     rank, world = control.rank(), control.world_size()
     workers = world - servers
     if workers < 1:
@@ -152,10 +148,19 @@ def _serve(runner: AsyncContext, s: int, servers: int, workers: int, bounds) -> 
     evaluator.writer = metrics
 
     def state() -> dict:
-        return {"async": {"mode": "real", "role": "server", "rule": rule.name, "master": rule.state_dict(),
-                          "stats": stats.state_dict(), "evaluator": evaluator.state_dict(), "final": final,
-                          "last_eval": last_eval},
-                "rng": capture_rng()}
+        return {
+            "async": {
+                "mode": "real",
+                "role": "server",
+                "rule": rule.name,
+                "master": rule.state_dict(),
+                "stats": stats.state_dict(),
+                "evaluator": evaluator.state_dict(),
+                "final": final,
+                "last_eval": last_eval,
+            },
+            "rng": capture_rng(),
+        }
 
     inbox = torch.zeros(HEADER + b - a)
     out = [torch.zeros(1 + b - a) for _ in range(workers)]
@@ -196,8 +201,12 @@ def _serve(runner: AsyncContext, s: int, servers: int, workers: int, bounds) -> 
                 if lead and updates % job.train.log_every == 0:
                     record = {"epoch": round(updates / plan.steps_per_epoch, 4), "lr": lr, **stats.record(task.unit)}
                     metrics.write("train", updates, **record)
-                    progress.update(updates, f"loss {record['loss']:.3f} staleness {record['staleness_mean']:.1f} "
-                                    f"{record['updates_per_s']:.1f} updates/s", force_line=True)
+                    progress.update(
+                        updates,
+                        f"loss {record['loss']:.3f} staleness {record['staleness_mean']:.1f} "
+                        f"{record['updates_per_s']:.1f} updates/s",
+                        force_line=True,
+                    )
                     stats.reset()
                 if not lead:
                     reply(i, CONTINUE, updates)
@@ -238,15 +247,33 @@ def _serve(runner: AsyncContext, s: int, servers: int, workers: int, bounds) -> 
         progress.close()
         if metrics is not None:
             metrics.close()
-    summary = {"mode": "real", "algorithm": job.algorithm.name, "workers": workers, "servers": servers,
-               "steps": updates, "final_eval": final, "metric": task.metric.name, "best": evaluator.best,
-               "checkpoint": str(checkpointer.last_path) if checkpointer.last_path else None,
-               "resumed_from": str(ckpt) if ckpt else None, **stats.summary()}
+    summary = {
+        "mode": "real",
+        "algorithm": job.algorithm.name,
+        "workers": workers,
+        "servers": servers,
+        "steps": updates,
+        "final_eval": final,
+        "metric": task.metric.name,
+        "best": evaluator.best,
+        "checkpoint": str(checkpointer.last_path) if checkpointer.last_path else None,
+        "resumed_from": str(ckpt) if ckpt else None,
+        **stats.summary(),
+    }
     return runner.write_summary(summary) if lead else summary
 
 
-def _evaluate(runner: AsyncContext, bounds, workers: int, rule, updates: int, evaluator: Evaluator,
-              progress: Progress, final: bool, s: int) -> dict:
+def _evaluate(
+    runner: AsyncContext,
+    bounds,
+    workers: int,
+    rule,
+    updates: int,
+    evaluator: Evaluator,
+    progress: Progress,
+    final: bool,
+    s: int,
+) -> dict:
     """Evaluate with every rank, write this server's checkpoint; server 0's evaluator writes the record."""
     result = evaluate_together(runner, bounds, workers, rule.eval_params(), final)
     name = "checkpoint_async.pt" if len(bounds) == 1 else f"checkpoint_async.server{s}.pt"
@@ -259,13 +286,16 @@ def _load(runner: AsyncContext, ckpt, total: int) -> dict:
     """This rank's state from ``ckpt``; a run already at its last update cannot continue."""
     saved = runner.load_rank(ckpt, "real")
     if int(saved["step"]) >= total:
-        raise CheckpointError(f"{ckpt} is at update {saved['step']}, the end of this run ({total} updates): "
-                              "raise train.max_steps (where it capped the run) to continue it")
+        raise CheckpointError(
+            f"{ckpt} is at update {saved['step']}, the end of this run ({total} updates): "
+            "raise train.max_steps (where it capped the run) to continue it"
+        )
     return saved
 
 
-def _barrier_checkpoint(runner: AsyncContext, checkpointer, updates: int, done: bool, state,
-                        steps_per_epoch: int) -> None:
+def _barrier_checkpoint(
+    runner: AsyncContext, checkpointer, updates: int, done: bool, state, steps_per_epoch: int
+) -> None:
     """Every rank, at an evaluation barrier (no gradient in flight): server 0 decides whether a
     checkpoint is due (``checkpoint.every_steps`` crossed since the last evaluation, or the end), and
     every rank writes its part."""
@@ -304,8 +334,11 @@ def _work(runner: AsyncContext, i: int, servers: int, bounds) -> None:
     batches = BatchStream(runner.task, drawn)
 
     def state() -> dict:
-        return {"async": {"mode": "real", "role": "worker", "side": side.state_dict(), "batches_drawn": batches.drawn},
-                "model": runner.task.model.state_dict(), "rng": capture_rng()}
+        return {
+            "async": {"mode": "real", "role": "worker", "side": side.state_dict(), "batches_drawn": batches.drawn},
+            "model": runner.task.model.state_dict(),
+            "rng": capture_rng(),
+        }
 
     def receive_all() -> list[float]:
         for req in [control.irecv(inbox[s], src=s) for s in range(servers)]:

@@ -38,8 +38,9 @@ class ComputeTimes:
 
     def __post_init__(self):
         if self.dist not in DISTRIBUTIONS:
-            raise ValueError(f"algorithm.compute_time_dist={self.dist!r} is unknown; "
-                             f"choose one of {', '.join(DISTRIBUTIONS)}")
+            raise ValueError(
+                f"algorithm.compute_time_dist={self.dist!r} is unknown; choose one of {', '.join(DISTRIBUTIONS)}"
+            )
         if self.shape <= 0 or self.scale <= 0:
             raise ValueError(f"compute-time shape and scale must be > 0, got {self.shape}, {self.scale}")
         if any(s <= 0 for s in self.speeds):
@@ -91,8 +92,12 @@ class EventSimulator:
         return len(self._queue)
 
     def state_dict(self) -> dict:
-        return {"now": self.now, "queue": list(self._queue), "issued": self._issued,
-                "rng": self.rng.bit_generator.state}
+        return {
+            "now": self.now,
+            "queue": list(self._queue),
+            "issued": self._issued,
+            "rng": self.rng.bit_generator.state,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.now, self._issued = state["now"], state["issued"]

@@ -68,8 +68,19 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
 class TrainBatches:
     """Shuffled, augmented, rank-sharded training batches of a fixed per-worker size."""
 
-    def __init__(self, data: ImageTensors, batch_size: int, rank: int, world_size: int, seed: int,
-                 mean, std, device: torch.device, padding: int = 4, channels_last: bool = False):
+    def __init__(
+        self,
+        data: ImageTensors,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        mean,
+        std,
+        device: torch.device,
+        padding: int = 4,
+        channels_last: bool = False,
+    ):
         per_rank = len(data) // world_size
         if per_rank < batch_size:
             raise ValueError(
@@ -94,8 +105,16 @@ class TrainBatches:
             yield self.normalise(images), to_device(self.data.labels[idx], self.device)
 
 
-def eval_batches(data: ImageTensors, batch_size: int, rank: int, world_size: int, mean, std,
-                 device: torch.device, channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    data: ImageTensors,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    mean,
+    std,
+    device: torch.device,
+    channels_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share (every ``world_size``-th image) of an evaluation split, unaugmented."""
     idx_all = torch.arange(rank, len(data), world_size)
     normalise = DeviceNormaliser(mean, std, device, channels_last)

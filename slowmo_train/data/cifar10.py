@@ -122,8 +122,10 @@ def _decode_image_folder(classes: list[str], files: list[tuple[Path, int]]) -> I
         except OSError as err:
             raise DatasetError(f"cannot decode image {path}: {err}; remove or replace the file") from err
         if array.shape != first.shape:
-            raise DatasetError(f"{path} is {array.shape[1]}x{array.shape[0]}, expected "
-                               f"{first.shape[1]}x{first.shape[0]} like the others")
+            raise DatasetError(
+                f"{path} is {array.shape[1]}x{array.shape[0]}, expected "
+                f"{first.shape[1]}x{first.shape[0]} like the others"
+            )
         images[i] = array
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return ImageTensors(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, classes)

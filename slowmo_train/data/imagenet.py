@@ -103,8 +103,10 @@ def list_split(split_dir: str | os.PathLike, classes: list[str] | None = None) -
     index = {name: i for i, name in enumerate(classes)}
     unknown = [f for f in folders if f not in index]
     if unknown:
-        raise DatasetError(f"{split_dir} has class folders the training split lacks ({', '.join(unknown[:5])}); "
-                           "train/ and val/ must use the same class names")
+        raise DatasetError(
+            f"{split_dir} has class folders the training split lacks ({', '.join(unknown[:5])}); "
+            "train/ and val/ must use the same class names"
+        )
     paths, labels = [], []
     for name in folders:
         for entry in sorted(os.scandir(split_dir / name), key=lambda e: e.name):
@@ -136,8 +138,9 @@ def load_rgb(path: str) -> Image.Image:
         raise DatasetError(f"cannot decode image {path}: {err}; remove or replace the file") from err
 
 
-def random_resized_crop_box(width: int, height: int, rng: random.Random, scale=CROP_SCALE,
-                            ratio=CROP_RATIO) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    width: int, height: int, rng: random.Random, scale=CROP_SCALE, ratio=CROP_RATIO
+) -> tuple[int, int, int, int]:
     """(left, top, crop width, crop height) of an Inception-style random crop (Szegedy et al., 2015):
     area fraction uniform in ``scale``, log aspect ratio uniform in ``ratio``; after 10 misses, the
     largest centred crop whose aspect ratio lies in ``ratio``."""
@@ -167,8 +170,9 @@ class TrainTransform:
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
-        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
-                              interpolation=InterpolationMode.BILINEAR, antialias=True)
+        img = TF.resized_crop(
+            img, top, left, h, w, [self.size, self.size], interpolation=InterpolationMode.BILINEAR, antialias=True
+        )
         if rng.random() < 0.5:
             img = TF.hflip(img)
         return TF.pil_to_tensor(img)
@@ -230,9 +234,20 @@ class ImageNetStream:
     starting a new pass abandons the previous one. The validation loader starts its workers per
     evaluation, so they do not hold memory during training. Memory is pinned only for CUDA."""
 
-    def __init__(self, root: str, image_size: int, batch_size: int, eval_batch_size: int, workers: int,
-                 seed: int, rank: int, world_size: int, device: torch.device, train_subset: int | None = None,
-                 channels_last: bool = False):
+    def __init__(
+        self,
+        root: str,
+        image_size: int,
+        batch_size: int,
+        eval_batch_size: int,
+        workers: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        train_subset: int | None = None,
+        channels_last: bool = False,
+    ):
         check_layout(root)
         root_path = Path(root).expanduser()
         train = list_split(root_path / "train").subset(train_subset, seed)
@@ -246,9 +261,14 @@ class ImageNetStream:
         self.sampler = ShardedBatchSampler(len(train), batch_size, rank, world_size, seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.val_set = ImageFolderStream(val, EvalTransform(image_size))
-        self.train_loader = DataLoader(ImageFolderStream(train, TrainTransform(image_size), seed),
-                                       batch_sampler=self.sampler, num_workers=workers, pin_memory=self.pin,
-                                       persistent_workers=workers > 0, multiprocessing_context=self._context)
+        self.train_loader = DataLoader(
+            ImageFolderStream(train, TrainTransform(image_size), seed),
+            batch_sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=self.pin,
+            persistent_workers=workers > 0,
+            multiprocessing_context=self._context,
+        )
 
     @property
     def num_classes(self) -> int:
@@ -263,7 +283,13 @@ class ImageNetStream:
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's share (every ``world_size``-th image) of the validation split."""
         share = list(range(self.rank, self.val_size, self.world_size))
-        loader = DataLoader(self.val_set, batch_size=self.eval_batch_size, sampler=share,
-                            num_workers=self.workers, pin_memory=self.pin, multiprocessing_context=self._context)
+        loader = DataLoader(
+            self.val_set,
+            batch_size=self.eval_batch_size,
+            sampler=share,
+            num_workers=self.workers,
+            pin_memory=self.pin,
+            multiprocessing_context=self._context,
+        )
         for batch in loader:
             yield self.to_device(batch)

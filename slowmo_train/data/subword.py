@@ -52,7 +52,10 @@ def _train(paths: list[Path], vocab_size: int, out: Path) -> None:
         # WMT16 has 4.5M pairs: a 2M-sentence random sample learns the same vocabulary much faster
         input_sentence_size=2_000_000,
         shuffle_input_sentence=True,
-        pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+        pad_id=PAD,
+        unk_id=UNK,
+        bos_id=BOS,
+        eos_id=EOS,
         num_threads=1,
         minloglevel=2,
     )

@@ -84,10 +84,50 @@ def write_image_folder_imagenet(root: Path, per_class: int = 6, classes: int = 3
     return root
 
 
-_EN = ["a", "man", "woman", "dog", "cat", "red", "blue", "ball", "runs", "sits", "on", "the", "street", "grass",
-       "plays", "with", "two", "children", "big", "small"]
-_DE = ["ein", "mann", "frau", "hund", "katze", "roter", "blauer", "ball", "rennt", "sitzt", "auf", "der", "strasse",
-       "wiese", "spielt", "mit", "zwei", "kinder", "grosser", "kleiner"]
+_EN = [
+    "a",
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "red",
+    "blue",
+    "ball",
+    "runs",
+    "sits",
+    "on",
+    "the",
+    "street",
+    "grass",
+    "plays",
+    "with",
+    "two",
+    "children",
+    "big",
+    "small",
+]
+_DE = [
+    "ein",
+    "mann",
+    "frau",
+    "hund",
+    "katze",
+    "roter",
+    "blauer",
+    "ball",
+    "rennt",
+    "sitzt",
+    "auf",
+    "der",
+    "strasse",
+    "wiese",
+    "spielt",
+    "mit",
+    "zwei",
+    "kinder",
+    "grosser",
+    "kleiner",
+]
 
 
 def write_parallel_text(root: Path, n_train: int = 300, n_valid: int = 40, n_test: int = 40) -> Path:

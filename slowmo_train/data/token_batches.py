@@ -52,20 +52,32 @@ def collate(corpus: ParallelCorpus, pairs: np.ndarray, device: torch.device) -> 
     prev = np.full((b, max(len(t) for t in tgts) + 1), PAD, dtype=np.int64)
     tgt = np.full_like(prev, PAD)
     for j, (s, t) in enumerate(zip(srcs, tgts)):
-        src[j, :len(s)], src[j, len(s)] = s, EOS
-        prev[j, 0], prev[j, 1:len(t) + 1] = BOS, t
-        tgt[j, :len(t)], tgt[j, len(t)] = t, EOS
+        src[j, : len(s)], src[j, len(s)] = s, EOS
+        prev[j, 0], prev[j, 1 : len(t) + 1] = BOS, t
+        tgt[j, : len(t)], tgt[j, len(t)] = t, EOS
     ntokens = sum(len(t) + 1 for t in tgts)
     # ntokens stays a host number: the loss's unit count, read without touching the device
-    return {"src": to_device(torch.from_numpy(src), device), "prev": to_device(torch.from_numpy(prev), device),
-            "tgt": to_device(torch.from_numpy(tgt), device), "ntokens": ntokens}
+    return {
+        "src": to_device(torch.from_numpy(src), device),
+        "prev": to_device(torch.from_numpy(prev), device),
+        "tgt": to_device(torch.from_numpy(tgt), device),
+        "ntokens": ntokens,
+    }
 
 
 class TokenBatches:
     """This rank's training batches; ``epoch(e, skip)`` is the Task's ``train_batches``."""
 
-    def __init__(self, corpus: ParallelCorpus, indices: np.ndarray, max_tokens: int, rank: int, world_size: int,
-                 seed: int, device: torch.device):
+    def __init__(
+        self,
+        corpus: ParallelCorpus,
+        indices: np.ndarray,
+        max_tokens: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+    ):
         self.corpus, self.rank, self.world_size, self.seed, self.device = corpus, rank, world_size, seed, device
         src_len = corpus.src.lengths[indices] + 1
         tgt_len = corpus.tgt.lengths[indices] + 1
@@ -76,17 +88,20 @@ class TokenBatches:
         self.steps_per_epoch = len(self.batches)
         self.pairs = sum(len(b) for b in self.batches)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"no training batch: {len(indices)} sentence pairs cannot give each of "
-                             f"{world_size} workers one; use more data (data.train_subset)")
+            raise ValueError(
+                f"no training batch: {len(indices)} sentence pairs cannot give each of "
+                f"{world_size} workers one; use more data (data.train_subset)"
+            )
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict]:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.steps_per_epoch)
         for b in order[skip:]:
-            yield collate(self.corpus, self.batches[b][self.rank::self.world_size], self.device)
+            yield collate(self.corpus, self.batches[b][self.rank :: self.world_size], self.device)
 
 
-def eval_batches(corpus: ParallelCorpus, positions: np.ndarray, max_tokens: int,
-                 device: torch.device) -> Iterator[tuple[np.ndarray, dict]]:
+def eval_batches(
+    corpus: ParallelCorpus, positions: np.ndarray, max_tokens: int, device: torch.device
+) -> Iterator[tuple[np.ndarray, dict]]:
     """Length-sorted batches of the pairs ``positions`` (one rank's share of a split)."""
     src_len = corpus.src.lengths[positions] + 1
     tgt_len = corpus.tgt.lengths[positions] + 1

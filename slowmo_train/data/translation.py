@@ -53,9 +53,11 @@ def missing_files(root: str | os.PathLike, src: str, tgt: str) -> list[Path]:
 
 
 def _offline_message(root, missing: list[Path], why: str) -> str:
-    return (f"data.root={str(root)!r} lacks {', '.join(p.name for p in missing)} ({why}). Point data.root at a "
-            "folder holding line-aligned train/valid/test text (e.g. ../shared/data/translation/multi30k), "
-            "or set data.download=auto to fetch Multi30k there when online")
+    return (
+        f"data.root={str(root)!r} lacks {', '.join(p.name for p in missing)} ({why}). Point data.root at a "
+        "folder holding line-aligned train/valid/test text (e.g. ../shared/data/translation/multi30k), "
+        "or set data.download=auto to fetch Multi30k there when online"
+    )
 
 
 def download_multi30k(root: str | os.PathLike, src: str, tgt: str) -> None:
@@ -94,8 +96,9 @@ def ensure_text(root: str | os.PathLike, src: str, tgt: str, mode: str) -> None:
     if mode == "false":
         raise TranslationDataError(_offline_message(root, missing, "data.download=false"))
     if {src, tgt} != {"en", "de"}:
-        raise TranslationDataError(_offline_message(root, missing, f"only Multi30k en/de is downloadable, "
-                                                                   f"not {src}-{tgt}"))
+        raise TranslationDataError(
+            _offline_message(root, missing, f"only Multi30k en/de is downloadable, not {src}-{tgt}")
+        )
     download_multi30k(root, src, tgt)
 
 
@@ -108,7 +111,7 @@ def read_lines(path: Path) -> list[str]:
 class EncodedSide:
     """Sentences of one language as one flat token array: sentence i is tokens[offsets[i]:offsets[i+1]]."""
 
-    tokens: np.ndarray   # int32
+    tokens: np.ndarray  # int32
     offsets: np.ndarray  # int64, len = sentences + 1
 
     @classmethod
@@ -127,7 +130,7 @@ class EncodedSide:
         return np.diff(self.offsets)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
 
 @dataclass
@@ -141,7 +144,7 @@ class ParallelCorpus:
 
 def _encode_lines(sp, lines: list[str], chunk: int = 100_000) -> EncodedSide:
     # chunks keep Python's per-int overhead bounded (WMT16: 4.5M sentences a side)
-    parts = [EncodedSide.from_lists(sp.encode(lines[i:i + chunk])) for i in range(0, len(lines), chunk)]
+    parts = [EncodedSide.from_lists(sp.encode(lines[i : i + chunk])) for i in range(0, len(lines), chunk)]
     if not parts:
         return EncodedSide(np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int64))
     shifts = np.cumsum([0] + [len(p.tokens) for p in parts[:-1]])
@@ -152,8 +155,10 @@ def _encode_lines(sp, lines: list[str], chunk: int = 100_000) -> EncodedSide:
 def encode_split(sp, src_path: Path, tgt_path: Path) -> ParallelCorpus:
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
-        raise TranslationDataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
-                                   "the two sides of a split must be line-aligned")
+        raise TranslationDataError(
+            f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
+            "the two sides of a split must be line-aligned"
+        )
     return ParallelCorpus(_encode_lines(sp, src), _encode_lines(sp, tgt))
 
 
@@ -166,13 +171,20 @@ def encode_or_load(sp, model_dir: Path, src_path: Path, tgt_path: Path) -> Paral
     cache = encoded_cache_path(model_dir, src_path, tgt_path)
     if cache.exists():
         blob = torch.load(cache, weights_only=True)
-        return ParallelCorpus(*(EncodedSide(blob[f"{side}_tokens"].numpy(), blob[f"{side}_offsets"].numpy())
-                                for side in ("src", "tgt")))
+        return ParallelCorpus(
+            *(EncodedSide(blob[f"{side}_tokens"].numpy(), blob[f"{side}_offsets"].numpy()) for side in ("src", "tgt"))
+        )
     corpus = encode_split(sp, src_path, tgt_path)
     fd, tmp = tempfile.mkstemp(prefix=".encoded-", dir=model_dir)
     with os.fdopen(fd, "wb") as f:
-        torch.save({f"{side}_{part}": torch.from_numpy(getattr(getattr(corpus, side), part))
-                    for side in ("src", "tgt") for part in ("tokens", "offsets")}, f)
+        torch.save(
+            {
+                f"{side}_{part}": torch.from_numpy(getattr(getattr(corpus, side), part))
+                for side in ("src", "tgt")
+                for part in ("tokens", "offsets")
+            },
+            f,
+        )
     os.replace(tmp, cache)
     return corpus
 

@@ -33,8 +33,7 @@ def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequentia
     downsample = None
     if stride != 1 or inplanes != planes:
         downsample = nn.Sequential(
-            nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False),
-            nn.BatchNorm2d(planes),
+            nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
         )
     layers = [BasicBlock(inplanes, planes, stride=stride, downsample=downsample)]
     layers += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
@@ -111,8 +110,9 @@ class ImageNetResNet(nn.Module):
         out = planes * block.expansion
         downsample = None
         if stride != 1 or self.inplanes != out:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, kernel_size=1, stride=stride, bias=False),
-                                       nn.BatchNorm2d(out))
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, out, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out)
+            )
         layers = [block(self.inplanes, planes, stride=stride, downsample=downsample)]
         self.inplanes = out
         layers += [block(out, planes) for _ in range(blocks - 1)]

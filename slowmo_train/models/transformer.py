@@ -95,8 +95,15 @@ class Attention(nn.Module):
         b, t, d = x.shape
         return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None,
-                causal: bool = False, cache: dict | None = None, static_kv: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        cache: dict | None = None,
+        static_kv: bool = False,
+    ) -> torch.Tensor:
         q = self._split(self.q(x))
         if cache is not None and static_kv and "k" in cache:
             k, v = cache["k"], cache["v"]
@@ -107,8 +114,14 @@ class Attention(nn.Module):
                     k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
         # with a cache, the one new query may attend to every cached key: no causal mask needed
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and cache is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal and cache is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         b, h, t, dh = y.shape
         return self.out(y.transpose(1, 2).reshape(b, t, h * dh))
 
@@ -141,14 +154,21 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(s.d_model, s.ffn, s.attention_dropout)
         self.drop = nn.Dropout(s.dropout)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
-                cache: dict | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor, cache: dict | None = None
+    ) -> torch.Tensor:
         h = self.norm1(x)
         self_cache = None if cache is None else cache.setdefault("self", {})
         x = x + self.drop(self.self_attn(h, h, causal=True, cache=self_cache))
-        x = x + self.drop(self.cross_attn(self.norm2(x), memory, memory_mask,
-                                          cache=None if cache is None else cache.setdefault("cross", {}),
-                                          static_kv=True))
+        x = x + self.drop(
+            self.cross_attn(
+                self.norm2(x),
+                memory,
+                memory_mask,
+                cache=None if cache is None else cache.setdefault("cross", {}),
+                static_kv=True,
+            )
+        )
         return x + self.drop(self.ffn(self.norm3(x)))
 
 
@@ -159,7 +179,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.shape, self.vocab_size = shape, vocab_size
         self.embed = nn.Embedding(vocab_size, shape.d_model, padding_idx=PAD)
-        nn.init.normal_(self.embed.weight, mean=0.0, std=shape.d_model ** -0.5)
+        nn.init.normal_(self.embed.weight, mean=0.0, std=shape.d_model**-0.5)
         with torch.no_grad():
             self.embed.weight[PAD].zero_()
         self.encoder = nn.ModuleList(EncoderLayer(shape) for _ in range(shape.layers_enc))
@@ -183,8 +203,14 @@ class Transformer(nn.Module):
             x = layer(x, mask)
         return self.enc_norm(x), mask
 
-    def decode(self, prev: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
-               cache: list[dict] | None = None, start: int = 0) -> torch.Tensor:
+    def decode(
+        self,
+        prev: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        cache: list[dict] | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
         """Logits (B, T, vocab) for the target prefix ``prev``. With ``cache`` (one dict per layer,
         empty at the first call) ``prev`` holds only the new tokens, at positions start, start+1..."""
         x = self._embed(prev, start)

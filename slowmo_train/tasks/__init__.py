@@ -37,10 +37,13 @@ class TaskSpec:
         return self.build(args)
 
 
-TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
-    TaskSpec("cifar10", build_cifar10, check_cifar10_data, cifar10_train_size),
-    TaskSpec("imagenet", build_imagenet, check_imagenet_data, imagenet_train_size),
-    TaskSpec("wmt16", build_wmt16, check_wmt16_data),
-)}
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("cifar10", build_cifar10, check_cifar10_data, cifar10_train_size),
+        TaskSpec("imagenet", build_imagenet, check_imagenet_data, imagenet_train_size),
+        TaskSpec("wmt16", build_wmt16, check_wmt16_data),
+    )
+}
 
 __all__ = ["TASKS", "HeadlineMetric", "Task", "TaskArgs", "TaskSpec", "WorkerInfo"]

@@ -25,8 +25,9 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 def _load_split(data_cfg: DataConfig, train: bool, worker: WorkerInfo):
     # One process per node decodes (and caches) first; the others then read the cache.
     if worker.local_rank == 0:
-        data = load_cifar10(data_cfg.root, train=train, download=download_mode(data_cfg) != "false",
-                            cache_dir=data_cfg.cache_dir)
+        data = load_cifar10(
+            data_cfg.root, train=train, download=download_mode(data_cfg) != "false", cache_dir=data_cfg.cache_dir
+        )
     control.barrier()
     if worker.local_rank != 0:
         data = load_cifar10(data_cfg.root, train=train, download=False, cache_dir=data_cfg.cache_dir)
@@ -49,12 +50,22 @@ def build_cifar10(args: TaskArgs) -> Task:
     model = build_model(args.model, "cifar10", num_classes=len(train.classes)).to(worker.device)
     if nhwc:
         model = model.to(memory_format=torch.channels_last)
-    batches = TrainBatches(train, args.batch_size, worker.rank, worker.world_size, args.seed, CIFAR10_MEAN,
-                           CIFAR10_STD, worker.device, channels_last=nhwc)
+    batches = TrainBatches(
+        train,
+        args.batch_size,
+        worker.rank,
+        worker.world_size,
+        args.seed,
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+        worker.device,
+        channels_last=nhwc,
+    )
 
     def evaluate(m: nn.Module, final: bool = False) -> dict[str, float]:
-        split = eval_batches(test, args.eval_batch_size, worker.rank, worker.world_size, CIFAR10_MEAN, CIFAR10_STD,
-                             worker.device, nhwc)
+        split = eval_batches(
+            test, args.eval_batch_size, worker.rank, worker.world_size, CIFAR10_MEAN, CIFAR10_STD, worker.device, nhwc
+        )
         return evaluate_classifier(m, split)
 
     return Task(
@@ -91,8 +102,13 @@ def cifar10_train_size(data_cfg: DataConfig) -> int | None:
     except DatasetError:
         return None
     if layout == "imagefolder":
-        n = sum(1 for cls in os.scandir(root / "train") if cls.is_dir()
-                for entry in os.scandir(cls.path) if entry.name.lower().endswith(IMAGE_SUFFIXES))
+        n = sum(
+            1
+            for cls in os.scandir(root / "train")
+            if cls.is_dir()
+            for entry in os.scandir(cls.path)
+            if entry.name.lower().endswith(IMAGE_SUFFIXES)
+        )
     else:
         folder = root if (root / "data_batch_1").exists() else root / TORCHVISION_FOLDER
         n = 0

@@ -26,9 +26,13 @@ def evaluate_classifier(model: nn.Module, batches, topk: tuple[int, ...] = (1,))
             logits = model(x).float()
             k = min(max(topk), logits.shape[1])
             hits = logits.topk(k, dim=1).indices == y[:, None]
-            batch = torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum"),
-                                 torch.tensor(float(y.numel()), device=logits.device),
-                                 *[hits[:, : min(t, k)].any(1).sum().float() for t in topk]]).double()
+            batch = torch.stack(
+                [
+                    nn.functional.cross_entropy(logits, y, reduction="sum"),
+                    torch.tensor(float(y.numel()), device=logits.device),
+                    *[hits[:, : min(t, k)].any(1).sum().float() for t in topk],
+                ]
+            ).double()
             totals = batch if totals is None else totals + batch
     if totals is None:
         totals = torch.zeros(2 + len(topk), dtype=torch.float64, device=next(model.parameters()).device)

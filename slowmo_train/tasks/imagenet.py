@@ -27,9 +27,16 @@ def build_imagenet(args: TaskArgs) -> Task:
     data_cfg, worker = args.data, args.worker
     nhwc = channels_last(args)
     stream = ImageNetStream(
-        data_cfg.root, image_size=data_cfg.image_size, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, workers=data_cfg.workers, seed=args.seed, rank=worker.rank,
-        world_size=worker.world_size, device=worker.device, train_subset=data_cfg.train_subset,
+        data_cfg.root,
+        image_size=data_cfg.image_size,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        workers=data_cfg.workers,
+        seed=args.seed,
+        rank=worker.rank,
+        world_size=worker.world_size,
+        device=worker.device,
+        train_subset=data_cfg.train_subset,
         channels_last=nhwc,
     )
     model = build_model(args.model, "imagenet", num_classes=stream.num_classes).to(worker.device)

@@ -67,8 +67,10 @@ def prepare_data(data_cfg: DataConfig, worker: WorkerInfo) -> tuple[Path, dict[s
         ensure_text(data_cfg.root, src, tgt, download_mode(data_cfg) if worker.local_rank == 0 else "false")
         model = subword.train_or_load(list(split_files(data_cfg.root, "train", src, tgt)), data_cfg.vocab_size, cache)
         sp = subword.load(model)
-        return model, {split: encode_or_load(sp, model.parent, *split_files(data_cfg.root, split, src, tgt))
-                       for split in ("train", "valid", "test")}
+        return model, {
+            split: encode_or_load(sp, model.parent, *split_files(data_cfg.root, split, src, tgt))
+            for split in ("train", "valid", "test")
+        }
 
     if worker.local_rank == 0:
         out = build()
@@ -81,8 +83,13 @@ def prepare_data(data_cfg: DataConfig, worker: WorkerInfo) -> tuple[Path, dict[s
 def translation_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """Label-smoothed cross-entropy per target token; the unit count is the batch's target tokens."""
     logits = model(batch["src"], batch["prev"])
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["tgt"].reshape(-1), ignore_index=PAD,
-                           label_smoothing=LABEL_SMOOTHING, reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        batch["tgt"].reshape(-1),
+        ignore_index=PAD,
+        label_smoothing=LABEL_SMOOTHING,
+        reduction="sum",
+    )
     return loss / batch["ntokens"], batch["ntokens"]
 
 
@@ -91,7 +98,7 @@ def validation_loss(model: nn.Module, corpus: ParallelCorpus, max_tokens: int, w
     (collective). The sums stay on the device until one read at the end, then one control all-reduce."""
     sums = torch.zeros(2, dtype=torch.float64, device=worker.device)
     tokens = 0
-    positions = np.arange(len(corpus))[worker.rank::worker.world_size]
+    positions = np.arange(len(corpus))[worker.rank :: worker.world_size]
     with torch.no_grad():
         for _, batch in eval_batches(corpus, positions, max_tokens, worker.device):
             logits = model(batch["src"], batch["prev"]).float().reshape(-1, model.vocab_size)
@@ -105,8 +112,15 @@ def validation_loss(model: nn.Module, corpus: ParallelCorpus, max_tokens: int, w
     return {"loss": ls / max(n, 1), "nll": nll, "ppl": math.exp(min(nll, 50.0))}
 
 
-def translate_corpus(model: nn.Module, sp, corpus: ParallelCorpus, positions: np.ndarray, cfg: EvalConfig,
-                     max_tokens: int, device: torch.device) -> dict[int, str]:
+def translate_corpus(
+    model: nn.Module,
+    sp,
+    corpus: ParallelCorpus,
+    positions: np.ndarray,
+    cfg: EvalConfig,
+    max_tokens: int,
+    device: torch.device,
+) -> dict[int, str]:
     """Detokenised beam-search translations of the source sentences at ``positions``."""
     out = {}
     # a beam multiplies the decoder's batch: keep the padded tokens per call near max_tokens
@@ -121,13 +135,21 @@ def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
     return sacrebleu.corpus_bleu(hypotheses, [references]).score
 
 
-def bleu_eval(model: nn.Module, sp, corpus: ParallelCorpus, references: list[str], cfg: EvalConfig,
-              max_tokens: int, worker: WorkerInfo) -> dict[str, float]:
+def bleu_eval(
+    model: nn.Module,
+    sp,
+    corpus: ParallelCorpus,
+    references: list[str],
+    cfg: EvalConfig,
+    max_tokens: int,
+    worker: WorkerInfo,
+) -> dict[str, float]:
     """BLEU of the first ``cfg.bleu_max_sentences`` sentences, translated in shards over the ranks."""
     n = len(corpus) if cfg.bleu_max_sentences is None else min(len(corpus), cfg.bleu_max_sentences)
     start = time.perf_counter()
-    mine = translate_corpus(model, sp, corpus, np.arange(n)[worker.rank::worker.world_size], cfg, max_tokens,
-                            worker.device)
+    mine = translate_corpus(
+        model, sp, corpus, np.arange(n)[worker.rank :: worker.world_size], cfg, max_tokens, worker.device
+    )
     for shard in control.all_gather_object(mine):
         mine.update(shard)
     hyps = [mine[i] for i in range(n)]
@@ -140,14 +162,22 @@ def build_wmt16(args: TaskArgs) -> Task:
     sp = subword.load(spm_model)
     model = build_model(args.model, "wmt16", vocab_size=sp.get_piece_size()).to(worker.device)
     indices = training_indices(splits["train"], data_cfg.train_subset, data_cfg.max_positions, args.seed)
-    batches = TokenBatches(splits["train"], indices, data_cfg.max_tokens, worker.rank, worker.world_size, args.seed,
-                           worker.device)
+    batches = TokenBatches(
+        splits["train"], indices, data_cfg.max_tokens, worker.rank, worker.world_size, args.seed, worker.device
+    )
     references = read_lines(split_files(data_cfg.root, eval_cfg.bleu_split, data_cfg.src_lang, data_cfg.tgt_lang)[1])
     if worker.rank == 0:
-        log.info("wmt16: vocabulary %d pieces (%s); %d training pairs (%d dropped as longer than %d tokens or "
-                 "left over), %d batches of <= %d tokens per worker", sp.get_piece_size(), spm_model, batches.pairs,
-                 len(splits["train"]) - batches.pairs, data_cfg.max_positions, batches.steps_per_epoch,
-                 data_cfg.max_tokens)
+        log.info(
+            "wmt16: vocabulary %d pieces (%s); %d training pairs (%d dropped as longer than %d tokens or "
+            "left over), %d batches of <= %d tokens per worker",
+            sp.get_piece_size(),
+            spm_model,
+            batches.pairs,
+            len(splits["train"]) - batches.pairs,
+            data_cfg.max_positions,
+            batches.steps_per_epoch,
+            data_cfg.max_tokens,
+        )
     evals = {"count": 0}
 
     def evaluate(m: nn.Module, final: bool = False) -> dict[str, float]:
@@ -158,8 +188,9 @@ def build_wmt16(args: TaskArgs) -> Task:
             out = validation_loss(m, splits["valid"], data_cfg.max_tokens, worker)
             every = eval_cfg.bleu_every_evals
             if final or (every and evals["count"] % every == 0):
-                out.update(bleu_eval(m, sp, splits[eval_cfg.bleu_split], references, eval_cfg, data_cfg.max_tokens,
-                                     worker))
+                out.update(
+                    bleu_eval(m, sp, splits[eval_cfg.bleu_split], references, eval_cfg, data_cfg.max_tokens, worker)
+                )
         finally:
             m.train(was_training)
         return out
