@@ -1,7 +1,8 @@
 """Failures a restart cannot fix end the job at once, under slowmo-train's launcher and under torchrun,
 with our one line as the last thing on the console.
 
-    .venv/bin/python -m pytest -q tests/test_fatal.py
+    .venv/bin/python -m pytest -q tests/test_fatal.py              # our launcher
+    .venv/bin/python -m pytest -q -m slow tests/test_fatal.py      # torchrun --max-restarts=3
 
 A NaN with ``train.nonfinite=stop`` and a corrupt checkpoint would fail again on every restart; with
 ``launcher.max_restarts=3`` / ``torchrun --max-restarts=3`` the old behaviour was to restart three
@@ -82,14 +83,18 @@ def _check_ended_at_once(result, run_dir: Path, expected: str) -> None:
     assert expected in (run_dir / "FATAL").read_text()
 
 
-@pytest.mark.parametrize("launcher", ["local", "torchrun"])
+#: the torchrun variants (a minute each) run under -m slow; the default suite keeps our launcher's
+LAUNCHERS = ["local", pytest.param("torchrun", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_nan_stop_is_not_retried(launcher, tmp_path, data):
     run = tmp_path / "run"
     result = _run(launcher, ["algorithm=local_sgd", "algorithm.period=2"], run, data, faults="nan@step=3,rank=1")
     _check_ended_at_once(result, run, "non-finite loss or parameters on rank")
 
 
-@pytest.mark.parametrize("launcher", ["local", "torchrun"])
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_corrupt_checkpoint_is_not_retried(launcher, tmp_path, data):
     run = tmp_path / "run"
     first = _run("local", ["train.max_steps=2"], run, data)
