@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from slowmo_train.scripting import merge_dicts as merge
+
 ROOT = Path(__file__).resolve().parents[1]
 SLOWMO = {"enabled": True, "tau": 3, "beta": 0.5}
 STREAMED = {"enabled": True, "tau": 4, "beta": 0.5, "fragments": 2}
@@ -62,14 +64,6 @@ BASE = {
     },
     "checkpoint": {"every_minutes": 0, "every_steps": 0, "at_end": False},
 }
-
-
-def merge(*dicts: dict) -> dict:
-    out: dict = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
 
 
 def _comparable(event: dict) -> dict:

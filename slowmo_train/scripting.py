@@ -96,3 +96,12 @@ def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def merge_dicts(*dicts: dict) -> dict:
+    """Nested dictionaries merged left to right (later values win): config overrides as dicts."""
+    out: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = merge_dicts(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out

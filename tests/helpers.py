@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slowmo_train.scripting import merge_dicts
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "exp").glob("*.yaml"))
 
@@ -72,13 +74,8 @@ RESUME_BASE = {
 }
 
 
-def merge(*dicts: dict) -> dict:
-    """Nested dictionaries merged left to right (later values win)."""
-    out: dict = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
+#: nested dictionaries merged left to right (slowmo_train.scripting.merge_dicts)
+merge = merge_dicts
 
 
 def run_trainer(job_dict: dict, run_dir: Path) -> dict:

@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from slowmo_train.scripting import merge_dicts as _merge
 from tests.conftest import write_image_folder_cifar, write_image_folder_imagenet, write_parallel_text
 from tests.distributed_helpers import run_distributed
 
@@ -145,14 +146,6 @@ RUNS = {
         "eval": {"beam": 2, "bleu_max_sentences": 4, "bleu_every_evals": 1},
     },
 }
-
-
-def _merge(*dicts: dict) -> dict:
-    out: dict = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
 
 
 def _job(data: dict, name: str, run_dir: Path, **extra):
