@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 from slowmo_train import scripting
+from slowmo_train.simulated.cluster import step_ms
 
 if __package__:  # imported, or run as python -m scripts.bench_speed
     from scripts.emulated_bench import (
@@ -116,20 +117,9 @@ def expected_bytes(cfg: Config, topo: ClusterShape, p: float, b: float) -> float
 
 
 def model_ms(cfg: Config, topo: ClusterShape, compute_ms: float, rate: float, p: float, b: float) -> float:
-    """The analytic time per step (module docstring). ``rate`` in payload bytes per second."""
-    n = topo.world
-    to_ms = 1000.0 / rate
-    outer = (ring(p + 4, n) + ring(b, n)) * to_ms / cfg.slowmo_tau if cfg.slowmo_tau else 0.0
-    if cfg.algorithm == "allreduce":
-        return max(compute_ms, compute_ms / 3 + ring(p, n) * to_ms) + outer
-    if cfg.algorithm == "local_sgd":
-        if cfg.slowmo_tau:
-            return compute_ms + outer
-        return compute_ms + ring(p + b, n) * to_ms / 12
-    gossip = (p + 4) * to_ms * ((cfg.slowmo_tau - 1) / cfg.slowmo_tau if cfg.slowmo_tau else 1.0)
-    if cfg.algorithm == "sgp":
-        return compute_ms + gossip + outer
-    return max(compute_ms, gossip) + outer
+    """The analytic time per step (module docstring; slowmo_train/simulated/cluster.py, which the
+    simulated cluster uses too). ``rate`` in payload bytes per second."""
+    return step_ms(cfg.algorithm, cfg.slowmo_tau, topo.world, compute_ms, rate, p, b)
 
 
 class SpeedBench(Bench):

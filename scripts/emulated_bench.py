@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slowmo_train import scripting
+from slowmo_train.simulated.cluster import PAYLOAD_EFFICIENCY, ring  # noqa: F401 - the benchmarks' too
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "scripts" / "emulated_cluster.sh"
-#: TCP payload per 1514-byte Ethernet frame with a 1500-byte MTU and TCP timestamps
-PAYLOAD_EFFICIENCY = 1448 / 1514
 
 
 @dataclass(frozen=True)
@@ -98,10 +97,6 @@ def rate_bits(rate: str) -> float:
     if not m:
         raise ValueError(f"rate {rate!r} must look like 60mbit")
     return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
-
-
-def ring(nbytes: float, n: int) -> float:
-    return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
 
 
 def read_run(run_dir: Path, skip_steps: int, units_per_step: int) -> Measured:

@@ -18,6 +18,10 @@ The script launches every run itself, one rank per GPU with NCCL (``torchrun --s
   AR-SGD; only the batches are replaced by one batch on the device) against a hand-written loop
   (torchvision's ResNet-50, or the same transformer in plain torch.nn; same batch, precision and
   optimizer; cudnn.benchmark, TF32): ``--speed-steps`` warm-up then timed steps; fails below ``--min-ratio``.
+- ``speed:resnet18-simulated``: ``--sim-workers`` (32) CIFAR-10 ResNet-18 workers (full width, batch 32
+  each, AR-SGD) simulated in one process on one GPU (``launcher.simulate``) against one process training
+  their total batch (1024) on it, both through the CLI; the replicas run in turn with small kernels, so
+  the bar is 0.5x of one process.
 
 Without CUDA the speed rows are ``skipped: no CUDA device`` (``--speed-on-cpu`` runs them) and the rest
 run tiny with gloo. Data: synthetic datasets of the real layouts (slowmo_train/data/synthetic.py)
@@ -47,10 +51,10 @@ from slowmo_train.scripting import markdown_table
 
 if __package__ or __name__ != "__main__":  # imported (the tests load this file as a module), or python -m
     from scripts.gpu_launch import Ctx, Outcome, clean_env, error_line, run_proc
-    from scripts.gpu_speed import SPEED, plain_worker, read_run, slowmo_worker, speed
+    from scripts.gpu_speed import SIMULATED_ROW, SPEED, plain_worker, read_run, simulated_speed, slowmo_worker, speed
 else:  # python scripts/gpu_check.py: this folder is sys.path[0]
     from gpu_launch import Ctx, Outcome, clean_env, error_line, run_proc
-    from gpu_speed import SPEED, plain_worker, read_run, slowmo_worker, speed
+    from gpu_speed import SIMULATED_ROW, SPEED, plain_worker, read_run, simulated_speed, slowmo_worker, speed
 
 TASKS = ("cifar10", "imagenet", "wmt16")
 EXPERIMENTS = [f"{t}_{b}{s}" for t in TASKS for b in ("allreduce", "localsgd", "sgp", "osgp") for s in ("", "_slowmo")]
@@ -189,7 +193,7 @@ def all_checks() -> list[Check]:
             Check(f"{prec}:{n}", smoke(n, (f"train.precision={prec}",), prec), quick=i == 0)
             for i, n in enumerate(names)
         ]
-    return checks + [
+    checks += [
         Check(
             f"speed:{row}",
             speed(row),
@@ -199,6 +203,7 @@ def all_checks() -> list[Check]:
         )
         for row in SPEED
     ]
+    return checks + [Check(SIMULATED_ROW, simulated_speed, gpu_only=True, alone=True)]
 
 
 # --- main ------------------------------------------------------------------------------------------------
@@ -253,6 +258,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--min-ratio", type=float, default=0.9, help="slowmo-train / plain speed below this fails")
     p.add_argument("--speed-on-cpu", action="store_true", help="run the speed rows without CUDA too")
     p.add_argument("--speed-steps", type=int, default=30, help="warm-up steps, then as many timed ones")
+    p.add_argument(
+        "--sim-workers", type=int, default=32, help=f"workers of {SIMULATED_ROW} (launcher.simulate; default 32)"
+    )
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--image-batch", type=int, default=64)
     p.add_argument("--tokens", type=int, default=8192, help="source + target tokens per transformer step")

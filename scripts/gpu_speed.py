@@ -4,7 +4,9 @@ gpu_check.py, ``--worker JSON``, and compares their throughput against ``--min-r
 sides themselves: the hand-written reference training loop (``plain_worker``: torchvision's
 ResNet-50, or the same transformer in plain torch; same batch, precision and optimizer) and
 slowmo-train's own CLI on one batch on the device (``slowmo_worker``), each returning its throughput;
-and ``read_run``, which reads a run directory's summary and train metrics for both scripts."""
+the simulated cluster's row (``simulated_speed``: N workers in one process against one process
+training their total batch, both through the CLI on CIFAR-10); and ``read_run``, which reads a run
+directory's summary and train metrics for both scripts."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torchvision
 
 from slowmo_train import cli, tasks
 from slowmo_train.config import ModelConfig
+from slowmo_train.data import synthetic
 from slowmo_train.models import build_model
 from slowmo_train.scripting import read_metrics
 from slowmo_train.tasks.base import HeadlineMetric, Task
@@ -41,6 +44,10 @@ SPEED = {
     "transformer_base-bf16": ("transformer_base", "bf16", False),
 }
 UNITS = {"resnet50": ("samples_per_s", "img/s"), "transformer_base": ("tokens_per_s", "tok/s")}
+#: the simulated cluster's row: ``--sim-workers`` ResNet-18 replicas (CIFAR stem, full width, batch
+#: SIM_BATCH each) in one process (launcher.simulate, AR-SGD) against one process training their total
+#: batch on the same GPU; the replicas run in turn with small kernels, so the bar is half its speed
+SIMULATED_ROW, SIM_BATCH, SIM_MIN_RATIO = "speed:resnet18-simulated", 32, 0.5
 
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -87,6 +94,54 @@ def speed(row: str) -> Callable[[Ctx], Outcome]:
         return ratio >= a.min_ratio, fig, "" if ratio >= a.min_ratio else f"below --min-ratio {a.min_ratio:g}"
 
     return check
+
+
+def simulated_speed(ctx: Ctx) -> Outcome:
+    """SIMULATED_ROW: ``launcher.simulate=N`` against one process with batch N x SIM_BATCH, both
+    through slowmo-train's CLI on CIFAR-10 (--data-root's, or a synthetic one of 2 batches per worker);
+    rate: the second logged interval."""
+    a, n, rates, env = ctx.args, ctx.args.sim_workers, {}, clean_env(ctx)
+    if ctx.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+    data = ctx.data["cifar10"]
+    if ctx.work in data.parents:  # synthetic: every worker needs two batches of its own
+        data = synthetic.write_image_folder_cifar(
+            ctx.work / "data" / "cifar10_sim", n_train=2 * SIM_BATCH * n, n_test=60
+        )
+    for side, extra in (
+        ("one process", [f"train.batch_size={SIM_BATCH * n}"]),
+        ("simulated", [f"train.batch_size={SIM_BATCH}", f"launcher.simulate={n}"]),
+    ):
+        run_dir = ctx.work / f"speed_simulated_{side.replace(' ', '_')}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "slowmo_train",
+            "task=cifar10",
+            "algorithm=allreduce",
+            *extra,
+            f"data.root={data}",
+            "data.download=false",
+            f"train.max_steps={2 * a.speed_steps}",
+            f"train.log_every={a.speed_steps}",
+            "train.progress=log",
+            "train.eval_every_epochs=1000000",
+            "checkpoint.every_minutes=0",
+            "checkpoint.at_end=false",
+            "launcher.nproc_per_node=1",
+            f"launcher.backend={'nccl' if ctx.gpus else 'gloo'}",
+            f"output_dir={run_dir}",
+        ]
+        code, out = run_proc(cmd, env, ctx.work, a.timeout, run_dir.with_suffix(".out"))
+        if code != 0:
+            return False, "", f"{side}: {error_line(code, out, a.timeout)}"
+        rates[side] = [e["samples_per_s"] for e in read_run(run_dir)[1] if "samples_per_s" in e][-1]
+    ratio = rates["simulated"] / rates["one process"]
+    fig = (
+        f"{n} simulated workers {rates['simulated']:,.0f} vs one process (batch {SIM_BATCH * n}) "
+        f"{rates['one process']:,.0f} img/s = {ratio:.2f}x (bar >= {SIM_MIN_RATIO:g})"
+    )
+    return ratio >= SIM_MIN_RATIO, fig, "" if ratio >= SIM_MIN_RATIO else f"below {SIM_MIN_RATIO:g}x of one process"
 
 
 # --- the two sides of a speed row -------------------------------------------------------------------

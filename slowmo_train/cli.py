@@ -286,7 +286,13 @@ def run(cfg: DictConfig) -> None:
     try:
         job = to_job_config(cfg)
         env = sdist.read_env()
-        world = env.world_size if env.under_launcher else job.launcher.nproc_per_node
+        world = env.world_size if env.under_launcher else (job.launcher.simulate or job.launcher.nproc_per_node)
+        if env.under_launcher and job.launcher.simulate:
+            raise ConfigError(
+                "launcher.simulate",
+                job.launcher.simulate,
+                "plays all workers in one process; start it without torchrun, or set launcher.simulate=0",
+            )
         preflight(job, env, world)
         job_dict = OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
         check_resume(job, job_dict, world)
@@ -296,7 +302,9 @@ def run(cfg: DictConfig) -> None:
         user_error(str(err).splitlines()[0] if str(err) else repr(err))
     hydra_dir = _hydra_run_dir()
     run_dir = str(hydra_dir) if hydra_dir else None
-    if env.under_launcher or job.launcher.nproc_per_node == 1:
+    if job.launcher.simulate:
+        _run_simulated(job_dict, job.launcher.simulate, run_dir)
+    elif env.under_launcher or job.launcher.nproc_per_node == 1:
         # this process is the worker: its errors end in one line too (torchrun adds its own summary)
         try:
             summary = worker_main(job_dict, run_dir)
@@ -313,6 +321,22 @@ def run(cfg: DictConfig) -> None:
         if run_dir is None:  # decide it here so the workers and the failure message agree
             run_dir = str(prepare_run_dir(job, None).resolve())
         launch_local(worker_main, job_dict, job.launcher.nproc_per_node, run_dir, job.launcher.max_restarts)
+
+
+def _run_simulated(job_dict: dict, size: int, run_dir: str | None) -> None:
+    """All workers as the ranks of a simulated cluster in this process; errors end in one line."""
+    from slowmo_train.simulated.launcher import launch_simulated
+
+    try:
+        summary = launch_simulated(worker_main, job_dict, size, run_dir)
+    except WORKER_USER_ERRORS as err:
+        msg = one_line(err)
+        rank = getattr(err, "failed_rank", None)
+        where = "" if rank is None or msg.startswith("rank ") else f"rank {rank}: "
+        print(f"slowmo-train: error: {where}{msg}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if summary.get("stopped_by"):
+        report_stop(summary, summary.get("run_dir"))
 
 
 def main() -> None:

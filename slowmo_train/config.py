@@ -159,6 +159,11 @@ class SlowMoConfig:
     lr_coupling: str = "coupled"
     #: decoupled only: Nesterov outer momentum
     nesterov: bool = False
+    #: lr of the inner steps: hold (Alg. 1: the schedule's value at the first step of the outer
+    #: iteration, held for its tau steps) | follow (every inner step follows the schedule; gamma_t of
+    #: the coupled update is the lr of the outer step, i.e. of the iteration's last inner step, as in
+    #: fairscale's SlowMo); follow is exactly Alg. 1 when the lr is constant within the iteration
+    inner_lr: str = "hold"
     #: keep x0 and u sharded across ranks (1/n each)
     sharded: bool = False
     #: wire dtype of the outer all-reduce: float32 (no cast) | bfloat16 | float16; x0, u stay full precision
@@ -207,6 +212,13 @@ class LauncherConfig:
     #: restart all workers this many times after one dies (they resume from the newest checkpoint);
     #: under torchrun use its --max-restarts instead
     max_restarts: int = 0
+    #: play N workers in this one process (the simulated cluster, slowmo_train/simulated): the same
+    #: training, outputs and checkpoints as N real processes; synchronous algorithms only. 0: one
+    #: process per worker
+    simulate: int = 0
+    #: with simulate: also report the time a real cluster with links of this rate (megabit/s per node
+    #: and direction) would take, from the analytic model of slowmo_train/simulated/cluster.py (0: off)
+    simulate_link_mbit: float = 0.0
 
 
 @dataclass
@@ -267,6 +279,7 @@ DOWNLOAD_MODES = ("auto", "true", "false")
 #: the SlowMo options' values, read by algorithms/slowmo.py too
 BASE_BUFFER_MODES = ("reset", "keep", "average")
 LR_COUPLINGS = ("coupled", "decoupled")
+INNER_LR_MODES = ("hold", "follow")
 OUTER_DTYPES = ("float32", "bfloat16", "float16")
 GRAPH_NAMES = ("exponential", "nonregular_exponential")
 OPTIM_NAMES = ("sgd", "adam")

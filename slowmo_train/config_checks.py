@@ -16,6 +16,7 @@ from slowmo_train.config import (
     BASE_BUFFER_MODES,
     DOWNLOAD_MODES,
     GRAPH_NAMES,
+    INNER_LR_MODES,
     LR_COUPLINGS,
     OPTIM_NAMES,
     OUTER_DTYPES,
@@ -105,6 +106,7 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     _check(s.tau >= 1, "slowmo.tau", s.tau, "must be an integer >= 1")
     _one_of("slowmo.base_buffers", s.base_buffers, BASE_BUFFER_MODES)
     _one_of("slowmo.lr_coupling", s.lr_coupling, LR_COUPLINGS)
+    _one_of("slowmo.inner_lr", s.inner_lr, INNER_LR_MODES)
     _check(
         not (s.nesterov and s.lr_coupling == "coupled"),
         "slowmo.nesterov",
@@ -171,6 +173,22 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
     )
     _check(la.timeout_s > 0, "launcher.timeout_s", la.timeout_s, "must be > 0 seconds")
     _check(la.max_restarts >= 0, "launcher.max_restarts", la.max_restarts, "must be an integer >= 0")
+    _check(la.simulate >= 0, "launcher.simulate", la.simulate, "must be an integer >= 0 (0 = one process per worker)")
+    _check(la.simulate_link_mbit >= 0, "launcher.simulate_link_mbit", la.simulate_link_mbit, "must be >= 0 (0 = off)")
+    if la.simulate:
+        _check(
+            la.nproc_per_node == 1,
+            "launcher.nproc_per_node",
+            la.nproc_per_node,
+            f"launcher.simulate={la.simulate} plays every worker in this one process; set launcher.nproc_per_node=1",
+        )
+        _check(
+            la.max_restarts == 0,
+            "launcher.max_restarts",
+            la.max_restarts,
+            "a simulated cluster is one process, nothing to restart: set launcher.max_restarts=0 "
+            "(continue a stopped run with resume=auto)",
+        )
     c = job.checkpoint
     _check(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "must be an integer >= 0 (0 = off)")
     _check(c.every_minutes >= 0, "checkpoint.every_minutes", c.every_minutes, "must be >= 0 (0 = off)")
@@ -231,6 +249,13 @@ def _validate_async(job: JobConfig, world_size: int | None) -> None:
         "slowmo.enabled",
         job.slowmo.enabled,
         f"SlowMo wraps synchronous base algorithms; algorithm={a.name} is asynchronous, set slowmo.enabled=false",
+    )
+    _check(
+        job.launcher.simulate == 0,
+        "launcher.simulate",
+        job.launcher.simulate,
+        f"plays workers of synchronous algorithms; algorithm={a.name} has its own one-process mode "
+        "(algorithm.mode=simulated, algorithm.sim_workers): set launcher.simulate=0",
     )
     _one_of("algorithm.mode", a.mode, ("simulated", "real"))
     _one_of("algorithm.compute_time_dist", a.compute_time_dist, ("gamma", "exponential", "uniform", "constant"))

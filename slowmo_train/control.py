@@ -46,11 +46,21 @@ def group() -> dist.ProcessGroup | None:
     return _group
 
 
+def _simulated():
+    """The simulated cluster's control group (slowmo_train/simulated/world.py), or None in a real
+    run. Recognised by its ``simulated`` attribute: this module imports nothing of the package."""
+    return _group if getattr(_group, "simulated", False) else None
+
+
 def world_size() -> int:
+    if (sim := _simulated()) is not None:
+        return sim.size()
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def rank() -> int:
+    if (sim := _simulated()) is not None:
+        return sim.rank()
     return dist.get_rank() if dist.is_initialized() else 0
 
 
@@ -85,6 +95,8 @@ def all_reduce_async(
     tensor = _host_tensor(values, dtype, "all_reduce")
     if world_size() == 1:
         return Pending(None, tensor)
+    if (sim := _simulated()) is not None:
+        return Pending(sim.all_reduce(tensor, op), tensor)
     return Pending(dist.all_reduce(tensor, op=_OPS[op], group=_group, async_op=True), tensor)
 
 
@@ -110,7 +122,9 @@ def flags(local: bool) -> list[int]:
 
 
 def barrier() -> None:
-    if world_size() > 1:
+    if (sim := _simulated()) is not None:
+        sim.barrier().wait()
+    elif world_size() > 1:
         dist.barrier(group=_group)
 
 
@@ -118,6 +132,8 @@ def broadcast_object(obj, src: int = 0):
     """Send a picklable object from global rank ``src`` to every rank."""
     if world_size() == 1:
         return obj
+    if (sim := _simulated()) is not None:
+        return sim.broadcast_object(obj, src)
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=_group)
     return box[0]
@@ -127,6 +143,8 @@ def all_gather_object(obj) -> list:
     """Every rank's picklable ``obj``, by rank."""
     if world_size() == 1:
         return [obj]
+    if (sim := _simulated()) is not None:
+        return sim.all_gather_object(obj)
     out = [None] * world_size()
     dist.all_gather_object(out, obj, group=_group)
     return out
@@ -136,6 +154,8 @@ def all_gather_object(obj) -> list:
 def _check_host(tensor: torch.Tensor, what: str) -> torch.Tensor:
     if tensor.device.type != "cpu":
         raise ValueError(f"control.{what} carries host tensors, got one on {tensor.device}")
+    if _simulated() is not None:
+        raise ValueError(f"control.{what}: the asynchronous algorithms have their own simulated mode")
     return tensor
 
 

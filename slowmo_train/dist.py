@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from slowmo_train import control
 from slowmo_train.faults import RunError
+from slowmo_train.simulated import world as simulated
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,10 @@ class DistEnv:
 
 
 def read_env() -> DistEnv:
-    """Read the launcher's environment variables; a plain process is rank 0 of 1."""
+    """Read the launcher's environment variables; a plain process is rank 0 of 1. A rank of the
+    simulated cluster (slowmo_train/simulated) is its own node of one process, on the one device."""
+    if (sim := simulated.world()) is not None and (rank := simulated.current_rank()) is not None:
+        return DistEnv(rank=rank, world_size=sim.size, local_rank=0, local_world_size=1, under_launcher=True)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistEnv()
     world = int(os.environ["WORLD_SIZE"])
@@ -95,7 +99,7 @@ def init_process_group(
     (slowmo_train/control.py). A single process gets a private in-memory group so that every
     algorithm can use the same collectives at world size 1."""
     global _timeout
-    if dist.is_initialized():
+    if dist.is_initialized() or simulated.world() is not None:  # the simulated launcher installed its groups
         return
     timeout = _timeout = datetime.timedelta(seconds=timeout_s)
     kwargs = {"backend": default_group_backend(backend), "timeout": timeout}
@@ -152,10 +156,14 @@ def new_training_group(ranks: list[int] | None = None) -> dist.ProcessGroup:
     members or not, in the same order on every rank. Work that must overlap other traffic (gossip,
     SlowMo's outer messages) gets a group of its own: NCCL runs one group's collectives in order
     on one stream, so traffic sharing a group queues behind DDP's gradient buckets."""
+    if (sim := simulated.world()) is not None:
+        return sim.new_group(ranks)
     return dist.new_group(ranks, backend=_training_backend, timeout=_timeout)
 
 
 def destroy_process_group() -> None:
+    if simulated.world() is not None:  # the simulated launcher removes its groups after the last rank
+        return
     control.set_group(None)
     set_training_world(None)
     if dist.is_initialized():
@@ -225,8 +233,8 @@ def resolve_procs_per_node(requested: int | None, env: DistEnv) -> int:
 
 def build_topology(procs_per_node: int, rank: int | None = None, world_size: int | None = None) -> Topology:
     """Create the node and leader process groups. Collective: every rank must call it."""
-    rank = dist.get_rank() if rank is None else rank
-    world_size = dist.get_world_size() if world_size is None else world_size
+    rank = control.rank() if rank is None else rank
+    world_size = control.world_size() if world_size is None else world_size
     if procs_per_node < 1 or world_size % procs_per_node != 0:
         raise ValueError(
             f"algorithm.nprocs_per_node must be >= 1 and divide the world size {world_size}, got {procs_per_node}"
@@ -236,7 +244,10 @@ def build_topology(procs_per_node: int, rank: int | None = None, world_size: int
         topo.leader_group = training_world()
         return topo
     node_ranks = [list(range(n * procs_per_node, (n + 1) * procs_per_node)) for n in range(topo.workers)]
-    topo.node_group, _ = dist.new_subgroups_by_enumeration(node_ranks, backend=_training_backend, timeout=_timeout)
+    if simulated.world() is not None:
+        topo.node_group = [new_training_group(ranks) for ranks in node_ranks][topo.node_index]
+    else:
+        topo.node_group, _ = dist.new_subgroups_by_enumeration(node_ranks, backend=_training_backend, timeout=_timeout)
     leaders = [topo.leader_rank(n) for n in range(topo.workers)]
     leader_group = new_training_group(leaders)
     topo.leader_group = leader_group if topo.is_leader else None

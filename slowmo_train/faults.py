@@ -76,19 +76,40 @@ def under_elastic_agent() -> bool:
 
 
 # --- stop signals ---------------------------------------------------------------------------------
+#: installed by a launcher that runs all ranks in this process (slowmo_train/simulated): its handler
+#: is the process's, and every rank's StopSignals reads its flag
+_process_signals: StopSignals | None = None
+
+
+def share_signals(signals: StopSignals | None) -> None:
+    global _process_signals
+    _process_signals = signals
+
+
 class StopSignals:
     """SIGTERM (what Slurm sends before it kills a job) and SIGINT (Ctrl-C) set a flag instead of
     killing the process mid-collective. The trainer polls the flag every ``checkpoint.poll_every``
     steps with one all-reduce, so all ranks stop after the same step, save, and exit 0."""
 
     def __init__(self):
-        self.signum: int | None = None
+        self._signum: int | None = None
+        self._source: StopSignals | None = None
         self._previous: dict[int, object] = {}
+
+    @property
+    def signum(self) -> int | None:
+        return self._source.signum if self._source is not None else self._signum
+
+    @signum.setter
+    def signum(self, value: int | None) -> None:
+        self._signum = value
 
     @classmethod
     def install(cls) -> StopSignals:
         stop = cls()
-        if threading.current_thread() is threading.main_thread():
+        if _process_signals is not None:
+            stop._source = _process_signals  # a simulated rank: the launcher's handler sets the flag
+        elif threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 stop._previous[sig] = signal.signal(sig, stop._handle)
         return stop

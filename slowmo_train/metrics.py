@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from slowmo_train import control
+from slowmo_train.simulated import world as simulated
 
 log = logging.getLogger("slowmo_train")
 
@@ -118,11 +119,14 @@ class TrainLog:
         self.loss_sum = torch.zeros((), device=device)
         self.loss_steps = 0
         self._pending: list[tuple[int, dict]] = []
+        #: training seconds of this rank so far (evaluation and checkpoints excluded; a simulated
+        #: rank's own compute)
+        self.train_seconds = 0.0
         self._new_interval()
 
     def _new_interval(self) -> None:
         self.units, self.comm = 0, {}
-        self._start = time.perf_counter()
+        self._start = self._clock()
 
     def add_step(self, step: int, loss: torch.Tensor, units: int, applied: bool, comm: dict, extra: dict) -> None:
         if applied:  # a skipped step (train.nonfinite=skip) leaves the loss mean alone
@@ -140,9 +144,13 @@ class TrainLog:
     def write(self, step: int, lr: float, fields: dict | None = None) -> dict:
         """The ``train`` record of ``step`` (collective): mean loss over ranks, throughput, mean
         communication per step, this step's extra metrics and ``fields``."""
-        elapsed = time.perf_counter() - self._start
-        loss, units = control.mean([self.loss_sum.item() / max(1, self.loss_steps), self.units])
-        rate = units * control.world_size() / max(elapsed, 1e-9)
+        elapsed = self._clock() - self._start
+        self.train_seconds += elapsed
+        n = control.world_size()
+        loss, units, seconds = control.all_reduce([self.loss_sum.item() / max(1, self.loss_steps), self.units, elapsed])
+        loss, units = loss / n, units / n
+        # a simulated cluster's ranks take turns: its rate is all their units over all their seconds
+        rate = units * n / max(seconds if simulated.world() is not None else elapsed, 1e-9)
         record = {
             "epoch": round(step / self.steps_per_epoch, 4),
             "loss": loss,
@@ -182,11 +190,18 @@ class TrainLog:
     @contextmanager
     def paused(self):
         """Time inside is not training time (evaluation, checkpoints)."""
-        start = time.perf_counter()
+        start = self._clock()
         try:
             yield
         finally:
-            self._start += time.perf_counter() - start
+            self._start += self._clock() - start
+
+    @staticmethod
+    def _clock() -> float:
+        """The host clock; a simulated rank's own (slowmo_train/simulated/world.py), which stands
+        still while its peers compute."""
+        world = simulated.world()
+        return world.clock() if world is not None else time.perf_counter()
 
     def state_dict(self) -> dict:
         """The loss since the last line: a resumed run then logs the same means."""
@@ -244,17 +259,35 @@ class Progress:
 
 def setup_logging(run_dir: Path | None, rank: int) -> None:
     """Per-rank log files in ``run_dir/logs``; the console gets rank 0's messages (and every
-    rank's warnings)."""
+    rank's warnings). A simulated cluster logs all its ranks into rank 0's file."""
+    if simulated.world() is not None:  # one process plays every rank: rank 0 sets it up
+        if rank != 0:
+            return
+        who = "rank %(rank)s"
+    else:
+        who = f"rank {rank}"
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.INFO)
-    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    fmt = logging.Formatter(f"%(asctime)s [{who}] %(levelname)s %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
     console.setFormatter(fmt)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if simulated.world() is not None:
+        console.addFilter(_simulated_rank)
+        console.addFilter(lambda r: r.levelno >= logging.WARNING or r.rank in (0, "-"))
     root.addHandler(console)
     if run_dir is not None:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
         fh.setFormatter(fmt)
+        if simulated.world() is not None:
+            fh.addFilter(_simulated_rank)
         root.addHandler(fh)
+
+
+def _simulated_rank(record: logging.LogRecord) -> bool:
+    """Name the simulated rank that logged ``record`` ("-": the launcher, a writer thread)."""
+    rank = simulated.current_rank()
+    record.rank = "-" if rank is None else rank
+    return True

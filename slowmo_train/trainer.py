@@ -367,6 +367,9 @@ class Trainer:
             "checkpoint": str(self.checkpointer.last_path) if self.checkpointer.last_path else None,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "nonfinite_skips": self.guard.skips,
+            # training time of this process (evaluation and checkpoints excluded) and its steps
+            "train_s": round(self.train_log.train_seconds, 3),
+            "train_steps": self.step - self.start_step,
             **{f"comm_{key}_per_step": value / steps for key, value in totals.items()},
         }
         if self.env.rank == 0:

@@ -11,10 +11,11 @@ Algorithms simulated:
   * Node hierarchy: a node of P processes is one worker whose gradient is the mean of its processes'
     gradients; BatchNorm-like statistics stay per process.
   * SlowMo (Wang et al., ICLR 2020, Alg. 1) over each base, coupled (the paper) or decoupled (outer
-    SGD with optional Nesterov, Douillard et al., 2023), lr evaluated at (k // tau) * tau, gamma per
-    param group, base-optimizer buffers reset / kept / averaged. At a step after which the whole
-    model is averaged exactly, push-sum skips its gossip (the average is invariant under mixing)
-    and Local SGD its own average.
+    SGD with optional Nesterov, Douillard et al., 2023), lr evaluated at (k // tau) * tau
+    (``inner_lr="hold"``, Alg. 1) or at k (``"follow"``, fairscale's SlowMo), gamma per param
+    group the lr of the step after which the average is taken, base-optimizer buffers reset / kept
+    / averaged. At a step after which the whole model is averaged exactly, push-sum skips its gossip
+    (the average is invariant under mixing) and Local SGD its own average.
   * Streamed SlowMo (Streaming DiLoCo, Douillard et al., 2025, arXiv:2501.18512): the flattened
     parameters cut into F equal contiguous fragments, fragment f averaged after step k when
     (k + 1 + f tau / F) % tau == 0; its outer update applied D steps later as
@@ -27,7 +28,8 @@ Algorithms simulated:
 The model is y = W2 relu(W1 x + b1) with a running mean of the pre-activation (a stand-in for the
 BatchNorm statistics averaging must touch), trained by hand-written SGD with the semantics of
 ``torch.optim.SGD`` (weight decay, heavy-ball or Nesterov momentum whose buffer starts as the first
-update), two parameter groups with different lrs and a learning-rate change mid-run. Everything is
+update), two parameter groups with different lrs and a learning-rate change mid-run (after an
+optional linear warm-up). Everything is
 float64 so that comparisons can use tight tolerances.
 """
 
@@ -59,13 +61,14 @@ PARAM_GROUPS = (
 LR_DROP_STEP, LR_DROP_FACTOR = 5, 0.5
 
 
-def lr_factor(schedule_step: int) -> float:
-    """The schedule: full lr, then halved from step 5 on."""
-    return 1.0 if schedule_step < LR_DROP_STEP else LR_DROP_FACTOR
+def lr_factor(schedule_step: int, warmup: int = 0) -> float:
+    """The schedule: (s + 1) / warmup for s < warmup, full lr, then halved from step 5 on."""
+    ramp = min(1.0, (schedule_step + 1) / warmup) if warmup else 1.0
+    return ramp * (1.0 if schedule_step < LR_DROP_STEP else LR_DROP_FACTOR)
 
 
-def group_lrs(schedule_step: int) -> list[float]:
-    return [g.lr * lr_factor(schedule_step) for g in PARAM_GROUPS]
+def group_lrs(schedule_step: int, warmup: int = 0) -> list[float]:
+    return [g.lr * lr_factor(schedule_step, warmup) for g in PARAM_GROUPS]
 
 
 def initial_parameters() -> list[torch.Tensor]:
@@ -100,6 +103,7 @@ class SlowMoSpec:
     fragments: int = 1
     overlap: int = 0  # D: steps between an outer all-reduce and its update
     outer_dtype: str = "float32"  # float32 (no cast) | bfloat16 | float16
+    inner_lr: str = "hold"  # hold: lr at (k // tau) * tau | follow: lr at k
 
     @property
     def streamed(self) -> bool:
@@ -123,9 +127,10 @@ class Case:
     #: evaluate the lr schedule at (k // lr_hold) * lr_hold (SlowMo holds it for tau steps)
     lr_hold: int = 1
     steps: int = 12
+    warmup: int = 0  # linear lr warm-up steps of the schedule (lr_factor)
 
     def schedule_step(self, k: int) -> int:
-        hold = self.slowmo.tau if self.slowmo is not None else self.lr_hold
+        hold = self.lr_hold if self.slowmo is None else 1 if self.slowmo.inner_lr == "follow" else self.slowmo.tau
         return (k // hold) * hold
 
 
@@ -204,7 +209,7 @@ class Simulator:
 
     def step(self, k: int) -> None:
         case = self.case
-        lrs = group_lrs(case.schedule_step(k))
+        lrs = group_lrs(case.schedule_step(k), case.warmup)
         grads = [self.node_gradient(i, k) for i in range(self.n)]
         if case.algorithm == "allreduce":
             mean = [sum(g[j] for g in grads) / self.n for j in range(len(SHAPES))]

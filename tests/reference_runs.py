@@ -106,6 +106,7 @@ def configs_for(case: Case) -> tuple[AlgorithmConfig, SlowMoConfig]:
             fragments=s.fragments,
             overlap_steps=s.overlap,
             outer_dtype=s.outer_dtype,
+            inner_lr=s.inner_lr,
         )
     )
     return algo, slowmo
@@ -125,7 +126,7 @@ def train_case(case: Case, topology, rank: int) -> dict:
 
     def set_lr(schedule_step: int) -> None:
         held = (schedule_step // case.lr_hold) * case.lr_hold
-        for group, lr in zip(optimizer.param_groups, group_lrs(held)):
+        for group, lr in zip(optimizer.param_groups, group_lrs(held, case.warmup)):
             group["lr"] = lr
 
     params, stats, sent, consensus = [], [], [], {}

@@ -1,8 +1,10 @@
 """scripts/bench_allreduce.py end to end on a tiny CIFAR-10 folder: one A/B round of a few steps;
-scripts/bench_streaming.py's plan, expected bytes, table and goal check (no cluster, no root)."""
+scripts/bench_simulated.py --quick on one too; scripts/bench_streaming.py's plan, expected bytes,
+table and goal check (no cluster, no root)."""
 
 from __future__ import annotations
 
+import csv
 import re
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from slowmo_train.scripting import launch_env
 from tests.conftest import write_image_folder_cifar
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_allreduce.py"
+SIMULATED = SCRIPT.with_name("bench_simulated.py")
 
 
 @pytest.mark.multiproc
@@ -52,6 +55,37 @@ def test_bench_prints_both_throughputs_and_the_ratio(tmp_path):
     assert float(medians.group(1)) > 0 and float(medians.group(2)) > 0
     ratio = re.search(r"ratio slowmo/baseline = ([\d.]+)", out)
     assert ratio and float(ratio.group(1)) > 0, out
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_bench_simulated_quick_measures_every_mode(tmp_path):
+    root = write_image_folder_cifar(tmp_path / "cifar", n_train=200, n_test=20)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        str(SIMULATED),
+        "--quick",
+        "--data-root",
+        str(root),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--timeout",
+        "240",
+    ]
+    result = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(out / "bench_simulated.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["mode"] for r in rows} == {"simulated", "real", "one_process"}, rows
+    for r in rows:
+        assert r["status"] == "ok" and (r["size"], r["algorithm"]) == ("2", "local_sgd"), r
+        assert float(r["images_per_s"]) > 0 and float(r["trainer_images_per_s"]) > 0, r
+        assert float(r["peak_rss_mb"]) > 0 and float(r["startup_s"]) > 0 and float(r["ratio_vs_one_process"]) > 0, r
+    assert {r["mode"]: int(r["processes"]) for r in rows} == {"simulated": 1, "real": 2, "one_process": 1}
+    assert "simulated / one process = " in (out / "bench_simulated.md").read_text()
 
 
 def test_bench_streaming_plan_is_the_issue_matrix():

@@ -137,6 +137,7 @@ INVALID = [
     ("algorithm.nprocs_per_node=2", "algorithm.nprocs_per_node"),  # 2 does not divide 3
     ("slowmo.lr_coupling=loose", "slowmo.lr_coupling"),
     ("slowmo.outer_dtype=int8", "slowmo.outer_dtype"),
+    ("slowmo.inner_lr=warmup", "slowmo.inner_lr"),
     ("slowmo.fragments=5", "slowmo.fragments"),  # 5 does not divide slowmo.tau=12
 ]
 

@@ -69,11 +69,12 @@ def _data_for(task: str, tmp_path: Path) -> Path:
     return root
 
 
-def _smoke(name: str, tmp_path: Path) -> dict:
+def _smoke(name: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> dict:
     task = to_job_config(compose_job(f"+exp={name}", f"data.root={tmp_path}")).task.name
     env = launch_env(XDG_CACHE_HOME=str(tmp_path / "cache"))
     run_dir = tmp_path / name
     overrides = [f"+exp={name}", "+smoke=tiny", f"data.root={_data_for(task, tmp_path)}", f"output_dir={run_dir}"]
+    overrides += extra
     if task == "wmt16":
         overrides.append("data.vocab_size=60")  # the toy language has ~40 words
     result = subprocess.run(
@@ -97,6 +98,16 @@ def _smoke(name: str, tmp_path: Path) -> dict:
 @pytest.mark.parametrize("name", ["cifar10_sgp_slowmo", "imagenet_localsgd_slowmo", "wmt16_osgp_slowmo"])
 def test_smoke_one_experiment_per_task(name, tmp_path):
     _smoke(name, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cifar10_osgp_slowmo", "imagenet_sgp_slowmo", "wmt16_localsgd_slowmo"])
+def test_smoke_one_experiment_per_task_simulated(name, tmp_path):
+    """Every task on the simulated cluster: 4 workers in one process (slowmo_train/simulated)."""
+    summary = _smoke(
+        name, tmp_path, ("launcher.simulate=4", "launcher.nproc_per_node=1", "launcher.threads_per_worker=1")
+    )
+    assert summary["comm_bytes_sent_per_step"] > 0
 
 
 @pytest.mark.slow

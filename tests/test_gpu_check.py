@@ -116,6 +116,7 @@ def test_row_selection_and_list(capsys, monkeypatch):
         "bf16:imagenet_sgp_slowmo",
         "fp16:cifar10_localsgd_slowmo",
         "speed:resnet50-bf16-channels_last",
+        "speed:resnet18-simulated",
     } <= set(names)
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--quick", "--list"])
     assert gpu_check.main() == 0
@@ -140,7 +141,7 @@ def test_whole_cpu_path(tmp_path):
     result = _gpu_check(cwd=tmp_path, timeout=1800)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     rows = _rows(result.stdout)
-    assert len(rows) == 36
+    assert len(rows) == 37
     assert all(r.startswith("ok") for n, r in rows.items() if not n.startswith("speed:")), rows
     assert all(r.startswith("skipped: no CUDA device") for n, r in rows.items() if n.startswith("speed:")), rows
 

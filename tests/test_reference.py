@@ -77,6 +77,22 @@ def identity_cases() -> list[Case]:
     ]
 
 
+def inner_lr_cases() -> list[Case]:
+    """slowmo.inner_lr=follow (tests/test_slowmo_inner_lr.py) under a 4-step warm-up and the drop at
+    step 5, so the lr changes within the first two outer iterations: the exact form (coupled;
+    decoupled sharded) and streamed forms (fragments, overlap, sharded, push-sum)."""
+    local = Case("local_sgd", "local_sgd", period=2, warmup=4)
+    allreduce, sgp = Case("allreduce", "allreduce", warmup=4), Case("sgp", "sgp", warmup=4)
+    follow = dict(tau=TAU, inner_lr="follow")
+    return [
+        with_slowmo(local, "inner_lr_follow_local_sgd", **follow),
+        with_slowmo(allreduce, "inner_lr_follow_decoupled_sharded", coupling="decoupled", sharded=True, **follow),
+        with_slowmo(local, "inner_lr_follow_F2_D1_local_sgd", fragments=2, overlap=1, **follow),
+        with_slowmo(allreduce, "inner_lr_follow_F2_D1_sharded", fragments=2, overlap=1, sharded=True, **follow),
+        with_slowmo(sgp, "inner_lr_follow_F2_D0_sgp", fragments=2, base_buffers="average", **follow),
+    ]
+
+
 def all_cases(world_size: int) -> list[Case]:
     bases = base_cases(world_size)
     cases = list(bases)
@@ -84,6 +100,7 @@ def all_cases(world_size: int) -> list[Case]:
         for suffix, options in SLOWMO_VARIANTS:
             cases.append(with_slowmo(base, f"slowmo_{suffix}_{base.name}", tau=TAU, **options))
     cases += identity_cases()
+    cases += inner_lr_cases()
     if world_size == 4:
         cases += hierarchy_cases()
     return cases
@@ -138,7 +155,8 @@ def test_real_trajectory_matches_reference(world_size, case):
                 assert real["consensus"][k] == pytest.approx(value, rel=1e-7, abs=1e-12), f"consensus at step {k}"
 
 
-SLOWMO_IDS = [(ws, c) for ws, c in CASE_IDS if c.slowmo is not None and ws > 1]
+#: streamed forms keep each rank's local progress across the merge (test_slowmo_streaming.py checks them)
+SLOWMO_IDS = [(ws, c) for ws, c in CASE_IDS if c.slowmo is not None and not c.slowmo.streamed and ws > 1]
 
 
 @pytest.mark.parametrize("world_size,case", SLOWMO_IDS, ids=[f"ws{ws}-{c.name}" for ws, c in SLOWMO_IDS])

@@ -36,6 +36,8 @@ ALGORITHMS = {
 }
 SLOWMO = {"slowmo": {"enabled": True, "tau": 4, "beta": 0.5}}
 SHARDED = {"slowmo": {"enabled": True, "tau": 4, "beta": 0.5, "sharded": True}}
+#: slowmo.inner_lr=follow during the warm-up, streamed (split 5: fragment 1's message in flight)
+FOLLOW = {"slowmo": {"enabled": True, "tau": 4, "beta": 0.5, "inner_lr": "follow", "fragments": 2, "overlap_steps": 1}}
 
 
 def _cases() -> dict[str, tuple[dict, int]]:
@@ -48,6 +50,7 @@ def _cases() -> dict[str, tuple[dict, int]]:
         cases[f"slowmo_sharded_{name}"] = (merge(algo, SHARDED), 5)
     cases["allreduce_epoch_boundary"] = (ALGORITHMS["allreduce"], 6)
     cases["slowmo_osgp2_epoch_boundary"] = (merge(ALGORITHMS["osgp2"], SLOWMO), 6)
+    cases["slowmo_follow_streamed_local_sgd"] = (merge(ALGORITHMS["local_sgd"], FOLLOW), 5)
     return cases
 
 

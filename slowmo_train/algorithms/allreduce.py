@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from slowmo_train.algorithms import comm
 from slowmo_train.algorithms.base import Algorithm
 from slowmo_train.algorithms.comm import CommStats
+from slowmo_train.algorithms.grad_average import GradientAverage
 from slowmo_train.dist import Topology, training_world
 
 
@@ -57,10 +58,13 @@ _NO_BUFFER_SYNC = (
 
 def data_parallel(
     model: nn.Module, group, stats: CommStats, device: torch.device | None, broadcast_buffers: bool = True
-) -> DistributedDataParallel:
+) -> nn.Module:
     """``model`` wrapped in DDP over ``group`` (all ranks: None), with the counting hook: the
-    gradient average overlaps the backward pass (bucket by bucket) instead of following it."""
+    gradient average overlaps the backward pass (bucket by bucket) instead of following it. A
+    simulated cluster's group gets the same average after the backward pass (``GradientAverage``)."""
     group = training_world() if group is None else group
+    if comm.simulated(group):
+        return GradientAverage(model, group, stats, broadcast_buffers)
     device_ids = [device.index] if device is not None and device.type == "cuda" else None
     options = {} if broadcast_buffers else _NO_BUFFER_SYNC
     ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=group, **options)

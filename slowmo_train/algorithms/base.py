@@ -2,10 +2,11 @@
 
 The trainer calls, once per optimizer step ``k`` (0-based, counted from the start of training)::
 
-    lr = schedule(algorithm.lr_schedule_step(k))     # SlowMo holds gamma_t fixed in an outer iteration
+    lr = schedule(algorithm.lr_schedule_step(k))     # SlowMo (inner_lr=hold) holds gamma_t in an outer iteration
     algorithm.before_forward(k)
     loss = loss_fn(algorithm.train_model(batch))     # forward + backward on the (possibly wrapped) model
     algorithm.after_backward(k)                       # gradient communication that DDP does not do
+                                                      # (all of it without DDP: a simulated cluster)
     optimizer.step()
     algorithm.after_optimizer_step(k)                 # parameter communication (averaging, gossip, SlowMo)
     algorithm.comm.pop()                              # bytes / seconds of this step, for metrics
@@ -25,6 +26,7 @@ from torch import nn
 
 from slowmo_train.algorithms import comm
 from slowmo_train.algorithms.comm import CommStats, floating_buffers
+from slowmo_train.algorithms.grad_average import GradientAverage
 from slowmo_train.dist import Topology
 
 
@@ -49,7 +51,7 @@ class Algorithm:
         self.model = model
         self.optimizer = optimizer
         self.topology = topology
-        self.comm = CommStats(cuda=any(p.is_cuda for p in model.parameters()))
+        self.comm = comm.new_stats(model)
 
     # --- the training step -------------------------------------------------------------------
     @property
@@ -62,10 +64,14 @@ class Algorithm:
         return step
 
     def before_forward(self, step: int) -> None:
-        pass
+        """Without DDP (a simulated cluster's groups), its buffer broadcast runs here."""
+        if isinstance(self.train_model, GradientAverage):
+            self.train_model.before_forward()
 
     def after_backward(self, step: int) -> None:
-        pass
+        """Without DDP (a simulated cluster's groups), its gradient average runs here."""
+        if isinstance(self.train_model, GradientAverage):
+            self.train_model.average()
 
     def after_optimizer_step(
         self, step: int, exact_average_follows: bool = False, outer_sync_follows: bool = False

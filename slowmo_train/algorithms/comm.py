@@ -23,6 +23,7 @@ flight behind compute.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -31,10 +32,12 @@ import torch.distributed as dist
 from torch import nn
 
 from slowmo_train.dist import training_world
+from slowmo_train.simulated.world import Group as SimulatedGroup
 
 COUNTERS = (
     "bytes_sent",
     "bytes_received",
+    "messages_sent",
     "blocking_s",
     "overlapped_s",
     "outer_bytes_sent",
@@ -57,6 +60,7 @@ class CommStats:
 
     bytes_sent: int = 0
     bytes_received: int = 0
+    messages_sent: int = 0
     blocking_s: float = 0.0
     overlapped_s: float = 0.0
     outer_bytes_sent: int = 0
@@ -64,6 +68,9 @@ class CommStats:
     outer_overlapped_s: float = 0.0
     totals: dict = field(default_factory=lambda: {key: 0 for key in COUNTERS})
     cuda: bool = False
+    #: the host clock; a simulated rank's own clock (slowmo_train/simulated), which stands still
+    #: while its peers compute
+    clock: Callable[[], float] = time.perf_counter
     _outer_depth: int = 0
     #: CUDA intervals not yet read: (counter, start event, end event, inside an outer region)
     _intervals: list = field(default_factory=list)
@@ -77,24 +84,27 @@ class CommStats:
         finally:
             self._outer_depth -= 1
 
-    def add_bytes(self, sent: int, received: int) -> None:
+    def add_bytes(self, sent: int, received: int, messages: int | None = None) -> None:
+        """Count payload bytes, and the messages the sent bytes travel in (default: one)."""
         self.bytes_sent += int(sent)
         self.bytes_received += int(received)
+        self.messages_sent += (1 if sent else 0) if messages is None else int(messages)
         if self._outer_depth:
             self.outer_bytes_sent += int(sent)
 
     def add_allreduce(self, nbytes: int, group_size: int) -> None:
-        """Count a ring all-reduce of ``nbytes`` over ``group_size`` ranks."""
+        """Count a ring all-reduce of ``nbytes`` over ``group_size`` ranks: reduce-scatter then
+        all-gather, ``n - 1`` messages of ``nbytes / n`` each."""
         if group_size <= 1:
             return
         moved = 2 * (group_size - 1) * nbytes // group_size
-        self.add_bytes(moved, moved)
+        self.add_bytes(moved, moved, 2 * (group_size - 1))
 
     # --- time ----------------------------------------------------------------------------------
     def mark(self):
         """Now: the host clock on the CPU, a CUDA event recorded on the current stream on a GPU."""
         if not self.cuda:
-            return time.perf_counter()
+            return self.clock()
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
@@ -206,9 +216,24 @@ def _group(group):
     return training_world() if group is None else group
 
 
+def simulated(group=None) -> bool:
+    """True when ``group`` belongs to a simulated cluster (slowmo_train/simulated)."""
+    return isinstance(_group(group), SimulatedGroup)
+
+
+def new_stats(model: nn.Module) -> CommStats:
+    """Counters for an algorithm training ``model``: CUDA-event timing on a GPU, except in a
+    simulated cluster, whose ranks time on their own clocks (they share the GPU's stream)."""
+    group = _group(None)
+    if isinstance(group, SimulatedGroup):
+        return CommStats(clock=group.world.clock)
+    return CommStats(cuda=any(p.is_cuda for p in model.parameters()))
+
+
 def _on_plane(tensor: torch.Tensor, group, what: str) -> torch.Tensor:
     """Reject a tensor the group's backend cannot move (a host tensor under NCCL)."""
-    if tensor.device.type == "cpu" and "nccl" in str(dist.get_backend(group)):
+    backend = group.backend if isinstance(group, SimulatedGroup) else dist.get_backend(group)
+    if tensor.device.type == "cpu" and "nccl" in str(backend):
         raise ValueError(
             f"comm.{what}: a CPU tensor {tuple(tensor.shape)} {tensor.dtype} on an NCCL training group; "
             "host values belong on the control plane (slowmo_train/control.py)"
@@ -217,26 +242,37 @@ def _on_plane(tensor: torch.Tensor, group, what: str) -> torch.Tensor:
 
 
 def world_size(group=None) -> int:
-    return dist.get_world_size(_group(group))
+    group = _group(group)
+    return group.size() if isinstance(group, SimulatedGroup) else dist.get_world_size(group)
 
 
 def all_reduce(tensor: torch.Tensor, group=None, op: str = "sum", async_op: bool = False):
     """Sum (or max) a device tensor over ``group`` in place; returns the work when ``async_op``."""
     group = _group(group)
+    _on_plane(tensor, group, "all_reduce")
+    if isinstance(group, SimulatedGroup):
+        return _simulated_work(group.all_reduce(tensor, op), async_op)
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
-    return dist.all_reduce(_on_plane(tensor, group, "all_reduce"), op=reduce_op, group=group, async_op=async_op)
+    return dist.all_reduce(tensor, op=reduce_op, group=group, async_op=async_op)
 
 
 def all_gather(out: list[torch.Tensor], tensor: torch.Tensor, group=None, async_op: bool = False):
     """Every rank's ``tensor`` into ``out`` (by group rank); returns the work when ``async_op``."""
     group = _group(group)
-    return dist.all_gather(out, _on_plane(tensor, group, "all_gather"), group=group, async_op=async_op)
+    _on_plane(tensor, group, "all_gather")
+    if isinstance(group, SimulatedGroup):
+        return _simulated_work(group.all_gather(out, tensor), async_op)
+    return dist.all_gather(out, tensor, group=group, async_op=async_op)
 
 
 def broadcast(tensor: torch.Tensor, src: int, group=None) -> None:
     """Overwrite ``tensor`` with global rank ``src``'s copy (blocking)."""
     group = _group(group)
-    dist.broadcast(_on_plane(tensor, group, "broadcast"), src=src, group=group)
+    _on_plane(tensor, group, "broadcast")
+    if isinstance(group, SimulatedGroup):
+        group.broadcast(tensor, src).wait()
+    else:
+        dist.broadcast(tensor, src=src, group=group)
 
 
 def exchange(
@@ -246,11 +282,22 @@ def exchange(
     batch (no ordering deadlock); returns the works to wait on. The tensors must stay alive until
     then: the caller keeps them (e.g. in its in-flight message)."""
     group = _group(group)
+    if isinstance(group, SimulatedGroup):
+        for t, _ in [*sends, *receives]:
+            _on_plane(t, group, "exchange")
+        return group.exchange(sends, receives, tag)
     ops = [
         dist.P2POp(dist.irecv, _on_plane(buf, group, "exchange"), src, group=group, tag=tag) for buf, src in receives
     ]
     ops += [dist.P2POp(dist.isend, _on_plane(t, group, "exchange"), dst, group=group, tag=tag) for t, dst in sends]
     return [w for w in dist.batch_isend_irecv(ops) if w is not None] if ops else []
+
+
+def _simulated_work(work, async_op: bool):
+    if async_op:
+        return work
+    work.wait()
+    return None
 
 
 def all_reduce_mean_(tensors: list[torch.Tensor], group, stats: CommStats | None = None) -> None:

@@ -197,7 +197,7 @@ class PushSumGossip(Algorithm):
         received = [torch.empty_like(send) for _ in senders]
         leader = self.topology.leader_rank
         nbytes = send.numel() * send.element_size()
-        self.comm.add_bytes(len(peers) * nbytes, len(senders) * nbytes)
+        self.comm.add_bytes(len(peers) * nbytes, len(senders) * nbytes, len(peers))
         posted = self.comm.mark()
         works = comm.exchange(
             [(send, leader(dst)) for dst in peers],

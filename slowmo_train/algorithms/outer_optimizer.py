@@ -39,8 +39,14 @@ def slow_momentum_step(
     the next outer step, as the inner steps are rescaled. Decoupled keeps ``u`` in parameter units,
     so the two coincide (with ``u_dec = gamma u_coupled``) only while ``gamma`` is constant.
 
-    ``gamma = 0`` (coupled) cannot be divided by; the inner steps then moved nothing (every
-    optimizer update is scaled by the lr), so ``x0`` restarts from ``average`` and ``u`` is kept."""
+    ``gamma`` is the base lr of the outer step (Wang et al., ICLR 2020, arXiv:1910.00643: gamma_t).
+    With ``slowmo.inner_lr=hold`` (Alg. 1) it is the lr of all tau inner steps; with ``follow`` the
+    inner steps follow the schedule and ``gamma`` is the lr of the last one, which is Alg. 1 whenever
+    the lr is constant within the outer iteration.
+
+    ``gamma = 0`` (coupled) cannot be divided by: ``x0`` restarts from ``average`` and ``u`` is kept.
+    With ``hold`` the inner steps then moved nothing (every optimizer update is scaled by the lr);
+    with ``follow`` (a schedule that reaches 0) the average keeps the progress of the earlier steps."""
     if coupling == "coupled":
         if gamma == 0.0:
             x0.copy_(average)

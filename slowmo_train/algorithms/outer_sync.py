@@ -148,7 +148,7 @@ def gather_slices(setup: OuterSetup, part: torch.Tensor, size: int, async_op: bo
         return [padded], None
     gathered = [torch.empty_like(padded) for _ in range(setup.world_size)]
     moved = (setup.world_size - 1) * padded.numel() * padded.element_size()
-    setup.stats.add_bytes(moved, moved)
+    setup.stats.add_bytes(moved, moved, setup.world_size - 1)  # a ring all-gather
     if async_op:
         return gathered, comm.all_gather(gathered, padded, setup.group, async_op=True)
     with setup.stats.blocking():

@@ -15,9 +15,18 @@ section explains the options; the code is split by concern:
 * here: the wrapper, which delegates the inner step to the base, tells the units when to send and
   merge, synchronises buffers, and checkpoints the slow state.
 
-``gamma`` is the base lr of the outer iteration, per param group: :meth:`SlowMo.lr_schedule_step`
-holds the schedule at its value of the first inner step for all ``tau`` steps, so ``gamma`` is
-exactly the lr the inner steps used.
+``gamma`` is the base lr of the outer step, per param group (the lr of the step that sends, read
+from the optimizer). ``slowmo.inner_lr`` says which lr the inner steps use:
+
+* ``hold`` (Alg. 1, the default): :meth:`SlowMo.lr_schedule_step` holds the schedule at its value
+  of the first inner step for all ``tau`` steps, so ``gamma`` is exactly the lr the inner steps used.
+* ``follow`` (the authors' later fairscale SlowMo): every inner step follows the per-step schedule
+  and ``gamma`` is the lr of the outer step, i.e. of the last inner step of the iteration (for
+  fragment f with F > 1, of the step that sends fragment f). The decoupled update has no ``gamma``;
+  there ``follow`` changes only the inner steps. When the lr is constant within an outer iteration,
+  ``follow`` runs the same lrs and the same ``gamma`` as ``hold``: exactly Alg. 1
+  (tests/test_slowmo_inner_lr.py). Under a warm-up, ``follow`` does not run the first ``tau``
+  steps at the warm-up's first value. The lr is a function of the step: no checkpoint state.
 
 What equals Algorithm 1. The defaults (float32 messages, F = 1 fragment, D = 0 overlap steps) run
 :class:`WholeModelSync`, Alg. 1 bit for bit. Any other setting runs :class:`FragmentSync`, whose
@@ -27,7 +36,7 @@ arithmetic with F = 1, D = 0 and float32 would be Alg. 1 up to rounding (its ``d
 * D >= 1: the outer step uses the average of the models at the send step k, with the lr of step k,
   and the D later local steps are re-applied on top of it (each rank its own); Local SGD does not
   average at the end of an outer iteration (the outer all-reduce does, D steps later).
-* F > 1: fragment f's outer iteration crosses the window in which the lr is held, and Local SGD's
+* F > 1: fragment f's outer iteration crosses the window in which ``hold`` holds the lr; Local SGD's
   average is replaced by the staggered fragment synchronisations (with ``algorithm.period = tau``
   the base never averages on its own: the inner loop of Streaming DiLoCo, arXiv:2501.18512, with
   the peak outer bandwidth divided by F).
@@ -57,7 +66,7 @@ from slowmo_train.algorithms.local_sgd import LocalSGD
 from slowmo_train.algorithms.outer_layout import build_slow_groups
 from slowmo_train.algorithms.outer_optimizer import OuterOptimizer
 from slowmo_train.algorithms.outer_sync import WIRE_DTYPES, OuterMessage, OuterSetup, build_units
-from slowmo_train.config import BASE_BUFFER_MODES, LR_COUPLINGS, SlowMoConfig
+from slowmo_train.config import BASE_BUFFER_MODES, INNER_LR_MODES, LR_COUPLINGS, SlowMoConfig
 from slowmo_train.dist import new_training_group
 
 #: optimizer-state entries that count steps rather than hold a statistic (Adam keeps ``step`` as a
@@ -78,6 +87,8 @@ def validate_slowmo_config(cfg: SlowMoConfig, base: Algorithm) -> None:
         raise ValueError(f"slowmo.base_buffers must be one of {', '.join(BASE_BUFFER_MODES)}, got {cfg.base_buffers!r}")
     if cfg.lr_coupling not in LR_COUPLINGS:
         raise ValueError(f"slowmo.lr_coupling must be one of {', '.join(LR_COUPLINGS)}, got {cfg.lr_coupling!r}")
+    if cfg.inner_lr not in INNER_LR_MODES:
+        raise ValueError(f"slowmo.inner_lr must be one of {', '.join(INNER_LR_MODES)}, got {cfg.inner_lr!r}")
     if cfg.nesterov and cfg.lr_coupling != "decoupled":
         raise ValueError(f"slowmo.nesterov=True needs slowmo.lr_coupling='decoupled', got {cfg.lr_coupling!r}")
     if isinstance(base, LocalSGD) and tau % base.period != 0:
@@ -114,7 +125,7 @@ class SlowMo(Algorithm):
         super().__init__(base.model, base.optimizer, base.topology)
         self.base = base
         self.comm = base.comm  # one CommStats object, so the trainer sees the outer step's bytes too
-        self.tau, self.base_buffers = int(cfg.tau), cfg.base_buffers
+        self.tau, self.base_buffers, self.inner_lr = int(cfg.tau), cfg.base_buffers, cfg.inner_lr
         self.outer = OuterOptimizer(float(cfg.alpha), float(cfg.beta), cfg.lr_coupling, bool(cfg.nesterov))
         self.sharded, self.outer_dtype = bool(cfg.sharded), cfg.outer_dtype
         self.fragments, self.delay = int(cfg.fragments), int(cfg.overlap_steps)
@@ -199,6 +210,8 @@ class SlowMo(Algorithm):
         ]
         if o.nesterov:
             options.append("nesterov")
+        if self.inner_lr != "hold":
+            options.append(f"inner_lr={self.inner_lr}")
         if self.sharded:
             options.append("sharded")
         if self.streamed:
@@ -207,8 +220,12 @@ class SlowMo(Algorithm):
 
     # --- the training step -------------------------------------------------------------------
     def lr_schedule_step(self, step: int) -> int:
-        """Hold the schedule's value for the ``tau`` inner steps of an outer iteration, so that the
-        outer step's ``gamma`` is the learning rate the inner steps used."""
+        """``hold`` (Alg. 1): the schedule's value at the first inner step, held for the ``tau`` inner
+        steps of an outer iteration, so that the outer step's ``gamma`` is the learning rate the inner
+        steps used. ``follow``: the per-step schedule; the outer step's ``gamma`` (read from the
+        optimizer after the step that sends) is then the lr of the iteration's last inner step."""
+        if self.inner_lr == "follow":
+            return step
         return (step // self.tau) * self.tau
 
     def after_optimizer_step(

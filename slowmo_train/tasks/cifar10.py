@@ -14,6 +14,7 @@ from slowmo_train.config import DataConfig, download_mode
 from slowmo_train.data.batches import TrainBatches, eval_batches
 from slowmo_train.data.cifar10 import detect_layout, load_cifar10
 from slowmo_train.models import build_model
+from slowmo_train.simulated import world as simulated
 from slowmo_train.tasks.base import HeadlineMetric, Task, TaskArgs, WorkerInfo, channels_last
 from slowmo_train.tasks.classification import classification_loss, evaluate_classifier
 
@@ -24,9 +25,12 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 def _load_split(data_cfg: DataConfig, train: bool, worker: WorkerInfo):
     # One process per node decodes (and caches) first; the others then read the cache.
+    # A simulated cluster's ranks share one copy (slowmo_train/simulated).
+    key = ("cifar10", data_cfg.root, train, data_cfg.cache_dir)
     if worker.local_rank == 0:
-        data = load_cifar10(
-            data_cfg.root, train=train, download=download_mode(data_cfg) != "false", cache_dir=data_cfg.cache_dir
+        download = download_mode(data_cfg) != "false"
+        data = simulated.shared(
+            key, lambda: load_cifar10(data_cfg.root, train=train, download=download, cache_dir=data_cfg.cache_dir)
         )
     control.barrier()
     if worker.local_rank != 0:
