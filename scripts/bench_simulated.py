@@ -2,7 +2,7 @@
 ranks taking turns on all of its threads) against N real gloo processes and against one process
 training the same total batch, on this machine's CPUs.
 
-    .venv/bin/python scripts/bench_simulated.py --data-root ../shared/data/cifar10 --out docs/img
+    .venv/bin/python scripts/bench_simulated.py --data-root ../shared/data/cifar10 --out /path/to/out
     .venv/bin/python scripts/bench_simulated.py --data-root ../shared/data/cifar10 --quick --out /path/to/out
 
 Per size N (``--sizes``, default 8, 16, 32) and algorithm (``--algorithms``: Local SGD, AR-SGD, SGP)

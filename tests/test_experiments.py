@@ -104,9 +104,10 @@ def test_smoke_one_experiment_per_task(name, tmp_path):
 @pytest.mark.parametrize("name", ["cifar10_osgp_slowmo", "imagenet_sgp_slowmo", "wmt16_localsgd_slowmo"])
 def test_smoke_one_experiment_per_task_simulated(name, tmp_path):
     """Every task on the simulated cluster: 4 workers in one process (slowmo_train/simulated)."""
-    summary = _smoke(
-        name, tmp_path, ("launcher.simulate=4", "launcher.nproc_per_node=1", "launcher.threads_per_worker=1")
-    )
+    extra = ("launcher.simulate=4", "launcher.nproc_per_node=1", "launcher.threads_per_worker=1")
+    if name.startswith("imagenet"):
+        extra += ("train.batch_size=2",)  # the toy ImageNet's 18 images over 4 workers
+    summary = _smoke(name, tmp_path, extra)
     assert summary["comm_bytes_sent_per_step"] > 0
 
 
