@@ -49,6 +49,7 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(e["step"], e["loss"]) for e in read_metrics(run_dir) if e["event"] == "train"]
 
 
+@pytest.mark.slow
 def test_simulated_run_outputs_stop_and_exact_resume(tmp_path, torchvision_cifar):
     """Three workers in one process: a straight run, and one stopped by SIGTERM at step 3 then
     resumed: the same losses, parameters and algorithm state on every rank."""
