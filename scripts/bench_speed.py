@@ -26,15 +26,8 @@ comm-bound rate: every base algorithm with and without SlowMo (tau 12), SGP + Sl
 OSGP with the trainer's default stop-signal poll every step; 2x1 at the balanced rate, 4x1 and 2x2:
 AR-SGD, Local SGD + SlowMo, SGP, OSGP (2x2: the gossip ones with SlowMo).
 
-Analytic model (C = compute ms/step, R = payload rate of one node's link per direction, P = parameter
-bytes, B = BatchNorm buffer bytes, n = processes, ring(X, n) = 2(n-1)/n X per rank):
-    AR-SGD     max(C, C/3 + ring(P, n) / R_edge)   backward overlapped with the bucketed all-reduce;
-                                                   the forward (~C/3) cannot overlap
-    Local SGD  C + ring(P + B, n) / R_edge / H
-    SGP        C + (P + 4) / R                     one model (+ push-sum weight) out and in per step
-    OSGP       max(C, (P + 4) / R)
-    + SlowMo   + (ring(P + 4, n) + ring(B, n)) / R_edge / tau   (Local SGD: replaces its own average;
-               SGP / OSGP: their gossip on the outer step is skipped, (P + 4) / R x (tau - 1) / tau)
+Analytic model: ``slowmo_train/simulated/cluster.py`` (its docstring gives the formula per algorithm;
+the simulated cluster reports a real cluster's time with it), with R_edge for the ring all-reduces.
 R is the tbf rate times 1448/1514 (TCP payload per Ethernet frame on a 1500-byte MTU, the bytes tbf
 counts). R_edge: a ring crosses each node's link once per direction, so a ring all-reduce moves
 ring(X, n) bytes over every node link, also with 2 processes per node (ranks in node order).
