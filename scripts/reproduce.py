@@ -2,9 +2,11 @@
 Rabbat, "SlowMo: Improving Communication-Efficient Distributed SGD with Slow Momentum", ICLR 2020,
 arXiv:1910.00643, Table 1 and the ablations of Sec. 6), with a report in docs/RESULTS.md.
 
-    .venv/bin/python scripts/reproduce.py all                    # every set (~86 min idle), then the report
-    .venv/bin/python scripts/reproduce.py cifar                  # one set: cifar | streamed | streamed_parts |
-                                                                 #   sweep | translation | diagnostics
+    .venv/bin/python scripts/reproduce.py all                    # every set (~6 h on 2 cores), then the report
+    .venv/bin/python scripts/reproduce.py regime                 # one set: regime | regime_follow | regime_long |
+                                                                 #   beta_workers | translation_forms | cifar |
+                                                                 #   streamed | streamed_parts | sweep |
+                                                                 #   translation | diagnostics
     .venv/bin/python scripts/reproduce.py all --dry-run          # print the training commands only
     .venv/bin/python scripts/reproduce.py report                 # regenerate docs/RESULTS.md + docs/img only
 
@@ -22,7 +24,14 @@ The report rewrites only the region between ``<!-- reproduce:begin -->`` and
 ``docs/img/reproduce_*.png`` (scripts/reproduction/report.py); it reads the runs with
 slowmo_train/report.py.
 
-Budget (2 cores; 4 one-thread workers per run; one run at a time; measured 2026-12-01 18:10-19:54
+SlowMo's own regime (the simulated cluster, one process with one thread per run, so two sets can
+run side by side on 2 cores; measured 2026-12-02 with two sets at a time; REGIME_SHARED in plan.py):
+  regime 24 + regime_follow 6 runs (32 workers, 16 epochs)  ~3.0 min each -> ~90 min
+  regime_long 2 runs (48 epochs)                            ~9 min each   -> ~18 min
+  beta_workers 40 runs (4-32 workers)                       ~2.0-3.0 min  -> ~100 min
+  translation_forms 4 runs (4 simulated workers)            ~6 min each   -> ~24 min
+
+The 4-worker sets (2 cores; 4 one-thread workers per run; one run at a time; measured 2026-12-01 18:10-19:54
 UTC, 51 runs in 85.7 min of training, the machine idle but for short test runs during a few; see CIFAR_SHARED,
 SWEEP_SHARED, TRANSLATION_SHARED in scripts/reproduction/plan.py):
   cifar 16 + streamed 4 + streamed_parts 6 runs  ~1.6 min each  -> 42.7 min

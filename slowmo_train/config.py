@@ -149,8 +149,9 @@ class SlowMoConfig:
     enabled: bool = False
     #: slow learning rate
     alpha: float = 1.0
-    #: slow momentum, in [0, 1)
-    beta: float = 0.7
+    #: slow momentum, in [0, 1), or auto: by the number of averaging workers (nodes), the rule
+    #: outer_optimizer.AUTO_BETA measured in docs/RESULTS.md
+    beta: Any = 0.7
     #: inner steps per outer iteration
     tau: int = 12
     #: base-optimizer buffers at the outer step: reset | keep | average
@@ -159,11 +160,12 @@ class SlowMoConfig:
     lr_coupling: str = "coupled"
     #: decoupled only: Nesterov outer momentum
     nesterov: bool = False
-    #: lr of the inner steps: hold (Alg. 1: the schedule's value at the first step of the outer
-    #: iteration, held for its tau steps) | follow (every inner step follows the schedule; gamma_t of
-    #: the coupled update is the lr of the outer step, i.e. of the iteration's last inner step, as in
-    #: fairscale's SlowMo); follow is exactly Alg. 1 when the lr is constant within the iteration
-    inner_lr: str = "hold"
+    #: lr of the inner steps: follow (every inner step follows the schedule; gamma_t of the coupled
+    #: update is the lr of the outer step, i.e. of the iteration's last inner step, as in fairscale's
+    #: SlowMo; exactly Alg. 1 when the lr is constant within the iteration; measured better, see
+    #: docs/RESULTS.md) | hold (Alg. 1: the schedule's value at the first step of the outer iteration,
+    #: held for its tau steps)
+    inner_lr: str = "follow"
     #: keep x0 and u sharded across ranks (1/n each)
     sharded: bool = False
     #: wire dtype of the outer all-reduce: float32 (no cast) | bfloat16 | float16; x0, u stay full precision

@@ -102,7 +102,12 @@ def validate(job: JobConfig, world_size: int | None = None, check_paths: bool = 
 
     s = job.slowmo
     _check(s.alpha > 0, "slowmo.alpha", s.alpha, "must be > 0")
-    _check(0 <= s.beta < 1, "slowmo.beta", s.beta, "must be in [0, 1)")
+    _check(
+        s.beta == "auto" or (isinstance(s.beta, (int, float)) and not isinstance(s.beta, bool) and 0 <= s.beta < 1),
+        "slowmo.beta",
+        s.beta,
+        "must be in [0, 1), or auto (chosen by the number of averaging workers)",
+    )
     _check(s.tau >= 1, "slowmo.tau", s.tau, "must be an integer >= 1")
     _one_of("slowmo.base_buffers", s.base_buffers, BASE_BUFFER_MODES)
     _one_of("slowmo.lr_coupling", s.lr_coupling, LR_COUPLINGS)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from slowmo_train.algorithms.outer_optimizer import auto_beta
 from slowmo_train.config_checks import ConfigError, validate
 from slowmo_train.scripting import launch_env, read_metrics
 from tests.helpers import compose_job, rank_state, states_equal
@@ -120,11 +121,14 @@ def test_simulate_config_errors_name_the_key(overrides, key):
 
 @pytest.mark.slow
 def test_simulated_hydra_sweep_over_beta_and_the_report(tmp_path, torchvision_cifar):
-    """`slowmo-train -m slowmo.beta=0,0.6 launcher.simulate=4`, then `slowmo-train-report`."""
-    sweep = tmp_path / "sweep"
-    args = ["-m", *COMMON, f"data.root={torchvision_cifar}", "launcher.simulate=4", "slowmo.beta=0,0.6"]
+    """`slowmo-train -m slowmo.beta=0.6,B,auto launcher.simulate=4` (B: auto's value for 4 workers),
+    then `slowmo-train-report`: auto trains exactly as its value written out."""
+    sweep, auto = tmp_path / "sweep", auto_beta(4)
+    betas = [f"{b:g}" for b in sorted({0.6, auto})] + ["auto"]
+    args = ["-m", *COMMON, f"data.root={torchvision_cifar}", "launcher.simulate=4", f"slowmo.beta={','.join(betas)}"]
     result = _slowmo_train([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"beta={auto:g} (auto)" in result.stdout + result.stderr
     out = subprocess.run(
         [sys.executable, "-m", "slowmo_train.report", str(sweep), "--out", str(tmp_path / "rep")],
         capture_output=True,
@@ -133,9 +137,12 @@ def test_simulated_hydra_sweep_over_beta_and_the_report(tmp_path, torchvision_ci
     )
     assert out.returncode == 0, out.stderr
     rows = list(csv.DictReader(open(tmp_path / "rep" / "report.csv")))
-    assert [r["slowmo.beta"] for r in rows] == ["0.0", "0.6"]
+    assert [float(r["slowmo.beta"]) for r in rows[:-1]] == [float(b) for b in betas[:-1]]
+    assert rows[-1]["slowmo.beta"] == "auto"
     assert all(r["final"] != "" for r in rows)
-    assert _losses(sweep / "0") != _losses(sweep / "1")
+    runs = [_losses(sweep / str(i)) for i in range(len(betas))]
+    assert runs[-1] == runs[betas.index(f"{auto:g}")]
+    assert len(betas) == 2 or runs[0] != runs[1]
 
 
 @pytest.mark.slow

@@ -145,7 +145,7 @@ def test_decoupled_nesterov_matches_the_closed_form(process_group):
 
 
 def test_only_every_tau_th_step_is_an_outer_step(process_group):
-    slowmo, model, _ = make_slowmo(tau=3)
+    slowmo, model, _ = make_slowmo(tau=3, inner_lr="hold")
     assert [slowmo.lr_schedule_step(k) for k in range(7)] == [0, 0, 0, 3, 3, 3, 6]
     move(model, seed=1)
     moved = [p.detach().clone() for p in model.parameters()]
@@ -198,9 +198,9 @@ def test_alpha_one_beta_zero_is_the_exact_average(process_group):
     [
         ({"alpha": 0.0}, "slowmo.alpha must be > 0, got 0.0"),
         ({"alpha": -1.0}, "slowmo.alpha must be > 0, got -1.0"),
-        ({"beta": 1.0}, r"slowmo.beta must be in \[0, 1\), got 1.0"),
-        ({"beta": 1.2}, r"slowmo.beta must be in \[0, 1\), got 1.2"),
-        ({"beta": -0.1}, r"slowmo.beta must be in \[0, 1\), got -0.1"),
+        ({"beta": 1.0}, r"slowmo.beta must be in \[0, 1\) or auto, got 1.0"),
+        ({"beta": 1.2}, r"slowmo.beta must be in \[0, 1\) or auto, got 1.2"),
+        ({"beta": -0.1}, r"slowmo.beta must be in \[0, 1\) or auto, got -0.1"),
         ({"tau": 0}, "slowmo.tau must be an integer >= 1, got 0"),
         ({"tau": 2.5}, "slowmo.tau must be an integer >= 1, got 2.5"),
         ({"base_buffers": "zero"}, "slowmo.base_buffers must be one of reset, keep, average, got 'zero'"),

@@ -29,6 +29,10 @@ class Method:
     extra: tuple[str, ...] = ()  # method-specific overrides (never tuning: the sweep's tau/beta, streaming)
 
 
+#: four real one-thread worker processes (the 4-worker sets)
+REAL_LAUNCH = ("launcher.nproc_per_node=4", "launcher.threads_per_worker=1")
+
+
 @dataclass(frozen=True)
 class RunSet:
     name: str
@@ -36,6 +40,7 @@ class RunSet:
     methods: tuple[Method, ...]
     seeds: tuple[int, ...]
     shared: tuple[str, ...]  # identical for every method of the set
+    launch: tuple[str, ...] = REAL_LAUNCH  # how the workers run: real processes or the simulated cluster
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class PlannedRun:
     method: Method
     seed: int
     shared: tuple[str, ...]
+    launch: tuple[str, ...] = REAL_LAUNCH
 
     @property
     def name(self) -> str:
@@ -55,14 +61,14 @@ class PlannedRun:
     def command(self, runs_dir: Path, resume: bool = False) -> list[str]:
         # a method's own value of a shared key replaces it (Hydra takes one value per key)
         own = {a.split("=", 1)[0] for a in self.method.extra}
+        launch = [a for a in self.launch if a.split("=", 1)[0] not in own]
         shared = [a for a in self.shared if a.split("=", 1)[0] not in own]
         cmd = [
             sys.executable,
             "-m",
             "slowmo_train",
             f"+exp={self.method.exp}",
-            "launcher.nproc_per_node=4",
-            "launcher.threads_per_worker=1",
+            *launch,
             f"seed={self.seed}",
             f"output_dir={self.run_dir(runs_dir)}",
             *shared,
@@ -194,6 +200,72 @@ DIAGNOSTIC_METHODS = (
     Method("localsgd_slowmo_lr1e-3", "Local Adam + SlowMo, lr 1e-3", "wmt16_localsgd_slowmo", ("optim.lr=1e-3",)),
 )
 
+# --- SlowMo's own regime (the paper's Sec. 5 protocol at a size this machine trains to the end) ---
+# 32 workers played by the simulated cluster (one process, one thread) x 16 images = 512 in total,
+# i.e. a tenth of the 5,120-image CIFAR-10 subset per step (the paper: 4096 of 50k, 12 steps per
+# epoch; here 10). The paper's lr rule (0.1 per 256 images, peak 0.2) and schedule shape over 16
+# epochs (160 steps, 13 outer iterations at tau 12): warm-up 5/200 of the run, lr / 10 at 1/2, 3/4
+# and 7/8. Width 1/16 (44.6k parameters): ~600 images/s on one core, ~2.5 min per run, so two
+# runs go side by side on the 2 cores. SlowMo at the paper's alpha 1, beta 0.7, tau 12, untuned;
+# nothing else is tuned for any method. Test top-1 on all 10k test images every 4 epochs.
+REGIME_WORKERS, REGIME_BATCH = 32, 512
+SIMULATED_LAUNCH = (f"launcher.simulate={REGIME_WORKERS}", "launcher.threads_per_worker=1")
+
+
+def regime_shared(epochs: int) -> tuple[str, ...]:
+    """The regime protocol for a run of ``epochs`` epochs (10 steps each): the paper's schedule shape
+    scaled to the run, warm-up 5/200 of it and lr / 10 at 1/2, 3/4 and 7/8."""
+    return (
+        f"data.root={CIFAR_ROOT}",
+        "model.width=0.0625",
+        f"train.batch_size={REGIME_BATCH // REGIME_WORKERS}",
+        "data.train_subset=5120",
+        f"train.epochs={epochs}",
+        f"train.eval_every_epochs={epochs // 4}",
+        "train.eval_batch_size=500",
+        "train.log_every=10",
+        "train.progress=log",
+        "optim.lr=0.1",
+        f"optim.warmup_epochs={epochs * 5 / 200:g}",
+        f"optim.milestone_epochs_of={epochs}",
+        f"optim.milestones=[{epochs // 2:g},{epochs * 3 / 4:g},{epochs * 7 / 8:g}]",
+        "checkpoint.every_minutes=2",
+    )
+
+
+REGIME_SHARED = regime_shared(16)
+# Is it the length? Local SGD with and without SlowMo (the paper's largest gain, 91.73 -> 93.20)
+# trained 3x longer (48 epochs, 480 steps, 40 outer iterations), one seed: a diagnosis, no verdict
+REGIME_LONG_METHODS = tuple(m for m in CIFAR_METHODS if m.key in ("localsgd", "localsgd_slowmo"))
+# the lr schedule inside an outer iteration: every inner step follows the schedule (its warm-up and
+# drops) instead of Algorithm 1's value held for tau steps
+FOLLOW = ("slowmo.inner_lr=follow",)
+REGIME_FOLLOW_METHODS = tuple(
+    Method(f"{m.key}_follow", f"{m.label}, inner lr follows", m.exp, FOLLOW)
+    for m in CIFAR_METHODS
+    if m.key in ("localsgd_slowmo", "sgp_slowmo")
+)
+# beta against the number of workers at the same total batch, lr, schedule and number of steps:
+# only how many models are averaged (and the per-worker batch 512 / n) changes
+BETA_WORKERS_BETAS = (0.0, 0.2, 0.4, 0.6, 0.8)
+BETA_WORKERS_COUNTS = (4, 8, 16, 32)
+BETA_WORKERS_METHODS = tuple(
+    Method(
+        f"{base}_n{n}_beta{beta:g}",
+        f"{label}, {n} workers, beta={beta:g}",
+        f"cifar10_{base}",
+        (f"slowmo.beta={beta:g}", f"launcher.simulate={n}", f"train.batch_size={REGIME_BATCH // n}"),
+    )
+    for base, label in (("localsgd_slowmo", "Local SGD + SlowMo"), ("sgp_slowmo", "SGP + SlowMo"))
+    for n in BETA_WORKERS_COUNTS
+    for beta in BETA_WORKERS_BETAS
+)
+# the schedule forms on Multi30k SGP + SlowMo (4 workers, simulated: same runs as real processes)
+TRANSLATION_FORMS = tuple(
+    Method(f"sgp_slowmo_{form}", f"SGP + SlowMo, inner lr {form}s", "wmt16_sgp_slowmo", (f"slowmo.inner_lr={form}",))
+    for form in ("hold", "follow")
+)
+
 SETS: dict[str, RunSet] = {
     "cifar": RunSet("cifar", "CIFAR-10, ResNet-18 x 0.125, 4 workers", CIFAR_METHODS, SEEDS, CIFAR_SHARED),
     "streamed": RunSet(
@@ -225,12 +297,54 @@ SETS: dict[str, RunSet] = {
         (1,),
         TRANSLATION_SHARED,
     ),
+    "regime": RunSet(
+        "regime",
+        "CIFAR-10 subset, ResNet-18 x 1/16, 32 simulated workers x 16, trained through the paper's schedule",
+        CIFAR_METHODS,
+        (1, 2, 3),
+        REGIME_SHARED,
+        SIMULATED_LAUNCH,
+    ),
+    "regime_follow": RunSet(
+        "regime_follow",
+        "as regime, SlowMo's inner steps following the lr schedule",
+        REGIME_FOLLOW_METHODS,
+        (1, 2, 3),
+        REGIME_SHARED,
+        SIMULATED_LAUNCH,
+    ),
+    "regime_long": RunSet(
+        "regime_long",
+        "as regime, 3x longer (48 epochs), Local SGD with and without SlowMo, one seed",
+        REGIME_LONG_METHODS,
+        (1,),
+        regime_shared(48),
+        SIMULATED_LAUNCH,
+    ),
+    "beta_workers": RunSet(
+        "beta_workers",
+        "as regime, beta x number of workers at the same total batch",
+        BETA_WORKERS_METHODS,
+        (1,),
+        REGIME_SHARED,
+        SIMULATED_LAUNCH,
+    ),
+    "translation_forms": RunSet(
+        "translation_forms",
+        "Multi30k as the translation set, SGP + SlowMo with the inner lr held or following the schedule",
+        TRANSLATION_FORMS,
+        (1, 2),
+        TRANSLATION_SHARED,
+        ("launcher.simulate=4", "launcher.threads_per_worker=1"),
+    ),
 }
 
 
 def plan(set_name: str) -> list[PlannedRun]:
     run_set = SETS[set_name]
-    return [PlannedRun(set_name, m, seed, run_set.shared) for seed in run_set.seeds for m in run_set.methods]
+    return [
+        PlannedRun(set_name, m, seed, run_set.shared, run_set.launch) for seed in run_set.seeds for m in run_set.methods
+    ]
 
 
 def run_state(run_dir: Path) -> str:

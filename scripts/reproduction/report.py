@@ -12,12 +12,13 @@ from pathlib import Path
 
 from slowmo_train.scripting import markdown_table
 
+from . import regime
 from .plan import DIAGNOSTIC_METHODS, REPO, SETS, STREAMED, STREAMED_PARTS, SWEEP_BETAS, SWEEP_TAUS, plan, portable
 from .plots import plot_curves, plot_heatmap
-from .verdicts import Claim, MethodRuns, Stat, load_set, stat, verdict
+from .verdicts import Claim, MethodRuns, Stat, best_grid, load_set, stat, verdict
 
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
-HEADING = "## Reproduction of the paper's comparisons"
+HEADING = "## Outside the regime: the first reproduction (4 workers, batch 128)"
 
 
 CIFAR_PAPER = {
@@ -117,15 +118,7 @@ def loss_claim(groups: dict[str, MethodRuns]) -> list[str]:
 
 def sweep_grid(groups: dict[str, MethodRuns]) -> list[list[float | None]]:
     """best top-1, rows = beta, columns = tau."""
-    grid = []
-    for beta in SWEEP_BETAS:
-        row = []
-        for tau in SWEEP_TAUS:
-            g = groups.get(f"beta{beta:g}_tau{tau}")
-            s = g.best() if g else None
-            row.append(s.mean if s else None)
-        grid.append(row)
-    return grid
+    return best_grid(groups, [[f"beta{beta:g}_tau{tau}" for tau in SWEEP_TAUS] for beta in SWEEP_BETAS])
 
 
 def sweep_section(groups: dict[str, MethodRuns], noise: float | None) -> list[str]:
@@ -361,17 +354,33 @@ def render(runs_dir: Path, img_dir: Path, img_ref: str = "img") -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def replace_region(document: str, body: str) -> str:
+def replace_region(document: str, body: str, markers: tuple[str, str, str] = (BEGIN, END, HEADING)) -> str:
     """Replace the text between the markers; append heading and markers when absent."""
-    if BEGIN in document and END in document and document.index(BEGIN) < document.index(END):
-        head, rest = document.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        return f"{head}{BEGIN}\n{body}{END}{tail}"
-    return f"{document.rstrip()}\n\n{HEADING}\n\n{BEGIN}\n{body}{END}\n"
+    begin, end, heading = markers
+    if begin in document and end in document and document.index(begin) < document.index(end):
+        head, rest = document.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        return f"{head}{begin}\n{body}{end}{tail}"
+    return f"{document.rstrip()}\n\n{heading}\n\n{begin}\n{body}{end}\n"
+
+
+#: the 4-worker sets of this module's region (the regime sets have a region of their own)
+FOUR_WORKER_SETS = ("cifar", "streamed", "streamed_parts", "sweep", "translation", "diagnostics")
 
 
 def write_report(runs_dir: Path, results: Path, img_dir: Path) -> None:
-    body = render(runs_dir, img_dir, os.path.relpath(img_dir, results.parent))
+    """Rewrite each region whose sets have finished runs here; a region with none keeps its text (the
+    runs of another machine or session)."""
     text = results.read_text() if results.exists() else "# Results\n"
-    results.write_text(replace_region(text, body))
-    print(f"wrote {results} and {img_dir}/reproduce_*.png")
+    img_ref = os.path.relpath(img_dir, results.parent)
+    shown = runs_dir.relative_to(REPO) if runs_dir.is_relative_to(REPO) else runs_dir
+    written = []
+    if any(load_set(s, runs_dir) for s in regime.REGIME_SETS):
+        body = regime.render(runs_dir, img_dir, shown, img_ref, CIFAR_PAPER, CIFAR_CLAIMS)
+        text = replace_region(text, body, (regime.BEGIN, regime.END, regime.HEADING))
+        written.append("regime_*.png")
+    if any(load_set(s, runs_dir) for s in FOUR_WORKER_SETS):
+        text = replace_region(text, render(runs_dir, img_dir, img_ref))
+        written.append("reproduce_*.png")
+    results.write_text(text)
+    print(f"wrote {results}" + (f" and {img_dir}/{{{','.join(written)}}}" if written else " (no finished runs)"))

@@ -98,3 +98,12 @@ def load_set(set_name: str, runs_dir: Path) -> dict[str, MethodRuns]:
             continue
         out.setdefault(r.method.key, MethodRuns(r.method.label, [])).runs.append(load_run(d))
     return out
+
+
+def best_grid(groups: dict[str, MethodRuns], keys: list[list[str]]) -> list[list[float | None]]:
+    """The mean best score of each method key of a grid of keys (None where it has no runs)."""
+    grid = []
+    for row in keys:
+        stats = [groups[k].best() if k in groups else None for k in row]
+        grid.append([s.mean if s else None for s in stats])
+    return grid

@@ -18,17 +18,19 @@ section explains the options; the code is split by concern:
 ``gamma`` is the base lr of the outer step, per param group (the lr of the step that sends, read
 from the optimizer). ``slowmo.inner_lr`` says which lr the inner steps use:
 
-* ``hold`` (Alg. 1, the default): :meth:`SlowMo.lr_schedule_step` holds the schedule at its value
+* ``hold`` (Alg. 1): :meth:`SlowMo.lr_schedule_step` holds the schedule at its value
   of the first inner step for all ``tau`` steps, so ``gamma`` is exactly the lr the inner steps used.
-* ``follow`` (the authors' later fairscale SlowMo): every inner step follows the per-step schedule
+* ``follow`` (the default; the authors' later fairscale SlowMo): every inner step follows the per-step schedule
   and ``gamma`` is the lr of the outer step, i.e. of the last inner step of the iteration (for
   fragment f with F > 1, of the step that sends fragment f). The decoupled update has no ``gamma``;
   there ``follow`` changes only the inner steps. When the lr is constant within an outer iteration,
   ``follow`` runs the same lrs and the same ``gamma`` as ``hold``: exactly Alg. 1
   (tests/test_slowmo_inner_lr.py). Under a warm-up, ``follow`` does not run the first ``tau``
-  steps at the warm-up's first value. The lr is a function of the step: no checkpoint state.
+  steps at the warm-up's first value. The lr is a function of the step: no checkpoint state. The
+  default is ``follow`` because it trained better where the two differ (docs/RESULTS.md).
 
-What equals Algorithm 1. The defaults (float32 messages, F = 1 fragment, D = 0 overlap steps) run
+What equals Algorithm 1 (with ``slowmo.inner_lr=hold``, or any lr constant within each outer
+iteration). The defaults (float32 messages, F = 1 fragment, D = 0 overlap steps) run
 :class:`WholeModelSync`, Alg. 1 bit for bit. Any other setting runs :class:`FragmentSync`, whose
 arithmetic with F = 1, D = 0 and float32 would be Alg. 1 up to rounding (its ``d`` is the mean of
 ``x0 - x_i``, or sharded ``x0 - mean x_i`` per slice); each option departs from it by design:
@@ -64,7 +66,7 @@ from slowmo_train.algorithms.base import Algorithm
 from slowmo_train.algorithms.comm import all_reduce_mean_, floating_buffers
 from slowmo_train.algorithms.local_sgd import LocalSGD
 from slowmo_train.algorithms.outer_layout import build_slow_groups
-from slowmo_train.algorithms.outer_optimizer import OuterOptimizer
+from slowmo_train.algorithms.outer_optimizer import OuterOptimizer, resolve_beta
 from slowmo_train.algorithms.outer_sync import WIRE_DTYPES, OuterMessage, OuterSetup, build_units
 from slowmo_train.config import BASE_BUFFER_MODES, INNER_LR_MODES, LR_COUPLINGS, SlowMoConfig
 from slowmo_train.dist import new_training_group
@@ -79,8 +81,8 @@ def validate_slowmo_config(cfg: SlowMoConfig, base: Algorithm) -> None:
     alpha, beta, tau = cfg.alpha, cfg.beta, cfg.tau
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"slowmo.alpha must be > 0, got {alpha!r}")
-    if not (isinstance(beta, (int, float)) and 0 <= beta < 1):
-        raise ValueError(f"slowmo.beta must be in [0, 1), got {beta!r}")
+    if beta != "auto" and not (isinstance(beta, (int, float)) and 0 <= beta < 1):
+        raise ValueError(f"slowmo.beta must be in [0, 1) or auto, got {beta!r}")
     if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
         raise ValueError(f"slowmo.tau must be an integer >= 1, got {tau!r}")
     if cfg.base_buffers not in BASE_BUFFER_MODES:
@@ -126,7 +128,9 @@ class SlowMo(Algorithm):
         self.base = base
         self.comm = base.comm  # one CommStats object, so the trainer sees the outer step's bytes too
         self.tau, self.base_buffers, self.inner_lr = int(cfg.tau), cfg.base_buffers, cfg.inner_lr
-        self.outer = OuterOptimizer(float(cfg.alpha), float(cfg.beta), cfg.lr_coupling, bool(cfg.nesterov))
+        self.beta_auto = cfg.beta == "auto"
+        beta = resolve_beta(cfg.beta, base.topology.workers)
+        self.outer = OuterOptimizer(float(cfg.alpha), beta, cfg.lr_coupling, bool(cfg.nesterov))
         self.sharded, self.outer_dtype = bool(cfg.sharded), cfg.outer_dtype
         self.fragments, self.delay = int(cfg.fragments), int(cfg.overlap_steps)
         self.extra_metrics: dict[str, torch.Tensor] = {}
@@ -203,15 +207,14 @@ class SlowMo(Algorithm):
         o = self.outer
         options = [
             f"alpha={o.alpha:g}",
-            f"beta={o.beta:g}",
+            f"beta={o.beta:g}" + (" (auto)" if self.beta_auto else ""),
             f"tau={self.tau}",
             o.coupling,
             f"buffers={self.base_buffers}",
         ]
         if o.nesterov:
             options.append("nesterov")
-        if self.inner_lr != "hold":
-            options.append(f"inner_lr={self.inner_lr}")
+        options.append(f"inner_lr={self.inner_lr}")
         if self.sharded:
             options.append("sharded")
         if self.streamed:
