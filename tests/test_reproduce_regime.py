@@ -85,7 +85,10 @@ def test_regime_report_tables_best_beta_and_plots(tmp_path):
     best = {int(ln.split("|")[1]): ln.split("|")[2].strip() for ln in table}
     assert best == {4: "0", 8: "0.2", 16: "0.4", 32: "0.8"}
     assert f"| 32 | 0.8 | {auto_beta(32):g} |" in text
-    assert any(ln.startswith("| Local SGD | 1 |") and ln.endswith("| 60.00 | 1.000 ± 0.000 | 0.500 |") for ln in lines)
+    assert any(
+        ln.startswith("| Local SGD | 1 |") and ln.endswith("| 60.00 ± 0.00 | 1.000 ± 0.000 | 0.500 ± 0.000 |")
+        for ln in lines
+    )
     for name in ("regime_cifar", "regime_beta_workers"):
         assert (img / f"{name}.png").read_bytes()[:4] == b"\x89PNG" and f"img/{name}.png" in text
 

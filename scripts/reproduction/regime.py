@@ -17,7 +17,7 @@ from slowmo_train.scripting import markdown_table
 
 from .plan import BETA_WORKERS_BETAS, BETA_WORKERS_COUNTS, REGIME_BATCH, REGIME_WORKERS, SETS, plan, portable
 from .plots import plot_curves
-from .verdicts import Claim, MethodRuns, Stat, best_grid, load_set, verdict
+from .verdicts import MethodRuns, Stat, best_grid, claims_table, load_set, loss_claim, verdict
 
 BEGIN, END = "<!-- regime:begin -->", "<!-- regime:end -->"
 HEADING = "## SlowMo in its own regime: 32 workers, the paper's batch rule and schedule"
@@ -36,15 +36,6 @@ def main_table(groups: dict[str, MethodRuns], paper: dict[str, str]) -> str:
     ]
     head = ["method", "seeds", "best test top-1", "final test top-1", "final training loss", "paper (top-1)"]
     return markdown_table(head, rows)
-
-
-def claims(groups: dict[str, MethodRuns], claim_list: tuple[Claim, ...]) -> str:
-    rows = []
-    for c in claim_list:
-        low, high = groups.get(c.low), groups.get(c.high)
-        v, diff = verdict(low.score(c.score) if low else None, high.score(c.score) if high else None, c.kind)
-        rows.append([c.what, c.paper, diff, f"**{v}**"])
-    return markdown_table(["claim", "paper", "measured difference", "verdict"], rows)
 
 
 def forms_table(hold: dict[str, MethodRuns], follow: dict[str, MethodRuns], pairs, score: str) -> str:
@@ -163,15 +154,18 @@ def render(runs_dir: Path, img_dir: Path, shown: Path, img_ref: str, paper: dict
         "",
     ]
     if regime:
-        out += [main_table(regime, paper), "", claims(regime, claim_list), ""]
+        out += [main_table(regime, paper), "", claims_table(regime, claim_list, more=[loss_claim(regime)])[0], ""]
         plot_curves(regime, img_dir / "regime_cifar.png", "top1", "test top-1 (%)")
         out += [f"![32-worker curves]({img_ref}/regime_cifar.png)", ""]
     else:
         out += ["No finished runs yet.", ""]
     long = load_set("regime_long", runs_dir)
     if long:
-        out += ["### Three times longer (48 epochs, 40 outer iterations; a diagnosis, no verdict)", ""]
+        out += ["### Three times longer (48 epochs, 480 steps, 40 outer iterations)", ""]
         out += [length_table(regime, long), ""]
+        out += [claims_table(long, claim_list[:1], more=[loss_claim(long)])[0], ""]
+        out += ["Runs: the regime command with `train.epochs=48` and the schedule scaled to it:", ""]
+        out += _command("regime_long", shown)
     out += ["### The inner lr: held for tau steps (Alg. 1) or following the schedule", ""]
     pairs = [(f"CIFAR-10 {g.label}", k, f"{k}_follow") for k, g in regime.items() if f"{k}_follow" in follow]
     translation_forms = load_set("translation_forms", runs_dir)

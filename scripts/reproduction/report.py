@@ -15,7 +15,18 @@ from slowmo_train.scripting import markdown_table
 from . import regime
 from .plan import DIAGNOSTIC_METHODS, REPO, SETS, STREAMED, STREAMED_PARTS, SWEEP_BETAS, SWEEP_TAUS, plan, portable
 from .plots import plot_curves, plot_heatmap
-from .verdicts import Claim, MethodRuns, Stat, best_grid, load_set, stat, verdict
+from .verdicts import (
+    CLAIM_HEADER,
+    Claim,
+    MethodRuns,
+    Stat,
+    best_grid,
+    claims_table,
+    load_set,
+    loss_claim,
+    stat,
+    verdict,
+)
 
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
 HEADING = "## Outside the regime: the first reproduction (4 workers, batch 128)"
@@ -92,30 +103,6 @@ def method_table(groups: dict[str, MethodRuns], paper: dict[str, str], translati
 
 
 #: the columns of every table of the paper's claims
-CLAIM_HEADER = ("paper's claim", "paper", "measured difference", "verdict")
-
-
-def claims_table(
-    groups: dict[str, MethodRuns], claims: tuple[Claim, ...], more: list[list[str]] = ()
-) -> tuple[str, list[str]]:
-    """The claims' rows (then ``more`` rows in the same columns) and their verdicts."""
-    rows, verdicts = [], []
-    for c in claims:
-        lo, hi = groups.get(c.low), groups.get(c.high)
-        v, text = verdict(lo.score(c.score) if lo else None, hi.score(c.score) if hi else None, c.kind)
-        verdicts.append(v)
-        rows.append([c.what, c.paper, text, f"**{v}**"])
-    return markdown_table(CLAIM_HEADER, rows + list(more)), verdicts
-
-
-def loss_claim(groups: dict[str, MethodRuns]) -> list[str]:
-    lo, hi = groups.get("localsgd"), groups.get("localsgd_slowmo")
-    # lower is better: the "higher" test on the negated losses
-    neg = lambda s: Stat(-s.mean, s.sd, s.n) if s else None  # noqa: E731
-    v, text = verdict(neg(lo.final_loss()) if lo else None, neg(hi.final_loss()) if hi else None)
-    return ["Local SGD -> + SlowMo, final train loss (lower)", "0.122 -> 0.006", f"{text} (reduction)", f"**{v}**"]
-
-
 def sweep_grid(groups: dict[str, MethodRuns]) -> list[list[float | None]]:
     """best top-1, rows = beta, columns = tau."""
     return best_grid(groups, [[f"beta{beta:g}_tau{tau}" for tau in SWEEP_TAUS] for beta in SWEEP_BETAS])

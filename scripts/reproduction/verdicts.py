@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slowmo_train.report import Run, load_run, step_seconds
+from slowmo_train.scripting import markdown_table
 
 from .plan import plan, run_state
 
@@ -107,3 +108,27 @@ def best_grid(groups: dict[str, MethodRuns], keys: list[list[str]]) -> list[list
         stats = [groups[k].best() if k in groups else None for k in row]
         grid.append([s.mean if s else None for s in stats])
     return grid
+
+
+CLAIM_HEADER = ("paper's claim", "paper", "measured difference", "verdict")
+
+
+def claims_table(
+    groups: dict[str, MethodRuns], claims: tuple[Claim, ...], more: list[list[str]] = ()
+) -> tuple[str, list[str]]:
+    """The claims' rows (then ``more`` rows in the same columns) and their verdicts."""
+    rows, verdicts = [], []
+    for c in claims:
+        lo, hi = groups.get(c.low), groups.get(c.high)
+        v, text = verdict(lo.score(c.score) if lo else None, hi.score(c.score) if hi else None, c.kind)
+        verdicts.append(v)
+        rows.append([c.what, c.paper, text, f"**{v}**"])
+    return markdown_table(CLAIM_HEADER, rows + list(more)), verdicts
+
+
+def loss_claim(groups: dict[str, MethodRuns]) -> list[str]:
+    lo, hi = groups.get("localsgd"), groups.get("localsgd_slowmo")
+    # lower is better: the "higher" test on the negated losses
+    neg = lambda s: Stat(-s.mean, s.sd, s.n) if s else None  # noqa: E731
+    v, text = verdict(neg(lo.final_loss()) if lo else None, neg(hi.final_loss()) if hi else None)
+    return ["Local SGD -> + SlowMo, final train loss (lower)", "0.122 -> 0.006", f"{text} (reduction)", f"**{v}**"]
