@@ -104,3 +104,11 @@ def test_write_report_rewrites_only_regions_with_runs(tmp_path):
     text = results.read_text()
     assert kept in text and "\nold\n" not in text and "### The eight methods of Table 1 at 32 workers" in text
     assert text.index(regime.BEGIN) < text.index(report.BEGIN)  # a region stays where the document has it
+
+
+def test_every_run_pins_its_inner_lr_so_the_commands_remake_the_reported_runs():
+    """The runs were made while ``hold`` was the default: each command says which form it used."""
+    for name in runs_plan.SETS:
+        for r in runs_plan.plan(name):
+            form = _arg(r.command(Path("r")), "slowmo.inner_lr")
+            assert form == ("follow" if r.method.key.endswith("follow") else "hold"), r.name

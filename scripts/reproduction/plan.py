@@ -21,6 +21,11 @@ MULTI30K_ROOT = DATA / "translation" / "multi30k"
 SEEDS = (1, 2)
 
 
+#: every set's runs were made with Algorithm 1's held lr (the default before ``slowmo.inner_lr=follow``
+#: became it): pinned so that the commands remake them; the ``follow`` methods override it
+HELD_LR = "slowmo.inner_lr=hold"
+
+
 @dataclass(frozen=True)
 class Method:
     key: str  # run-name stem, e.g. "localsgd_slowmo"
@@ -101,6 +106,7 @@ CIFAR_SHARED = (
     "optim.milestone_epochs_of=4",
     "optim.milestones=[3]",
     "checkpoint.every_minutes=2",
+    HELD_LR,
 )
 # The sweep: 12 runs in ~12 min, so the same subset, model, batch, lr and schedule shape as
 # CIFAR_SHARED for 2 epochs only (468 steps, 19 outer steps even at tau 24; measured: 20k images x
@@ -120,6 +126,7 @@ SWEEP_SHARED = (
     "optim.milestone_epochs_of=2",
     "optim.milestones=[1.5]",
     "checkpoint.every_minutes=2",
+    HELD_LR,
 )
 # Translation: configs/exp/wmt16_small_cpu.yaml (transformer_small, 8k joint vocabulary, Adam at
 # 2e-3 with a short warm-up, test2016 BLEU) cut to ~3 min per run with 4 workers: half width
@@ -141,6 +148,7 @@ TRANSLATION_SHARED = (
     "optim.warmup_steps=100",
     "eval.bleu_split=test",
     "checkpoint.every_minutes=2",
+    HELD_LR,
 )
 # Streamed SlowMo: the outer all-reduce in 4 fragments, applied one step late, in bf16.
 STREAMED = ("slowmo.overlap_steps=1", "slowmo.fragments=4", "slowmo.outer_dtype=bfloat16")
@@ -230,6 +238,7 @@ def regime_shared(epochs: int) -> tuple[str, ...]:
         f"optim.milestone_epochs_of={epochs}",
         f"optim.milestones=[{epochs // 2:g},{epochs * 3 / 4:g},{epochs * 7 / 8:g}]",
         "checkpoint.every_minutes=2",
+        HELD_LR,
     )
 
 

@@ -143,12 +143,13 @@ def render(runs_dir: Path, img_dir: Path, shown: Path, img_ref: str, paper: dict
         f"(`launcher.simulate={REGIME_WORKERS}`, equal to real processes), a total batch of {REGIME_BATCH} on a "
         "5,120-image subset (a tenth of the data per step, as the paper's 4096 of 50k), the paper's lr rule "
         "(0.1 per 256 images) and schedule shape (warm-up 5/200 of the run, lr / 10 at 1/2, 3/4 and 7/8). "
-        "SlowMo at the paper's alpha 1, beta 0.7, tau 12; nothing tuned for any method. Every run of the "
+        "SlowMo at the paper's alpha 1, beta 0.7, tau 12 and Algorithm 1's held lr (`slowmo.inner_lr=hold`); "
+        "nothing tuned for any method. Every run of the "
         "set is this command with its own `+exp=`, `seed=`, `output_dir=`:",
         "",
         *_command("regime", shown),
-        "Train them: `.venv/bin/python scripts/reproduce.py regime` (likewise `regime_follow`, `beta_workers`, "
-        "`translation_forms`).",
+        "Train them: `.venv/bin/python scripts/reproduce.py regime` (likewise `regime_follow`, `regime_long`, "
+        "`beta_workers`, `translation_forms`).",
         "",
         "### The eight methods of Table 1 at 32 workers",
         "",
