@@ -36,7 +36,6 @@ ring(X, n) bytes over every node link, also with 2 processes per node (ranks in 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ if __package__:  # imported, or run as python -m scripts.bench_speed
         Bench,
         ClusterShape,
         Config,
+        check_cluster_args,
         rate_bits,
         ring,
         save_rows,
@@ -66,6 +66,7 @@ else:  # python scripts/bench_speed.py: this folder is sys.path[0]
         Bench,
         ClusterShape,
         Config,
+        check_cluster_args,
         rate_bits,
         ring,
         save_rows,
@@ -283,8 +284,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2x1 only, 5 configurations, one rate, short runs")
     ap.add_argument("--topologies", default="2x1,4x1,2x2")
     args = ap.parse_args()
-    if not Path(args.data_root).is_dir():
-        sys.exit(f"bench_speed: error: --data-root={args.data_root} is not a directory")
+    check_cluster_args("bench_speed", args.data_root)
     args.data_root = str(small_test_root(Path(args.data_root).resolve(), Path(args.work)))
     args.log_every = args.warmup
     if args.steps % args.log_every or args.steps % 12 or 48 % args.log_every:
@@ -292,8 +292,6 @@ def main() -> None:
             f"bench_speed: error: --steps={args.steps} must be a multiple of 12 and of --warmup={args.warmup} "
             "(and --warmup must divide 48)"
         )
-    if os.geteuid() != 0:
-        sys.exit("bench_speed: error: the emulated cluster needs root (network namespaces)")
     bench = SpeedBench(args)
     start = time.time()
     if args.quick:

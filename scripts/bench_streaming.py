@@ -77,7 +77,6 @@ Results: ``<out>/bench_streaming.csv``, ``.md`` (table + the goal check) and ``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -90,6 +89,7 @@ from scripts.emulated_bench import (
     ClusterShape,
     Config,
     Measured,
+    check_cluster_args,
     model_sizes,
     rate_bits,
     read_rows,
@@ -313,20 +313,12 @@ def main() -> None:
         sys.exit(
             f"bench_streaming: error: --algorithms={args.algorithms} must be a comma-separated list of {', '.join(TAU)}"
         )
-    if args.rate != "auto":
-        try:
-            rate_bits(args.rate)
-        except ValueError:
-            sys.exit(f"bench_streaming: error: --rate={args.rate} must be 'auto' or a tc rate such as 95mbit")
     if args.warmup < 1 or args.steps % 12 or args.steps % args.warmup or 48 % args.warmup:
         sys.exit(
             f"bench_streaming: error: --steps={args.steps} must be a multiple of 12 and of --warmup="
             f"{args.warmup} (and --warmup must divide 48)"
         )
-    if not Path(args.data_root).is_dir():
-        sys.exit(f"bench_streaming: error: --data-root={args.data_root} is not a directory")
-    if os.geteuid() != 0:
-        sys.exit("bench_streaming: error: the emulated cluster needs root (network namespaces); run it with sudo")
+    check_cluster_args("bench_streaming", args.data_root, args.rate)
     args.data_root = str(small_test_root(Path(args.data_root).resolve(), Path(args.work)))
     args.log_every = args.warmup
     args.rates = "auto" if args.rate == "auto" else f"{args.rate},{args.rate}"  # Bench's comm,balanced

@@ -10,6 +10,7 @@ timed from the run's metrics (``Measured``), and the link rates derived from a c
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
 import subprocess
@@ -138,6 +139,20 @@ def model_sizes(run_dir: Path) -> tuple[float, float]:
     p = sum(t.numel() * t.element_size() for t in model.parameters())
     b = sum(t.numel() * t.element_size() for t in model.buffers() if t.is_floating_point())
     return float(p), float(b)
+
+
+def check_cluster_args(prog: str, data_root: str, rate: str = "auto") -> None:
+    """Exit with one line if a benchmark cannot run: a ``rate`` that is neither auto nor a tc rate, no
+    ``data_root`` folder, or no root (the emulated cluster makes network namespaces)."""
+    if rate != "auto":
+        try:
+            rate_bits(rate)
+        except ValueError:
+            sys.exit(f"{prog}: error: --rate={rate} must be 'auto' or a tc rate such as 95mbit")
+    if not Path(data_root).is_dir():
+        sys.exit(f"{prog}: error: --data-root={data_root} is not a directory")
+    if os.geteuid() != 0:
+        sys.exit(f"{prog}: error: the emulated cluster needs root (network namespaces); run it with sudo")
 
 
 def small_test_root(data_root: Path, work: Path, per_class: int = 50) -> Path:

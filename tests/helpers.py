@@ -6,10 +6,14 @@ distributed_helpers.py, the float64 reference simulator in reference.py.
     merge(*dicts), states_equal(a, b), rank_state(run_dir, step, rank)
     EXPERIMENTS, compose_job("+exp=quickstart", ...)      the experiments; a composed config (not validated)
     write_corpus(root)                                   a toy En-De corpus in the Multi30k layout
+    report_rows(sweep, out)                              slowmo-train-report on a sweep; its CSV rows
 """
 
 from __future__ import annotations
 
+import csv
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,3 +130,16 @@ def write_corpus(root: Path, pairs: int = 60, seed: int = 0) -> Path:
         (root / f"{split}.en").write_text("\n".join(en) + "\n", encoding="utf-8")
         (root / f"{split}.de").write_text("\n".join(de) + "\n", encoding="utf-8")
     return root
+
+
+def report_rows(sweep: Path, out: Path) -> list[dict]:
+    """``slowmo-train-report SWEEP --out OUT`` as a user runs it; the rows of its report.csv."""
+    result = subprocess.run(
+        [sys.executable, "-m", "slowmo_train.report", str(sweep), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    with open(out / "report.csv", newline="") as f:
+        return list(csv.DictReader(f))

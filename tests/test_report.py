@@ -19,6 +19,7 @@ import yaml
 
 from slowmo_train.report import main
 from slowmo_train.scripting import launch_env
+from tests.helpers import report_rows
 
 
 def _write_run(path: Path, beta: float, seconds_per_step: float, top1: list[float], sent: float) -> Path:
@@ -128,14 +129,7 @@ def test_report_of_a_real_hydra_multirun(tmp_path, torchvision_cifar):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert {p.name for p in sweep.iterdir() if (p / "metrics.jsonl").exists()} == {"0", "1"}
 
-    out = subprocess.run(
-        [sys.executable, "-m", "slowmo_train.report", str(sweep), "--out", str(tmp_path / "rep")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    rows = list(csv.DictReader(open(tmp_path / "rep" / "report.csv")))
+    rows = report_rows(sweep, tmp_path / "rep")
     assert [r["slowmo.beta"] for r in rows] == ["0.4", "0.8"]
     assert all(r["metric"] == "top1" and r["final"] != "" and float(r["ms_per_step"]) > 0 for r in rows)
     assert (tmp_path / "rep" / "report.png").exists()

@@ -111,4 +111,60 @@ def test_every_run_pins_its_inner_lr_so_the_commands_remake_the_reported_runs():
     for name in runs_plan.SETS:
         for r in runs_plan.plan(name):
             form = _arg(r.command(Path("r")), "slowmo.inner_lr")
-            assert form == ("follow" if r.method.key.endswith("follow") else "hold"), r.name
+            follows = r.method.key.endswith("follow") or name == regime.TRANSLATION_SET
+            assert form == ("follow" if follows else "hold"), r.name
+
+
+def test_translation_regime_runs_compose_to_the_options_they_name():
+    """SGP alone, then SlowMo at the guided beta with Adam's buffers kept / reset / averaged, decoupled,
+    and beta=auto: each command composes to exactly those options, the inner lr following the schedule."""
+    from slowmo_train.config import to_job_config
+    from slowmo_train.scripting import compose_config
+
+    runs = runs_plan.plan(regime.TRANSLATION_SET)
+    assert len(runs) == 6 * 3 and {r.seed for r in runs} == {1, 2, 3}
+    seen = {}
+    for r in runs[:6]:
+        cmd = r.command(Path("r"))
+        assert _arg(cmd, "launcher.simulate") == "4"
+        job = to_job_config(compose_config(cmd[3:]))
+        s = job.slowmo
+        seen[r.method.key] = (s.enabled, s.beta, s.base_buffers, s.lr_coupling, s.inner_lr, s.tau)
+    assert seen == {
+        "sgp": (False, 0.7, "keep", "coupled", "follow", 12),  # SlowMo off: its defaults
+        "sgp_slowmo_keep": (True, 0.2, "keep", "coupled", "follow", 48),
+        "sgp_slowmo_reset": (True, 0.2, "reset", "coupled", "follow", 48),
+        "sgp_slowmo_average": (True, 0.2, "average", "coupled", "follow", 48),
+        "sgp_slowmo_decoupled": (True, 0.2, "keep", "decoupled", "follow", 48),
+        "sgp_slowmo_auto": (True, "auto", "keep", "coupled", "follow", 48),
+    }
+
+
+def test_translation_and_few_worker_regions_are_written_alone_and_keep_the_regime_region(tmp_path):
+    runs_dir = tmp_path / "runs"
+    for r in runs_plan.plan(regime.FEW_SET):
+        beta = float(r.method.key.split("beta")[1])
+        fake_run(r.run_dir(runs_dir), 40 - 10 * abs(beta - 0.4), 1.0)
+    for r in runs_plan.plan(regime.TRANSLATION_SET):
+        bleu = {"sgp": 16.0, "sgp_slowmo_reset": 12.0}.get(r.method.key, 17.0) + 0.1 * r.seed
+        fake_run(r.run_dir(runs_dir), 30.0, 3.0, metric="ppl", final_extra={"bleu": bleu})
+    results = tmp_path / "RESULTS.md"
+    begin, end, _ = regime.TRANSLATION_REGION
+    few_begin, few_end, _ = regime.FEW_REGION
+    results.write_text(
+        f"# Results\n\n{regime.BEGIN}\nthe 32-worker runs\n{regime.END}\n\n{few_begin}\nold\n{few_end}\n\n"
+        f"{begin}\nold\n{end}\n"
+    )
+    args = ["report", "--runs-dir", str(runs_dir), "--results", str(results), "--img-dir", str(tmp_path / "img")]
+    assert rp.main(args) == 0
+    text = results.read_text()
+    assert "\nthe 32-worker runs\n" in text and "\nold\n" not in text
+    lines = text.splitlines()
+    assert next(ln for ln in lines if ln.startswith("| SGP |")).startswith("| SGP | 3 | 16.20 ± 0.10 |")
+    reset = next(ln for ln in lines if ln.startswith("| SGP + SlowMo, beta 0.2, Adam buffers reset |"))
+    assert "| -4.00 (spread 0.14) | does not reproduce |" in reset
+    keep = next(ln for ln in lines if ln.startswith("| SGP + SlowMo, beta 0.2, Adam buffers kept |"))
+    assert keep.endswith("| +1.00 (spread 0.14) | reproduces |")
+    assert "slowmo.inner_lr=follow" in text and "launcher.simulate=4" in text
+    assert "| 2 | 36.00 | 38.00 | 40.00 | 38.00 | 36.00 |" in text  # the two bases' rows
+    assert f"| 2 | 0.4 | {auto_beta(2):g} |" in text and "launcher.simulate=2" in text

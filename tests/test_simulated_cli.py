@@ -6,7 +6,6 @@ resumed run continues exactly, Hydra sweeps and the report work, and every failu
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 from slowmo_train.algorithms.outer_optimizer import auto_beta
 from slowmo_train.config_checks import ConfigError, validate
 from slowmo_train.scripting import launch_env, read_metrics
-from tests.helpers import compose_job, rank_state, states_equal
+from tests.helpers import compose_job, rank_state, report_rows, states_equal
 
 COMMON = [
     "task=cifar10",
@@ -129,14 +128,7 @@ def test_simulated_hydra_sweep_over_beta_and_the_report(tmp_path, torchvision_ci
     result = _slowmo_train([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"beta={auto:g} (auto)" in result.stdout + result.stderr
-    out = subprocess.run(
-        [sys.executable, "-m", "slowmo_train.report", str(sweep), "--out", str(tmp_path / "rep")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    rows = list(csv.DictReader(open(tmp_path / "rep" / "report.csv")))
+    rows = report_rows(sweep, tmp_path / "rep")
     assert [float(r["slowmo.beta"]) for r in rows[:-1]] == [float(b) for b in betas[:-1]]
     assert rows[-1]["slowmo.beta"] == "auto"
     assert all(r["final"] != "" for r in rows)

@@ -7,79 +7,21 @@ for every method: the same budget, schedule and tuning effort for all of them.
 
 from __future__ import annotations
 
-import os
-import sys
-from dataclasses import dataclass
-from pathlib import Path
+from .runs import (  # noqa: F401 - run_state, portable, REPO and DATA: the scripts' and tests' too
+    CIFAR_ROOT,
+    DATA,
+    HELD_LR,
+    MULTI30K_ROOT,
+    REAL_LAUNCH,
+    REPO,
+    Method,
+    PlannedRun,
+    RunSet,
+    portable,
+    run_state,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-
-#: the data folder beside the clone (see its README); elsewhere set SLOWMO_TRAIN_DATA
-DATA = Path(os.environ.get("SLOWMO_TRAIN_DATA", REPO.parent / "shared" / "data")).resolve()
-CIFAR_ROOT = DATA / "cifar10"
-MULTI30K_ROOT = DATA / "translation" / "multi30k"
 SEEDS = (1, 2)
-
-
-#: every set's runs were made with Algorithm 1's held lr (the default before ``slowmo.inner_lr=follow``
-#: became it): pinned so that the commands remake them; the ``follow`` methods override it
-HELD_LR = "slowmo.inner_lr=hold"
-
-
-@dataclass(frozen=True)
-class Method:
-    key: str  # run-name stem, e.g. "localsgd_slowmo"
-    label: str  # table label, e.g. "Local SGD + SlowMo"
-    exp: str  # configs/exp/<exp>.yaml
-    extra: tuple[str, ...] = ()  # method-specific overrides (never tuning: the sweep's tau/beta, streaming)
-
-
-#: four real one-thread worker processes (the 4-worker sets)
-REAL_LAUNCH = ("launcher.nproc_per_node=4", "launcher.threads_per_worker=1")
-
-
-@dataclass(frozen=True)
-class RunSet:
-    name: str
-    description: str
-    methods: tuple[Method, ...]
-    seeds: tuple[int, ...]
-    shared: tuple[str, ...]  # identical for every method of the set
-    launch: tuple[str, ...] = REAL_LAUNCH  # how the workers run: real processes or the simulated cluster
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    set_name: str
-    method: Method
-    seed: int
-    shared: tuple[str, ...]
-    launch: tuple[str, ...] = REAL_LAUNCH
-
-    @property
-    def name(self) -> str:
-        return f"{self.method.key}_s{self.seed}"
-
-    def run_dir(self, runs_dir: Path) -> Path:
-        return runs_dir / self.set_name / self.name
-
-    def command(self, runs_dir: Path, resume: bool = False) -> list[str]:
-        # a method's own value of a shared key replaces it (Hydra takes one value per key)
-        own = {a.split("=", 1)[0] for a in self.method.extra}
-        launch = [a for a in self.launch if a.split("=", 1)[0] not in own]
-        shared = [a for a in self.shared if a.split("=", 1)[0] not in own]
-        cmd = [
-            sys.executable,
-            "-m",
-            "slowmo_train",
-            f"+exp={self.method.exp}",
-            *launch,
-            f"seed={self.seed}",
-            f"output_dir={self.run_dir(runs_dir)}",
-            *shared,
-            *self.method.extra,
-        ]
-        return cmd + (["resume=auto"] if resume else [])
 
 
 # CIFAR-10 settings, measured on the 2-core machine with nothing else running: 4 workers x 32
@@ -258,22 +200,55 @@ REGIME_FOLLOW_METHODS = tuple(
 # only how many models are averaged (and the per-worker batch 512 / n) changes
 BETA_WORKERS_BETAS = (0.0, 0.2, 0.4, 0.6, 0.8)
 BETA_WORKERS_COUNTS = (4, 8, 16, 32)
-BETA_WORKERS_METHODS = tuple(
-    Method(
-        f"{base}_n{n}_beta{beta:g}",
-        f"{label}, {n} workers, beta={beta:g}",
-        f"cifar10_{base}",
-        (f"slowmo.beta={beta:g}", f"launcher.simulate={n}", f"train.batch_size={REGIME_BATCH // n}"),
+
+
+def beta_workers_methods(counts: tuple[int, ...]) -> tuple[Method, ...]:
+    return tuple(
+        Method(
+            f"{base}_n{n}_beta{beta:g}",
+            f"{label}, {n} workers, beta={beta:g}",
+            f"cifar10_{base}",
+            (f"slowmo.beta={beta:g}", f"launcher.simulate={n}", f"train.batch_size={REGIME_BATCH // n}"),
+        )
+        for base, label in (("localsgd_slowmo", "Local SGD + SlowMo"), ("sgp_slowmo", "SGP + SlowMo"))
+        for n in counts
+        for beta in BETA_WORKERS_BETAS
     )
-    for base, label in (("localsgd_slowmo", "Local SGD + SlowMo"), ("sgp_slowmo", "SGP + SlowMo"))
-    for n in BETA_WORKERS_COUNTS
-    for beta in BETA_WORKERS_BETAS
-)
+
+
+BETA_WORKERS_METHODS = beta_workers_methods(BETA_WORKERS_COUNTS)
+# below the sweep's 4 workers, where beta=auto's 0 is the authors' guidance, not a measurement
+BETA_FEW_COUNTS = (2,)
 # the schedule forms on Multi30k SGP + SlowMo (4 workers, simulated: same runs as real processes)
 TRANSLATION_FORMS = tuple(
     Method(f"sgp_slowmo_{form}", f"SGP + SlowMo, inner lr {form}s", "wmt16_sgp_slowmo", (f"slowmo.inner_lr={form}",))
     for form in ("hold", "follow")
 )
+
+# Translation again, at 4 workers: the slow momentum of the authors' guidance for 4 nodes (0.2) and
+# of beta=auto (0.6), the inner lr following the schedule (the better form, measured above), and what
+# SlowMo does with Adam's buffers at the outer step (kept, the paper's; reset; averaged) or its
+# update decoupled from the lr. SGP alone is the base; everything else as the translation set.
+TRANSLATION_REGIME_SHARED = tuple(a for a in TRANSLATION_SHARED if a != HELD_LR) + FOLLOW
+GUIDED_BETA = "slowmo.beta=0.2"
+TRANSLATION_REGIME_METHODS = (
+    Method("sgp", "SGP", "wmt16_sgp"),
+    *(
+        Method(f"sgp_slowmo_{key}", f"SGP + SlowMo, {label}", "wmt16_sgp_slowmo", extra)
+        for key, label, extra in [
+            ("keep", "beta 0.2, Adam buffers kept", (GUIDED_BETA, "slowmo.base_buffers=keep")),
+            ("reset", "beta 0.2, Adam buffers reset", (GUIDED_BETA, "slowmo.base_buffers=reset")),
+            ("average", "beta 0.2, Adam buffers averaged", (GUIDED_BETA, "slowmo.base_buffers=average")),
+            (
+                "decoupled",
+                "beta 0.2, decoupled",
+                (GUIDED_BETA, "slowmo.base_buffers=keep", "slowmo.lr_coupling=decoupled"),
+            ),
+            ("auto", "beta auto (0.6), Adam buffers kept", ("slowmo.beta=auto", "slowmo.base_buffers=keep")),
+        ]
+    ),
+)
+SIMULATED_4 = ("launcher.simulate=4", "launcher.threads_per_worker=1")
 
 SETS: dict[str, RunSet] = {
     "cifar": RunSet("cifar", "CIFAR-10, ResNet-18 x 0.125, 4 workers", CIFAR_METHODS, SEEDS, CIFAR_SHARED),
@@ -338,13 +313,29 @@ SETS: dict[str, RunSet] = {
         REGIME_SHARED,
         SIMULATED_LAUNCH,
     ),
+    "beta_workers_few": RunSet(
+        "beta_workers_few",
+        "CIFAR-10 subset, beta x workers below 4 workers",
+        beta_workers_methods(BETA_FEW_COUNTS),
+        (1, 2),
+        REGIME_SHARED,
+        SIMULATED_LAUNCH,
+    ),
     "translation_forms": RunSet(
         "translation_forms",
         "Multi30k as the translation set, SGP + SlowMo with the inner lr held or following the schedule",
         TRANSLATION_FORMS,
         (1, 2),
         TRANSLATION_SHARED,
-        ("launcher.simulate=4", "launcher.threads_per_worker=1"),
+        SIMULATED_4,
+    ),
+    "translation_regime": RunSet(
+        "translation_regime",
+        "Multi30k as the translation set, 4 simulated workers, SGP + SlowMo: the guided beta, Adam buffers, decoupled",
+        TRANSLATION_REGIME_METHODS,
+        (1, 2, 3),
+        TRANSLATION_REGIME_SHARED,
+        SIMULATED_4,
     ),
 }
 
@@ -354,20 +345,3 @@ def plan(set_name: str) -> list[PlannedRun]:
     return [
         PlannedRun(set_name, m, seed, run_set.shared, run_set.launch) for seed in run_set.seeds for m in run_set.methods
     ]
-
-
-def run_state(run_dir: Path) -> str:
-    """done (summary.json), resume (a checkpoint to continue from) or new."""
-    if (run_dir / "summary.json").exists():
-        return "done"
-    ckpts = run_dir / "checkpoints"
-    if ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()):
-        return "resume"
-    return "new"
-
-
-def portable(command: str) -> str:
-    """A command as the docs show it: ``python`` for this interpreter, the data folder as seen from
-    the repository (its default place beside the clone)."""
-    data = os.path.relpath(DATA, REPO) if DATA.is_relative_to(REPO.parent) else str(DATA)
-    return command.replace(sys.executable, "python").replace(str(DATA), data)

@@ -1,10 +1,11 @@
 """The report of SlowMo's own regime (the sets ``regime``, ``regime_follow``, ``beta_workers`` and
-``translation_forms`` of plan.py): the Markdown region of docs/RESULTS.md between ``BEGIN`` and
+``translation_forms``, ``translation_regime`` of plan.py): the Markdown region of docs/RESULTS.md between ``BEGIN`` and
 ``END`` and the plots ``docs/img/regime_*.png``.
 
 It answers, from the finished runs: the eight methods of Table 1 at 32 workers and the paper's
 batch, lr rule and schedule shape; the inner lr held for an outer iteration (Alg. 1) or following
-the schedule; the best slow momentum beta by the number of workers, against ``slowmo.beta=auto``.
+the schedule; the best slow momentum beta by the number of workers, against ``slowmo.beta=auto``;
+SlowMo on Multi30k at the guided beta with Adam's buffers kept, reset or averaged, or decoupled.
 """
 
 from __future__ import annotations
@@ -15,13 +16,29 @@ from pathlib import Path
 from slowmo_train.algorithms.outer_optimizer import auto_beta
 from slowmo_train.scripting import markdown_table
 
-from .plan import BETA_WORKERS_BETAS, BETA_WORKERS_COUNTS, REGIME_BATCH, REGIME_WORKERS, SETS, plan, portable
+from .plan import (
+    BETA_FEW_COUNTS,
+    BETA_WORKERS_BETAS,
+    BETA_WORKERS_COUNTS,
+    REGIME_BATCH,
+    REGIME_WORKERS,
+    SETS,
+    plan,
+    portable,
+)
 from .plots import plot_curves
 from .verdicts import MethodRuns, Stat, best_grid, claims_table, load_set, loss_claim, verdict
 
 BEGIN, END = "<!-- regime:begin -->", "<!-- regime:end -->"
 HEADING = "## SlowMo in its own regime: 32 workers, the paper's batch rule and schedule"
 REGIME_SETS = ("regime", "regime_follow", "regime_long", "beta_workers", "translation_forms")
+#: the Multi30k table of the regime work: a region of its own, written when its set has runs here
+TRANSLATION_SET = "translation_regime"
+TRANSLATION_REGION = (
+    "<!-- regime-translation:begin -->",
+    "<!-- regime-translation:end -->",
+    "### Multi30k again: the guided beta, Adam's buffers, the decoupled update (4 workers)",
+)
 BETA_BASES = (("localsgd_slowmo", "Local SGD + SlowMo"), ("sgp_slowmo", "SGP + SlowMo"))
 
 
@@ -73,17 +90,29 @@ def length_table(short: dict[str, MethodRuns], long: dict[str, MethodRuns]) -> s
     return markdown_table(head, rows)
 
 
-def beta_grid(groups: dict[str, MethodRuns], base: str) -> list[list[float | None]]:
+def translation_table(groups: dict[str, MethodRuns], base: str = "sgp") -> str:
+    """Each method's test BLEU and final training loss, and its BLEU against the base's (the verdict
+    of "better than SGP alone", by the document's rule)."""
+    rows = []
+    b = groups.get(base)
+    for key, g in groups.items():
+        v, diff = verdict(b.final_bleu() if b else None, g.final_bleu()) if key != base else ("", "")
+        rows.append([g.label, len(g.runs), _cell(g.final_bleu()), _cell(g.final_loss(), 3), diff, v])
+    head = ["method", "seeds", "test BLEU", "final training loss", "BLEU vs SGP", "verdict (better than SGP)"]
+    return markdown_table(head, rows)
+
+
+def beta_grid(groups: dict[str, MethodRuns], base: str, counts=BETA_WORKERS_COUNTS) -> list[list[float | None]]:
     """Best test top-1 by workers (rows) and beta (columns) for one base."""
-    keys = [[f"{base}_n{n}_beta{beta:g}" for beta in BETA_WORKERS_BETAS] for n in BETA_WORKERS_COUNTS]
+    keys = [[f"{base}_n{n}_beta{beta:g}" for beta in BETA_WORKERS_BETAS] for n in counts]
     return best_grid(groups, keys)
 
 
-def best_betas(groups: dict[str, MethodRuns]) -> dict[int, float | None]:
+def best_betas(groups: dict[str, MethodRuns], counts=BETA_WORKERS_COUNTS) -> dict[int, float | None]:
     """For each worker count, the beta with the highest mean (over both bases) best test top-1."""
-    grids = [beta_grid(groups, base) for base, _ in BETA_BASES]
+    grids = [beta_grid(groups, base, counts) for base, _ in BETA_BASES]
     out: dict[int, float | None] = {}
-    for i, n in enumerate(BETA_WORKERS_COUNTS):
+    for i, n in enumerate(counts):
         means = []
         for j, beta in enumerate(BETA_WORKERS_BETAS):
             cells = [g[i][j] for g in grids]
@@ -93,17 +122,23 @@ def best_betas(groups: dict[str, MethodRuns]) -> dict[int, float | None]:
     return out
 
 
-def beta_section(groups: dict[str, MethodRuns], img_dir: Path, img_ref: str) -> list[str]:
+def beta_section(groups: dict[str, MethodRuns], img_dir: Path | None, img_ref: str, counts=BETA_WORKERS_COUNTS):
+    """The best-beta tables by workers and base, the best beta against ``auto`` and (with an
+    ``img_dir``) the plot."""
+    n = max((len(g.runs) for g in groups.values()), default=1)
+    seeds = "one seed" if n == 1 else f"mean of {n} seeds"
     out = []
     for base, label in BETA_BASES:
-        grid = beta_grid(groups, base)
-        rows = [[n, *("–" if v is None else f"{v:.2f}" for v in row)] for n, row in zip(BETA_WORKERS_COUNTS, grid)]
-        out += [f"{label}, best test top-1 (one seed):", ""]
+        grid = beta_grid(groups, base, counts)
+        rows = [[n, *("–" if v is None else f"{v:.2f}" for v in row)] for n, row in zip(counts, grid)]
+        out += [f"{label}, best test top-1 ({seeds}):", ""]
         out += [markdown_table(["workers", *(f"beta {b:g}" for b in BETA_WORKERS_BETAS)], rows), ""]
-    best = best_betas(groups)
+    best = best_betas(groups, counts)
     rows = [[n, "–" if b is None else f"{b:g}", f"{auto_beta(n):g}"] for n, b in best.items()]
     out += ["The best beta by workers (highest mean of the two bases) against `slowmo.beta=auto`:", ""]
     out += [markdown_table(["workers", "measured best beta", "slowmo.beta=auto"], rows), ""]
+    if img_dir is None:
+        return out
     plot_beta_workers(groups, img_dir / "regime_beta_workers.png")
     out += [f"![beta x workers]({img_ref}/regime_beta_workers.png)", ""]
     return out
@@ -188,4 +223,46 @@ def render(runs_dir: Path, img_dir: Path, shown: Path, img_ref: str, paper: dict
     out += ["### Beta against the number of workers (same total batch, lr, schedule and steps)", ""]
     beta_workers = load_set("beta_workers", runs_dir)
     out += beta_section(beta_workers, img_dir, img_ref) if beta_workers else ["No finished runs yet.", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+#: the beta sweep below 4 workers: a region of its own, written when its set has runs here
+FEW_SET = "beta_workers_few"
+FEW_REGION = (
+    "<!-- regime-few-workers:begin -->",
+    "<!-- regime-few-workers:end -->",
+    "### Beta with 2 workers (below the sweep above)",
+)
+
+
+def render_few(runs_dir: Path, shown: Path) -> str:
+    """The Markdown of the 2-worker beta region (set ``beta_workers_few``)."""
+    out = [
+        f"_Generated by `scripts/reproduce.py report` from the run directories in `{shown}`; do not edit by hand._",
+        "",
+        f"{SETS[FEW_SET].description}: the protocol of the sweep above (total batch {REGIME_BATCH}, Alg. 1's "
+        f"held lr) with {', '.join(map(str, BETA_FEW_COUNTS))} simulated workers. Each run is this command with its "
+        "own beta, `+exp=` and `seed=`:",
+        "",
+        *_command(FEW_SET, shown),
+    ]
+    few = load_set(FEW_SET, runs_dir)
+    out += beta_section(few, None, "", BETA_FEW_COUNTS) if few else ["No finished runs yet.", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render_translation(runs_dir: Path, shown: Path) -> str:
+    """The Markdown of the Multi30k region (set ``translation_regime``)."""
+    out = [
+        f"_Generated by `scripts/reproduce.py report` from the run directories in `{shown}`; do not edit by hand._",
+        "",
+        f"{SETS[TRANSLATION_SET].description}. The translation set's protocol (2 epochs, Adam at 2e-3) with the "
+        "inner lr following the schedule (the better form above); SlowMo at alpha 1, tau 48, and beta 0.2 (the "
+        "authors' guidance for 4 nodes) or `auto` (0.6 at 4 workers). Every run is this command with its own "
+        "`+exp=`, `seed=`, `output_dir=` and the row's SlowMo options:",
+        "",
+        *_command(TRANSLATION_SET, shown),
+    ]
+    translation = load_set(TRANSLATION_SET, runs_dir)
+    out += [translation_table(translation), ""] if translation else ["No finished runs yet.", ""]
     return "\n".join(out).rstrip() + "\n"

@@ -366,6 +366,10 @@ def write_report(runs_dir: Path, results: Path, img_dir: Path) -> None:
         body = regime.render(runs_dir, img_dir, shown, img_ref, CIFAR_PAPER, CIFAR_CLAIMS)
         text = replace_region(text, body, (regime.BEGIN, regime.END, regime.HEADING))
         written.append("regime_*.png")
+    if load_set(regime.FEW_SET, runs_dir):
+        text = replace_region(text, regime.render_few(runs_dir, shown), regime.FEW_REGION)
+    if load_set(regime.TRANSLATION_SET, runs_dir):
+        text = replace_region(text, regime.render_translation(runs_dir, shown), regime.TRANSLATION_REGION)
     if any(load_set(s, runs_dir) for s in FOUR_WORKER_SETS):
         text = replace_region(text, render(runs_dir, img_dir, img_ref))
         written.append("reproduce_*.png")
