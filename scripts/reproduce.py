@@ -4,11 +4,14 @@ arXiv:1910.00643, Table 1 and the ablations of Sec. 6), with a report in docs/RE
 
     .venv/bin/python scripts/reproduce.py all                    # every set (~6 h on 2 cores), then the report
     .venv/bin/python scripts/reproduce.py regime                 # one set: regime | regime_follow | regime_long |
-                                                                 #   beta_workers | translation_forms | cifar |
+                                                                 #   beta_workers | beta_workers_few |
+                                                                 #   regime_buffers | translation_forms |
+                                                                 #   translation_regime | cifar |
                                                                  #   streamed | streamed_parts | sweep |
                                                                  #   translation | diagnostics
     .venv/bin/python scripts/reproduce.py all --dry-run          # print the training commands only
     .venv/bin/python scripts/reproduce.py report                 # regenerate docs/RESULTS.md + docs/img only
+    .venv/bin/python scripts/reproduce.py time_to_accuracy       # as root: the emulated cluster (~45 min)
 
 Run directories go to ``--runs-dir`` (default ``runs/reproduce``, ignored by git): one per
 (set, method, seed), e.g. ``runs/reproduce/cifar/localsgd_slowmo_s1``. Re-running a command skips
@@ -30,6 +33,9 @@ run side by side on 2 cores; measured 2026-12-02 with two sets at a time; REGIME
   regime_long 2 runs (48 epochs)                            ~9 min each   -> ~18 min
   beta_workers 40 runs (4-32 workers)                       ~2.0-3.0 min  -> ~100 min
   translation_forms 4 runs (4 simulated workers)            ~6 min each   -> ~24 min
+  translation_regime 18 runs (4 simulated workers)          ~6 min each   -> ~55 min (two at a time)
+  beta_workers_few 20 runs (2 workers)                      ~1.0-1.3 min  -> ~22 min
+  regime_buffers 9 runs (32 workers, 16 epochs)             ~3 min each   -> ~14 min (two at a time)
 
 The 4-worker sets (2 cores; 4 one-thread workers per run; one run at a time; measured 2026-12-01 18:10-19:54
 UTC, 51 runs in 85.7 min of training, the machine idle but for short test runs during a few; see CIFAR_SHARED,
@@ -166,13 +172,27 @@ def last_error(log: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=[*SETS, "all", "report"], help="a set to train (then report), all, or report")
+    ap.add_argument(
+        "what",
+        choices=[*SETS, "all", "report", "time_to_accuracy"],
+        help="a set to train (then report), all, report, or time_to_accuracy (the emulated cluster, as root)",
+    )
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/reproduce"), help="default: runs/reproduce")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--results", type=Path, default=REPO / "docs" / "RESULTS.md")
     ap.add_argument("--img-dir", type=Path, default=REPO / "docs" / "img")
     args = ap.parse_args(argv)
     runs_dir = args.runs_dir if args.runs_dir.is_absolute() else (REPO / args.runs_dir)
+    if args.what == "time_to_accuracy":
+        from scripts.reproduction import time_report
+
+        if args.dry_run:
+            print("\n".join(" ".join(c) for c in time_report.commands(args.img_dir)))
+            return 0
+        if time_report.run(args.img_dir):
+            return 1
+        write_report(runs_dir, args.results, args.img_dir)
+        return 0
     sets = list(SETS) if args.what == "all" else [] if args.what == "report" else [args.what]
     failed: list[str] = []
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill PID stops as cleanly as Ctrl-C

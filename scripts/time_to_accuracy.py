@@ -5,9 +5,14 @@ comm-bound rate); and the wall time each needs to reach a target fixed before th
 accuracy AR-SGD reaches at 80 % of its budget. This is the number a user buys SlowMo for (Wang et al.,
 "SlowMo", ICLR 2020, arXiv:1910.00643, Sec. 5-6: the same accuracy in less time on a slow network).
 
-    .venv/bin/python -m scripts.time_to_accuracy --data-root ../shared/data/cifar10             # ~45 min
-    .venv/bin/python -m scripts.time_to_accuracy --data-root ../shared/data/cifar10 --topologies 2x1 \\
-        --methods allreduce,localsgd_slowmo --samples 3200                                          # ~3 min
+    # 1. the same images for every method (~17 min): accuracy per image and ms per step
+    .venv/bin/python -m scripts.time_to_accuracy --data-root ../shared/data/cifar10 --rate 220mbit
+    # 2. the same training time for every method (~25 min): AR-SGD's, from the ms/step of run 1
+    .venv/bin/python -m scripts.time_to_accuracy --data-root ../shared/data/cifar10 --rate 220mbit \
+        --equal-time docs/img/time_to_accuracy.csv --beta auto
+    # a 3-minute look
+    .venv/bin/python -m scripts.time_to_accuracy --data-root ../shared/data/cifar10 --topologies 2x1 \
+        --methods allreduce,localsgd_slowmo --samples 3200 --out /path/to/out
 
 From the repository root, as root (network namespaces). ``--out /path/to/out`` keeps docs/img untouched.
 
@@ -26,6 +31,14 @@ The protocol (fixed before the runs; the same for every method, nothing tuned fo
   both topologies, as one network would be;
 * the target: AR-SGD's test top-1 at 80 % of its steps (its 8th evaluation), per topology. A method's
   time to target is the training time of its first evaluation at or above it (not reached: "-").
+
+``--equal-time CSV`` gives every method AR-SGD's training time instead of its images: a method whose
+step is k times faster (its ms/step in CSV, an earlier run of this script) trains on k times as many
+images, one pass with the schedule compressed to it (to the nearest multiple of the batch x 50, at
+most the 50,000 training images). That is the comparison a user makes with a fixed time on the
+cluster. ``--beta auto`` runs the SlowMo methods with ``slowmo.beta=auto`` (with SGD 0.2 on 2 nodes,
+0.6 on 4: the rule measured on the simulated cluster) instead of the paper's 0.7. The two options
+add ``_equal_time`` and ``_beta_auto`` to the results' names.
 
 Results: ``<out>/time_to_accuracy.csv`` (every evaluation), ``.md`` (the table) and ``.png`` (accuracy
 against training time, one panel per topology).
@@ -69,6 +82,7 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "osgp_slowmo": ("OSGP + SlowMo", "osgp_slowmo", ()),
 }
 EVALS = 10  # evaluations per run, at every tenth of the pass
+CIFAR_TRAIN = 50_000
 TARGET_EVAL = 8  # AR-SGD's evaluation at 80 % of its budget sets the target
 LR_PER_256 = 0.4
 #: the trainer's stop-signal poll (a tiny all-reduce) every N steps: once per step would queue
@@ -208,13 +222,15 @@ class TimeToAccuracy(Bench):
     def overrides(self, topo: ClusterShape, key: str, run_dir: Path) -> list[str]:
         a = self.args
         _, exp, extra = METHODS[key]
+        if a.beta == "auto" and "slowmo" in exp:
+            extra = (*extra, "slowmo.beta=auto")
         total = a.batch * topo.world
-        steps = a.samples // total
-        every = steps // EVALS
+        samples = self.samples(topo, key)
+        every = samples // total // EVALS
         return [
             f"+exp=cifar10_{exp}",
             f"data.root={a.data_root}",
-            f"data.train_subset={a.samples}",
+            f"data.train_subset={samples}",
             f"model.width={a.width}",
             f"train.batch_size={a.batch}",
             "train.epochs=1",
@@ -234,6 +250,18 @@ class TimeToAccuracy(Bench):
             *extra,
         ]
 
+    def samples(self, topo: ClusterShape, key: str) -> int:
+        """The images of one pass: ``--samples``, or with ``--equal-time`` as many as the method trains in
+        AR-SGD's time (its ms per step in that CSV), to the nearest multiple of the batch x 50 (10
+        evaluations, each 5 log intervals), at most the 50,000 training images."""
+        a = self.args
+        pace = getattr(a, "pace", None)
+        if not pace or key == "allreduce":
+            return a.samples
+        unit = a.batch * topo.world * EVALS * 5
+        ratio = pace[topo.label, "AR-SGD"] / pace[topo.label, METHODS[key][0]]
+        return max(unit, min(round(a.samples * ratio / unit), CIFAR_TRAIN // unit) * unit)
+
     def train(self, topo: ClusterShape, key: str, rate: str) -> list[dict]:
         run_dir = self.work / f"{topo.label}_{key}"
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -244,7 +272,7 @@ class TimeToAccuracy(Bench):
         if result.returncode != 0:
             raise RuntimeError(f"{topo.label} {key} failed:\n{(result.stdout + result.stderr)[-3000:]}")
         curve = read_curve(run_dir, self.args.batch * topo.world)
-        label = METHODS[key][0]
+        label = METHODS[key][0] + (" (beta auto)" if self.args.beta == "auto" and "SlowMo" in METHODS[key][0] else "")
         print(
             f"  {topo.label} {rate} {label:<30} {curve.ms_per_step:6.0f} ms/step, final top-1 "
             f"{curve.points[-1][2]:.2f} after {curve.points[-1][1]:.0f} s [{time.time() - start:.0f} s]",
@@ -268,13 +296,24 @@ def main() -> None:
     ap.add_argument("--rate", default="auto", help="link rate (tc syntax, e.g. 95mbit), or auto (comm-bound)")
     ap.add_argument("--topologies", default="2x1,4x1")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS))
+    ap.add_argument(
+        "--beta", choices=("paper", "auto"), default="paper", help="SlowMo's beta: 0.7, or slowmo.beta=auto"
+    )
+    ap.add_argument(
+        "--equal-time",
+        metavar="CSV",
+        help="give every method AR-SGD's training time: its images scaled by the ms/step of this earlier CSV",
+    )
     ap.add_argument("--redraw", action="store_true", help="only redraw the table and plot from <out>'s CSV")
     args = ap.parse_args()
     out = Path(args.out)
+    stem = (
+        "time_to_accuracy" + ("_equal_time" if args.equal_time else "") + ("_beta_auto" if args.beta == "auto" else "")
+    )
     if args.redraw:
-        rows = read_rows(out / "time_to_accuracy.csv")
-        save_rows(out, "time_to_accuracy", rows, markdown)
-        plot(rows, out / "time_to_accuracy.png")
+        rows = read_rows(out / f"{stem}.csv")
+        save_rows(out, stem, rows, markdown)
+        plot(rows, out / f"{stem}.png")
         print(markdown(rows))
         return
     methods = args.methods.split(",")
@@ -286,10 +325,23 @@ def main() -> None:
         )
     topos = [ClusterShape(*map(int, t.split("x"))) for t in args.topologies.split(",")]
     for topo in topos:
-        if args.samples % (args.batch * topo.world * EVALS):
+        if args.samples % (args.batch * topo.world * EVALS * 5):
             sys.exit(
                 f"time_to_accuracy: error: --samples={args.samples} must be a multiple of "
-                f"{args.batch * topo.world * EVALS} (batch x nodes x {EVALS} evaluations) for {topo.label}"
+                f"{args.batch * topo.world * EVALS * 5} (batch x nodes x {EVALS} evaluations x 5 log lines) "
+                f"for {topo.label}"
+            )
+    if args.equal_time:
+        try:
+            args.pace = {(r["topology"], r["method"]): r["ms_per_step"] for r in read_rows(Path(args.equal_time))}
+        except (OSError, KeyError) as err:
+            sys.exit(f"time_to_accuracy: error: --equal-time={args.equal_time} is not a CSV of this script ({err})")
+        missing = [
+            f"{t.label} {METHODS[m][0]}" for t in topos for m in methods if (t.label, METHODS[m][0]) not in args.pace
+        ]
+        if missing:
+            sys.exit(
+                f"time_to_accuracy: error: --equal-time={args.equal_time} has no ms/step for " + ", ".join(missing)
             )
     check_cluster_args("time_to_accuracy", args.data_root, args.rate)
     args.data_root = str(small_test_root(Path(args.data_root).resolve(), Path(args.work), per_class=100))
@@ -309,8 +361,8 @@ def main() -> None:
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 print(f"  FAILED: {err}", file=sys.stderr, flush=True)
                 bench.failures.append(f"{topo.label} {key}")
-            save_rows(out, "time_to_accuracy", rows, markdown)  # after every run: a stopped benchmark keeps its rows
-    plot(rows, out / "time_to_accuracy.png")
+            save_rows(out, stem, rows, markdown)  # after every run: a stopped benchmark keeps its rows
+    plot(rows, out / f"{stem}.png")
     print(f"\n{markdown(rows)}\n")
     print(f"time_to_accuracy: {len(rows) // EVALS} runs in {(time.time() - start) / 60:.1f} min; results in {out}")
     if bench.failures:

@@ -149,8 +149,8 @@ class SlowMoConfig:
     enabled: bool = False
     #: slow learning rate
     alpha: float = 1.0
-    #: slow momentum, in [0, 1), or auto: by the number of averaging workers (nodes), the rule
-    #: outer_optimizer.AUTO_BETA measured in docs/RESULTS.md
+    #: slow momentum, in [0, 1), or auto: by the number of averaging workers (nodes) and the base
+    #: optimizer, the rules outer_optimizer.AUTO_BETA (SGD) and AUTO_BETA_ADAPTIVE (Adam), docs/RESULTS.md
     beta: Any = 0.7
     #: inner steps per outer iteration
     tau: int = 12

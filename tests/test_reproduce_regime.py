@@ -136,7 +136,7 @@ def test_translation_regime_runs_compose_to_the_options_they_name():
         "sgp_slowmo_reset": (True, 0.2, "reset", "coupled", "follow", 48),
         "sgp_slowmo_average": (True, 0.2, "average", "coupled", "follow", 48),
         "sgp_slowmo_decoupled": (True, 0.2, "keep", "decoupled", "follow", 48),
-        "sgp_slowmo_auto": (True, "auto", "keep", "coupled", "follow", 48),
+        "sgp_slowmo_beta0.6": (True, 0.6, "keep", "coupled", "follow", 48),
     }
 
 
@@ -148,9 +148,15 @@ def test_translation_and_few_worker_regions_are_written_alone_and_keep_the_regim
     for r in runs_plan.plan(regime.TRANSLATION_SET):
         bleu = {"sgp": 16.0, "sgp_slowmo_reset": 12.0}.get(r.method.key, 17.0) + 0.1 * r.seed
         fake_run(r.run_dir(runs_dir), 30.0, 3.0, metric="ppl", final_extra={"bleu": bleu})
+    for r in runs_plan.plan(regime.BUFFERS_SET):
+        fake_run(
+            r.run_dir(runs_dir),
+            {"localsgd": 27.0, "localsgd_slowmo_keep": 30.0}.get(r.method.key, 27.1) + 0.1 * r.seed,
+            1.0,
+        )
     results = tmp_path / "RESULTS.md"
-    begin, end, _ = regime.TRANSLATION_REGION
-    few_begin, few_end, _ = regime.FEW_REGION
+    begin, end, _ = regime.SMALL_REGIONS[regime.TRANSLATION_SET].markers
+    few_begin, few_end, _ = regime.SMALL_REGIONS[regime.FEW_SET].markers
     results.write_text(
         f"# Results\n\n{regime.BEGIN}\nthe 32-worker runs\n{regime.END}\n\n{few_begin}\nold\n{few_end}\n\n"
         f"{begin}\nold\n{end}\n"
@@ -168,3 +174,6 @@ def test_translation_and_few_worker_regions_are_written_alone_and_keep_the_regim
     assert "slowmo.inner_lr=follow" in text and "launcher.simulate=4" in text
     assert "| 2 | 36.00 | 38.00 | 40.00 | 38.00 | 36.00 |" in text  # the two bases' rows
     assert f"| 2 | 0.4 | {auto_beta(2):g} |" in text and "launcher.simulate=2" in text
+    kept = next(ln for ln in lines if ln.startswith("| Local SGD + SlowMo, buffers kept |"))
+    assert kept.endswith("| 30.20 ± 0.10 | 1.000 ± 0.000 | +3.00 (spread 0.14) | reproduces |")
+    assert "| vs Local SGD | verdict (better than Local SGD) |" in text and "launcher.simulate=32" in text

@@ -75,7 +75,8 @@ def test_every_method_composes_with_the_same_budget_schedule_and_evaluations(tmp
     args = SimpleNamespace(batch=16, samples=12800, width=0.25, data_root="/data", rates="95mbit", out=tmp_path)
     args.work = tmp_path
     bench = tta.TimeToAccuracy(args)
-    for topo, steps in ((ClusterShape(2, 1), 400), (ClusterShape(4, 1), 200)):
+    for beta, topo, steps in (("paper", ClusterShape(2, 1), 400), ("auto", ClusterShape(4, 1), 200)):
+        args.beta = beta
         for key, (label, _, extra) in tta.METHODS.items():
             job = to_job_config(compose_config(bench.overrides(topo, key, tmp_path / key)))
             t = job.train
@@ -83,8 +84,25 @@ def test_every_method_composes_with_the_same_budget_schedule_and_evaluations(tmp
             assert steps // tta.EVALS % t.log_every == 0  # every evaluation step is a log step
             assert job.optim.lr == tta.LR_PER_256 and job.optim.milestones == [0.5, 0.75, 0.875]
             assert job.slowmo.enabled == ("SlowMo" in label) and job.slowmo.tau == 12
+            assert job.slowmo.beta == ("auto" if beta == "auto" and job.slowmo.enabled else 0.7)
             assert (job.slowmo.overlap_steps, job.slowmo.fragments) == ((1, 4) if extra else (0, 1))
             assert job.algorithm.name in ("allreduce", "local_sgd", "sgp", "osgp")
+
+
+def test_equal_time_gives_each_method_ar_sgds_time_in_images(tmp_path):
+    """A method k times faster per step trains on k times the images (nearest multiple of the batch x
+    50), at most the training set; AR-SGD keeps --samples."""
+    args = SimpleNamespace(batch=16, samples=12800, width=0.25, data_root="/d", rates="95mbit", out=tmp_path)
+    args.work, args.beta = tmp_path, "paper"
+    args.pace = {("2x1", "AR-SGD"): 120.0, ("2x1", "Local SGD"): 40.0, ("2x1", "SGP"): 150.0}
+    args.pace |= {("2x1", "Local SGD + SlowMo"): 5.0}
+    bench = tta.TimeToAccuracy(args)
+    two = ClusterShape(2, 1)
+    assert bench.samples(two, "allreduce") == 12800 and bench.samples(two, "localsgd") == 38400
+    assert bench.samples(two, "sgp") == 9600  # 10240, to the nearest 1600
+    assert bench.samples(two, "localsgd_slowmo") == 49600  # 24x would be 307200: capped
+    job_args = bench.overrides(two, "localsgd", tmp_path / "r")
+    assert "data.train_subset=38400" in job_args and "train.log_every=24" in job_args  # 1200 steps: eval every 120
 
 
 @pytest.mark.parametrize(
@@ -92,7 +110,8 @@ def test_every_method_composes_with_the_same_budget_schedule_and_evaluations(tmp
     [
         (["--methods", "localsgd,sgp"], "must include allreduce"),
         (["--methods", "allreduce,bogus"], "must include allreduce (the target) and name only"),
-        (["--samples", "1000"], "--samples=1000 must be a multiple of 320"),
+        (["--samples", "1000"], "--samples=1000 must be a multiple of 1600"),
+        (["--equal-time", "/nonexistent.csv"], "--equal-time=/nonexistent.csv is not a CSV of this script"),
         (["--rate", "fast"], "--rate=fast must be 'auto' or a tc rate such as 95mbit"),
         (["--topologies", "2x1"], "is not a directory"),
     ],
@@ -103,3 +122,35 @@ def test_bad_arguments_fail_in_one_line(args, message):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("time_to_accuracy: error:") and message in lines[0]
+
+
+def test_the_report_region_shows_both_tables_their_commands_and_plots(tmp_path):
+    from scripts import reproduce
+    from scripts.emulated_bench import save_rows
+    from scripts.reproduction import time_report
+
+    accs = [10, 20, 30, 35, 40, 42, 44, 46, 47, 48]
+    same = _rows("AR-SGD", accs, 300.0) + _rows("Local SGD + SlowMo", accs, 75.0)
+    equal = _rows("AR-SGD", accs, 300.0) + _rows("Local SGD + SlowMo (beta auto)", [a + 5 for a in accs], 75.0)
+    save_rows(tmp_path, time_report.SAME_IMAGES, same, tta.markdown)
+    save_rows(tmp_path, time_report.EQUAL_TIME, equal, tta.markdown)
+    text = time_report.render(tmp_path, "img")
+    assert "--rate 95mbit" in text and f"--equal-time {tmp_path}/time_to_accuracy.csv --beta auto" in text
+    assert tta.markdown(same) in text and tta.markdown(equal) in text
+    for stem in (time_report.SAME_IMAGES, time_report.EQUAL_TIME):
+        assert (tmp_path / f"{stem}.png").read_bytes()[:4] == b"\x89PNG" and f"img/{stem}.png" in text
+    assert time_report.render(tmp_path / "none", "img") is None
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n")
+    args = ["report", "--runs-dir", str(tmp_path / "runs"), "--results", str(results), "--img-dir", str(tmp_path)]
+    assert reproduce.main(args) == 0
+    assert time_report.BEGIN in results.read_text() and tta.markdown(equal) in results.read_text()
+
+
+def test_reproduce_names_the_two_runs(capsys, tmp_path):
+    from scripts import reproduce
+
+    assert reproduce.main(["time_to_accuracy", "--dry-run", "--img-dir", str(tmp_path)]) == 0
+    first, second = capsys.readouterr().out.strip().splitlines()
+    assert "-m scripts.time_to_accuracy" in first and "--rate auto" in first
+    assert second.endswith(f"--equal-time {tmp_path}/time_to_accuracy.csv --beta auto")

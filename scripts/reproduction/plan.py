@@ -226,9 +226,10 @@ TRANSLATION_FORMS = tuple(
 )
 
 # Translation again, at 4 workers: the slow momentum of the authors' guidance for 4 nodes (0.2) and
-# of beta=auto (0.6), the inner lr following the schedule (the better form, measured above), and what
-# SlowMo does with Adam's buffers at the outer step (kept, the paper's; reset; averaged) or its
-# update decoupled from the lr. SGP alone is the base; everything else as the translation set.
+# the CIFAR-10 curve's 0.6 (beta=auto with SGD; with Adam, auto now follows the guidance), the inner
+# lr following the schedule (the better form, measured above), and what SlowMo does with Adam's
+# buffers at the outer step (kept, the paper's; reset; averaged) or its update decoupled from the lr.
+# SGP alone is the base; everything else as the translation set.
 TRANSLATION_REGIME_SHARED = tuple(a for a in TRANSLATION_SHARED if a != HELD_LR) + FOLLOW
 GUIDED_BETA = "slowmo.beta=0.2"
 TRANSLATION_REGIME_METHODS = (
@@ -244,8 +245,26 @@ TRANSLATION_REGIME_METHODS = (
                 "beta 0.2, decoupled",
                 (GUIDED_BETA, "slowmo.base_buffers=keep", "slowmo.lr_coupling=decoupled"),
             ),
-            ("auto", "beta auto (0.6), Adam buffers kept", ("slowmo.beta=auto", "slowmo.base_buffers=keep")),
+            (
+                "beta0.6",
+                "beta 0.6 (auto's value with SGD), Adam buffers kept",
+                ("slowmo.beta=0.6", "slowmo.base_buffers=keep"),
+            ),
         ]
+    ),
+)
+# SGD's momentum buffers at SlowMo's outer step, kept or averaged instead of reset (Alg. 1, the regime
+# set's runs), against Local SGD alone
+REGIME_BUFFERS_METHODS = (
+    CIFAR_METHODS[2],
+    *(
+        Method(
+            f"localsgd_slowmo_{b}",
+            f"Local SGD + SlowMo, buffers {label}",
+            "cifar10_localsgd_slowmo",
+            (f"slowmo.base_buffers={b}",),
+        )
+        for b, label in (("keep", "kept"), ("average", "averaged"))
     ),
 )
 SIMULATED_4 = ("launcher.simulate=4", "launcher.threads_per_worker=1")
@@ -318,6 +337,14 @@ SETS: dict[str, RunSet] = {
         "CIFAR-10 subset, beta x workers below 4 workers",
         beta_workers_methods(BETA_FEW_COUNTS),
         (1, 2),
+        REGIME_SHARED,
+        SIMULATED_LAUNCH,
+    ),
+    "regime_buffers": RunSet(
+        "regime_buffers",
+        "CIFAR-10 subset at 32 workers as the regime set, Local SGD + SlowMo's momentum buffers kept or averaged",
+        REGIME_BUFFERS_METHODS,
+        (1, 2, 3),
         REGIME_SHARED,
         SIMULATED_LAUNCH,
     ),

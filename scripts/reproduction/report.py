@@ -12,7 +12,7 @@ from pathlib import Path
 
 from slowmo_train.scripting import markdown_table
 
-from . import regime
+from . import regime, time_report
 from .plan import DIAGNOSTIC_METHODS, REPO, SETS, STREAMED, STREAMED_PARTS, SWEEP_BETAS, SWEEP_TAUS, plan, portable
 from .plots import plot_curves, plot_heatmap
 from .verdicts import (
@@ -366,10 +366,13 @@ def write_report(runs_dir: Path, results: Path, img_dir: Path) -> None:
         body = regime.render(runs_dir, img_dir, shown, img_ref, CIFAR_PAPER, CIFAR_CLAIMS)
         text = replace_region(text, body, (regime.BEGIN, regime.END, regime.HEADING))
         written.append("regime_*.png")
-    if load_set(regime.FEW_SET, runs_dir):
-        text = replace_region(text, regime.render_few(runs_dir, shown), regime.FEW_REGION)
-    if load_set(regime.TRANSLATION_SET, runs_dir):
-        text = replace_region(text, regime.render_translation(runs_dir, shown), regime.TRANSLATION_REGION)
+    timed = time_report.render(img_dir, img_ref)
+    if timed is not None:
+        text = replace_region(text, timed, (time_report.BEGIN, time_report.END, time_report.HEADING))
+        written.append("time_to_accuracy*.png")
+    for name, small in regime.SMALL_REGIONS.items():
+        if load_set(name, runs_dir):
+            text = replace_region(text, regime.render_small(name, runs_dir, shown), small.markers)
     if any(load_set(s, runs_dir) for s in FOUR_WORKER_SETS):
         text = replace_region(text, render(runs_dir, img_dir, img_ref))
         written.append("reproduce_*.png")

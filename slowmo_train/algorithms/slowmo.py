@@ -66,7 +66,7 @@ from slowmo_train.algorithms.base import Algorithm
 from slowmo_train.algorithms.comm import all_reduce_mean_, floating_buffers
 from slowmo_train.algorithms.local_sgd import LocalSGD
 from slowmo_train.algorithms.outer_layout import build_slow_groups
-from slowmo_train.algorithms.outer_optimizer import OuterOptimizer, resolve_beta
+from slowmo_train.algorithms.outer_optimizer import OuterOptimizer, is_adaptive, resolve_beta
 from slowmo_train.algorithms.outer_sync import WIRE_DTYPES, OuterMessage, OuterSetup, build_units
 from slowmo_train.config import BASE_BUFFER_MODES, INNER_LR_MODES, LR_COUPLINGS, SlowMoConfig
 from slowmo_train.dist import new_training_group
@@ -129,7 +129,7 @@ class SlowMo(Algorithm):
         self.comm = base.comm  # one CommStats object, so the trainer sees the outer step's bytes too
         self.tau, self.base_buffers, self.inner_lr = int(cfg.tau), cfg.base_buffers, cfg.inner_lr
         self.beta_auto = cfg.beta == "auto"
-        beta = resolve_beta(cfg.beta, base.topology.workers)
+        beta = resolve_beta(cfg.beta, base.topology.workers, is_adaptive(base.optimizer))
         self.outer = OuterOptimizer(float(cfg.alpha), beta, cfg.lr_coupling, bool(cfg.nesterov))
         self.sharded, self.outer_dtype = bool(cfg.sharded), cfg.outer_dtype
         self.fragments, self.delay = int(cfg.fragments), int(cfg.overlap_steps)
