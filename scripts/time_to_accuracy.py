@@ -64,11 +64,10 @@ from scripts.emulated_bench import (
     save_rows,
     small_test_root,
 )
+from scripts.reproduction.plan import STREAMED  # the outer all-reduce in 4 fragments, one step late, in bf16
 from slowmo_train import scripting
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Streamed SlowMo: the outer all-reduce in 4 fragments, applied one step late, in bf16
-STREAMED = ("slowmo.overlap_steps=1", "slowmo.fragments=4", "slowmo.outer_dtype=bfloat16")
 #: key -> (label, configs/exp/cifar10_<exp>.yaml, extra overrides)
 METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "allreduce": ("AR-SGD", "allreduce", ()),
@@ -222,7 +221,7 @@ class TimeToAccuracy(Bench):
     def overrides(self, topo: ClusterShape, key: str, run_dir: Path) -> list[str]:
         a = self.args
         _, exp, extra = METHODS[key]
-        if a.beta == "auto" and "slowmo" in exp:
+        if self.beta_auto(key):
             extra = (*extra, "slowmo.beta=auto")
         total = a.batch * topo.world
         samples = self.samples(topo, key)
@@ -250,6 +249,10 @@ class TimeToAccuracy(Bench):
             *extra,
         ]
 
+    def beta_auto(self, key: str) -> bool:
+        """Whether ``key`` runs SlowMo with ``slowmo.beta=auto`` (``--beta auto``)."""
+        return self.args.beta == "auto" and "slowmo" in METHODS[key][1]
+
     def samples(self, topo: ClusterShape, key: str) -> int:
         """The images of one pass: ``--samples``, or with ``--equal-time`` as many as the method trains in
         AR-SGD's time (its ms per step in that CSV), to the nearest multiple of the batch x 50 (10
@@ -272,7 +275,7 @@ class TimeToAccuracy(Bench):
         if result.returncode != 0:
             raise RuntimeError(f"{topo.label} {key} failed:\n{(result.stdout + result.stderr)[-3000:]}")
         curve = read_curve(run_dir, self.args.batch * topo.world)
-        label = METHODS[key][0] + (" (beta auto)" if self.args.beta == "auto" and "SlowMo" in METHODS[key][0] else "")
+        label = METHODS[key][0] + (" (beta auto)" if self.beta_auto(key) else "")
         print(
             f"  {topo.label} {rate} {label:<30} {curve.ms_per_step:6.0f} ms/step, final top-1 "
             f"{curve.points[-1][2]:.2f} after {curve.points[-1][1]:.0f} s [{time.time() - start:.0f} s]",

@@ -1,6 +1,7 @@
-"""The report of SlowMo's own regime (the sets ``regime``, ``regime_follow``, ``beta_workers`` and
-``translation_forms``, ``translation_regime`` of plan.py): the Markdown region of docs/RESULTS.md between ``BEGIN`` and
-``END`` and the plots ``docs/img/regime_*.png``.
+"""The report of SlowMo's own regime: the sets ``regime``, ``regime_follow``, ``regime_long``,
+``beta_workers`` and ``translation_forms`` of plan.py in the Markdown region of docs/RESULTS.md between
+``BEGIN`` and ``END`` with the plots ``docs/img/regime_*.png``; and ``beta_workers_few``,
+``regime_buffers`` and ``translation_regime``, each in a region of its own (``SMALL_REGIONS``).
 
 It answers, from the finished runs: the eight methods of Table 1 at 32 workers and the paper's
 batch, lr rule and schedule shape; the inner lr held for an outer iteration (Alg. 1) or following
